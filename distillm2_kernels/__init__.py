@@ -1,0 +1,17 @@
+"""Fused skew KL / skew reverse KL losses for LLM distillation with the DistiLLM-2 objective."""
+
+from .functional import fused_skl, fused_srkl
+from .modules import SkewKLLoss, SkewReverseKLLoss
+from .skew_divergence import FusedSKLFunction, FusedSRKLFunction
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "fused_skl",
+    "fused_srkl",
+    "FusedSKLFunction",
+    "FusedSRKLFunction",
+    "SkewKLLoss",
+    "SkewReverseKLLoss",
+    "__version__",
+]

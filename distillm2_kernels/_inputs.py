@@ -1,0 +1,184 @@
+"""Validation of the public arguments and their flattening into rows.
+
+Every backend sees the same normalised view of a call: `[N, V]` logits with a unit column stride (any
+row stride), optional `[N]` labels, and α either as one float or as an `[N]` float32 tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("none", "sum", "mean", "seqmean")
+
+Alpha = Union[float, torch.Tensor]
+
+
+@dataclass
+class SkewRows:
+    """One call's inputs, flattened to rows."""
+
+    student: torch.Tensor  # [N, V], unit column stride
+    teacher: torch.Tensor  # [N, V], unit column stride
+    labels: Optional[torch.Tensor]  # [N] integer, or None when every row counts
+    alpha_rows: Optional[torch.Tensor]  # [N] float32 per-row α, or None
+    alpha: float  # the scalar α, used when alpha_rows is None
+    ignore_index: int
+    inv_temperature: float
+    leading_shape: torch.Size  # the logits' shape without V
+
+    @property
+    def num_rows(self) -> int:
+        return self.student.shape[0]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.student.shape[1]
+
+
+def _as_rows(logits: torch.Tensor) -> torch.Tensor:
+    """`[..., V]` -> `[N, V]`; a view whenever the leading dims can be merged (sliced rows stay views)."""
+    if logits.dim() == 0:
+        raise ValueError("logits must have at least one dimension (the vocabulary), got a 0-d tensor")
+    rows = logits.reshape(-1, logits.shape[-1])
+    if rows.shape[1] > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    return rows
+
+
+def _check_logits(name: str, logits: object) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in LOGIT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating tensor (float16, bfloat16 or float32), got dtype {logits.dtype}"
+        )
+    if logits.dim() == 0:
+        raise ValueError(f"{name} must have shape [..., V], got a 0-d tensor")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty vocabulary dimension (V = 0)")
+    return logits
+
+
+def check_alpha_value(alpha: float) -> float:
+    alpha = float(alpha)
+    if not (0.0 <= alpha <= 1.0):  # also rejects NaN
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    return alpha
+
+
+def _alpha_rows(alpha: torch.Tensor, leading: torch.Size, device: torch.device) -> torch.Tensor:
+    if not alpha.is_floating_point():
+        raise TypeError(f"alpha must be a float or a floating tensor, got dtype {alpha.dtype}")
+    if alpha.requires_grad:
+        raise ValueError("alpha requires grad, but no gradient flows to alpha: pass alpha.detach()")
+    if alpha.device != device and alpha.dim() > 0:
+        raise ValueError(f"alpha is on {alpha.device} but the logits are on {device}")
+    shape = tuple(alpha.shape)
+    if alpha.dim() == 1 and len(leading) >= 2:
+        # A 1-D α is per sequence: it aligns with the first leading dim, not the last.
+        if shape[0] not in (1, leading[0]):
+            raise ValueError(
+                f"a 1-D alpha is per sequence and needs length {leading[0]} (the first leading dim of "
+                f"the logits' shape {tuple(leading)}), got length {shape[0]}"
+            )
+        alpha = alpha.reshape(shape + (1,) * (len(leading) - 1))
+    try:
+        if alpha.dim() > len(leading) or torch.broadcast_shapes(alpha.shape, leading) != leading:
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(
+            f"alpha of shape {shape} does not broadcast to the logits' leading shape {tuple(leading)}; "
+            "use a float, [B] or [B, 1] per sequence, or [B, T] per token"
+        ) from None
+    rows = alpha.to(device=device, dtype=torch.float32).expand(leading).reshape(-1).contiguous()
+    in_range = ((rows >= 0) & (rows <= 1)).all()
+    if rows.is_cuda:
+        torch._assert_async(in_range, "alpha must lie in [0, 1]")  # no host sync on the GPU
+    elif not bool(in_range):
+        raise ValueError("alpha must lie in [0, 1]; the alpha tensor has entries outside it (or NaN)")
+    return rows
+
+
+def prepare_rows(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    alpha: Alpha,
+    labels: Optional[torch.Tensor],
+    ignore_index: int,
+    temperature: float,
+) -> SkewRows:
+    """Check the arguments of a skew divergence (student first) and flatten them to rows."""
+    student = _check_logits("student_logits", student)
+    teacher = _check_logits("teacher_logits", teacher)
+    if student.shape[-1] != teacher.shape[-1]:
+        small = min(student.shape[-1], teacher.shape[-1])
+        raise ValueError(
+            f"student_logits has V = {student.shape[-1]} but teacher_logits has V = {teacher.shape[-1]}; "
+            f"the two models must share a vocabulary: slice the larger one, e.g. logits[..., :{small}]"
+        )
+    if student.shape[:-1] != teacher.shape[:-1]:
+        raise ValueError(
+            f"student_logits {tuple(student.shape)} and teacher_logits {tuple(teacher.shape)} differ in "
+            "their leading (token) dimensions"
+        )
+    if student.device != teacher.device:
+        raise ValueError(f"student_logits is on {student.device} but teacher_logits is on {teacher.device}")
+    if teacher.requires_grad:
+        raise ValueError(
+            "teacher_logits requires grad, but the teacher is a constant of the loss: compute it under "
+            "torch.no_grad() or pass teacher_logits.detach()"
+        )
+    leading = student.shape[:-1]
+
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+        if labels.shape != leading:
+            raise ValueError(
+                f"labels must have the logits' leading shape {tuple(leading)}, got {tuple(labels.shape)}"
+            )
+        if labels.device != student.device:
+            raise ValueError(f"labels is on {labels.device} but the logits are on {student.device}")
+        labels = labels.reshape(-1)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+    if isinstance(temperature, torch.Tensor) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a Python float, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+
+    if isinstance(alpha, torch.Tensor):
+        alpha_rows, alpha_value = _alpha_rows(alpha, leading, student.device), 0.0
+    elif isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+        alpha_rows, alpha_value = None, check_alpha_value(alpha)
+    else:
+        raise TypeError(f"alpha must be a float or a tensor, got {type(alpha).__name__}")
+
+    return SkewRows(
+        student=_as_rows(student),
+        teacher=_as_rows(teacher),
+        labels=labels,
+        alpha_rows=alpha_rows,
+        alpha=alpha_value,
+        ignore_index=ignore_index,
+        inv_temperature=1.0 / float(temperature),
+        leading_shape=leading,
+    )
+
+
+def check_reduction(reduction: str, leading_shape: torch.Size) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if reduction == "seqmean" and len(leading_shape) != 2:
+        raise ValueError(
+            "reduction='seqmean' needs logits of shape [B, T, V] (a token mean within each sequence), "
+            f"got leading shape {tuple(leading_shape)}"
+        )

@@ -1,0 +1,95 @@
+"""`fused_skl` and `fused_srkl`: the skew divergences of DistiLLM-2 with their reductions.
+
+Student first: `fused_skl(student_logits, teacher_logits, alpha, ...)`. Per token, with
+q = softmax(z_s/T) and p = softmax(z_t/T):
+
+    SKL_α  = KL(p ‖ αp + (1−α)q)        SRKL_α = KL(q ‖ (1−α)p + αq)
+
+Reductions (no host synchronisation in any of them):
+    "none"     per-token loss, the logits' leading shape; ignored tokens are 0
+    "sum"      sum over tokens
+    "mean"     sum over the non-ignored tokens divided by their count (0 when there are none)
+    "seqmean"  [B, T, V] input: the token mean within each sequence, then the mean over the sequences
+               that have at least one non-ignored token (the released DistiLLM-2 reduction)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._inputs import Alpha, check_reduction
+from .skew_divergence import FusedSKLFunction, FusedSRKLFunction
+
+__all__ = ["fused_skl", "fused_srkl", "reduce_token_losses"]
+
+
+def reduce_token_losses(
+    per_token: torch.Tensor, labels: Optional[torch.Tensor], ignore_index: int, reduction: str
+) -> torch.Tensor:
+    """Reduce a per-token loss whose ignored tokens are already 0."""
+    check_reduction(reduction, per_token.shape)
+    if reduction == "none":
+        return per_token
+    if reduction == "sum":
+        return per_token.sum()
+    valid = None if labels is None else labels != ignore_index
+    if reduction == "mean":
+        if valid is None:
+            return per_token.sum() / max(per_token.numel(), 1)
+        return per_token.sum() / valid.sum().clamp(min=1)
+    # seqmean
+    if valid is None:
+        return per_token.mean(-1).sum() / max(per_token.shape[0], 1)
+    counts = valid.sum(-1)
+    per_sequence = per_token.sum(-1) / counts.clamp(min=1)
+    return per_sequence.sum() / (counts > 0).sum().clamp(min=1)
+
+
+def fused_skl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    alpha: Alpha = 0.1,
+    *,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Skew KL, KL(p ‖ αp + (1−α)q), of student logits against teacher logits `[..., V]`.
+
+    alpha: a float in [0, 1], or a tensor broadcastable to the leading shape (`[B]` or `[B, 1]` per
+    sequence, `[B, T]` per token). labels: tokens whose label is `ignore_index` count 0. The loss is
+    float32; the gradient flows to `student_logits` only. backend: "auto", "triton" or "torch".
+    """
+    check_reduction(reduction, student_logits.shape[:-1])
+    per_token = FusedSKLFunction.apply(
+        student_logits, teacher_logits, alpha, labels, ignore_index, temperature, backend
+    )
+    return reduce_token_losses(per_token, labels, ignore_index, reduction)
+
+
+def fused_srkl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    alpha: Alpha = 0.1,
+    *,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    detach_mixture: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Skew reverse KL, KL(q ‖ (1−α)p + αq), of student logits against teacher logits `[..., V]`.
+
+    detach_mixture=True treats the q inside r as a constant in the backward, as the released DistiLLM-2
+    code does; the forward value is the same. Other arguments as in `fused_skl`.
+    """
+    check_reduction(reduction, student_logits.shape[:-1])
+    per_token = FusedSRKLFunction.apply(
+        student_logits, teacher_logits, alpha, labels, ignore_index, temperature, backend, detach_mixture
+    )
+    return reduce_token_losses(per_token, labels, ignore_index, reduction)

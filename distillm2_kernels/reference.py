@@ -1,0 +1,118 @@
+"""Plain-PyTorch skew divergences, written from the formulas: the test oracle and the benchmark baseline.
+
+Per token, with `q = softmax(z_s / T)` (student) and `p = softmax(z_t / T)` (teacher)::
+
+    SKL_α  = Σ_v p_v (log p_v − log m_v),   m = α p + (1−α) q     KL(p ‖ αp + (1−α)q)
+    SRKL_α = Σ_v q_v (log q_v − log r_v),   r = (1−α) p + α q     KL(q ‖ (1−α)p + αq)
+
+The mixtures are formed in log space with `logaddexp`; a probability of exactly 0 contributes exactly 0.
+Everything runs in the dtype it is given (float64 for the oracle, the input dtype for the tolerance
+baseline) and builds several `[N, V]` tensors: this is not a user path. Gradients come from autograd.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+__all__ = ["skl_reference", "srkl_reference", "skew_kl_rows", "skew_reverse_kl_rows"]
+
+
+def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: torch.Tensor) -> torch.Tensor:
+    """log(w·a + (1−w)·b) from log a and log b, with w of shape [..., 1]."""
+    return torch.logaddexp(torch.log(weight_a) + log_a, torch.log1p(-weight_a) + log_b)
+
+
+def _xlogy_terms(prob: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
+    """prob · log_ratio with 0 · anything = 0 (the inner `where` keeps NaN out of the gradient too)."""
+    positive = prob > 0
+    return torch.where(positive, prob * torch.where(positive, log_ratio, 0.0), 0.0)
+
+
+def _alpha_column(alpha: Union[float, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    alpha = torch.as_tensor(alpha, dtype=like.dtype, device=like.device)
+    if alpha.dim() == 1 and like.dim() >= 3:  # a 1-D α is per sequence
+        alpha = alpha.reshape((-1,) + (1,) * (like.dim() - 2))
+    return alpha.unsqueeze(-1)
+
+
+def skew_kl_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    alpha: Union[float, torch.Tensor] = 0.1,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-token SKL_α = KL(p ‖ αp + (1−α)q), shape `student_logits.shape[:-1]`, in the input dtype."""
+    log_q = torch.log_softmax(student_logits / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher_logits / temperature, dim=-1)
+    a = _alpha_column(alpha, log_q)
+    log_m = _log_mixture(log_p, log_q, a)
+    return _xlogy_terms(log_p.exp(), log_p - log_m).sum(-1)
+
+
+def skew_reverse_kl_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    alpha: Union[float, torch.Tensor] = 0.1,
+    temperature: float = 1.0,
+    detach_mixture: bool = False,
+) -> torch.Tensor:
+    """Per-token SRKL_α = KL(q ‖ (1−α)p + αq); `detach_mixture` stops the gradient through q inside r."""
+    log_q = torch.log_softmax(student_logits / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher_logits / temperature, dim=-1)
+    a = _alpha_column(alpha, log_q)
+    log_r = _log_mixture(log_q.detach() if detach_mixture else log_q, log_p, a)
+    return _xlogy_terms(log_q.exp(), log_q - log_r).sum(-1)
+
+
+def _reduce(
+    per_token: torch.Tensor, labels: Optional[torch.Tensor], ignore_index: int, reduction: str
+) -> torch.Tensor:
+    if labels is None:
+        mask = torch.ones_like(per_token, dtype=torch.bool)
+    else:
+        mask = labels != ignore_index
+    per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
+    if reduction == "none":
+        return per_token
+    if reduction == "sum":
+        return per_token.sum()
+    if reduction == "mean":
+        return per_token.sum() / mask.sum().clamp(min=1)
+    if reduction == "seqmean":
+        counts = mask.sum(-1)
+        per_sequence = per_token.sum(-1) / counts.clamp(min=1)
+        return per_sequence.sum() / (counts > 0).sum().clamp(min=1)
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def skl_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    alpha: Union[float, torch.Tensor] = 0.1,
+    *,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """SKL with the options and reductions of `fused_skl`, computed naively in the input dtype."""
+    per_token = skew_kl_rows(student_logits, teacher_logits, alpha, temperature)
+    return _reduce(per_token, labels, ignore_index, reduction)
+
+
+def srkl_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    alpha: Union[float, torch.Tensor] = 0.1,
+    *,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    detach_mixture: bool = False,
+) -> torch.Tensor:
+    """SRKL with the options and reductions of `fused_srkl`, computed naively in the input dtype."""
+    per_token = skew_reverse_kl_rows(student_logits, teacher_logits, alpha, temperature, detach_mixture)
+    return _reduce(per_token, labels, ignore_index, reduction)
