@@ -16,7 +16,14 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["skl_reference", "srkl_reference", "skew_kl_rows", "skew_reverse_kl_rows"]
+__all__ = [
+    "skl_reference",
+    "srkl_reference",
+    "skew_kl_rows",
+    "skew_reverse_kl_rows",
+    "naive_skl",
+    "naive_srkl",
+]
 
 
 def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: torch.Tensor) -> torch.Tensor:
@@ -116,3 +123,49 @@ def srkl_reference(
     """SRKL with the options and reductions of `fused_srkl`, computed naively in the input dtype."""
     per_token = skew_reverse_kl_rows(student_logits, teacher_logits, alpha, temperature, detach_mixture)
     return _reduce(per_token, labels, ignore_index, reduction)
+
+
+def _naive_log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """The released code's mixture: `logsumexp` over the stacked pair (log w + log a, log(1−w) + log b)."""
+    stacked = torch.stack([log_a + torch.log(torch.tensor(weight_a)), log_b + torch.log(torch.tensor(1 - weight_a))])
+    return torch.logsumexp(stacked, dim=0)
+
+
+def _naive_sequence_mean(per_token: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    mask = (labels != ignore_index).float()
+    return ((per_token * mask).sum(-1) / mask.sum(-1)).mean()
+
+
+def naive_skl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float = 0.1,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """SKL as the released DistiLLM-2 trainer computes it (DESIGN.md section 3): the benchmark baseline.
+
+    float32 upcast of `[B, T, V]` logits, full `log_softmax` tensors, the mixture as a `logsumexp` over
+    a stacked pair, then the token mean within each sequence and the mean over sequences.
+    """
+    log_q = torch.log_softmax(student_logits.float(), dim=-1)
+    log_p = torch.log_softmax(teacher_logits.float(), dim=-1)
+    log_m = _naive_log_mixture(log_p, log_q, alpha)
+    per_token = (log_p.exp() * (log_p - log_m)).sum(-1)
+    return _naive_sequence_mean(per_token, labels, ignore_index)
+
+
+def naive_srkl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float = 0.1,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """SRKL as the released DistiLLM-2 trainer computes it: like `naive_skl`, with the q inside
+    r = (1−α)p + αq detached."""
+    log_q = torch.log_softmax(student_logits.float(), dim=-1)
+    log_p = torch.log_softmax(teacher_logits.float(), dim=-1)
+    log_r = _naive_log_mixture(log_p, log_q.detach(), 1 - alpha)
+    per_token = (log_q.exp() * (log_q - log_r)).sum(-1)
+    return _naive_sequence_mean(per_token, labels, ignore_index)
