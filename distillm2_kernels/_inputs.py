@@ -55,7 +55,8 @@ def _check_logits(name: str, logits: object) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in LOGIT_DTYPES:
         raise TypeError(
-            f"{name} must be a floating tensor (float16, bfloat16 or float32), got dtype {logits.dtype}"
+            f"{name} must be a floating tensor (float16, bfloat16 or float32; float64 on the torch "
+            f"backend), got dtype {logits.dtype}"
         )
     if logits.dim() == 0:
         raise ValueError(f"{name} must have shape [..., V], got a 0-d tensor")

@@ -19,10 +19,15 @@ from typing import Optional
 
 import torch
 
-from ._inputs import Alpha, check_reduction
+from ._inputs import REDUCTIONS, Alpha, check_reduction
 from .skew_divergence import FusedSKLFunction, FusedSRKLFunction
 
 __all__ = ["fused_skl", "fused_srkl", "reduce_token_losses"]
+
+
+def _check_reduction_name(reduction: str) -> None:
+    if reduction not in REDUCTIONS:  # before any work; the shape is checked when reducing
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
 def reduce_token_losses(
@@ -64,7 +69,7 @@ def fused_skl(
     sequence, `[B, T]` per token). labels: tokens whose label is `ignore_index` count 0. The loss is
     float32; the gradient flows to `student_logits` only. backend: "auto", "triton" or "torch".
     """
-    check_reduction(reduction, student_logits.shape[:-1])
+    _check_reduction_name(reduction)
     per_token = FusedSKLFunction.apply(
         student_logits, teacher_logits, alpha, labels, ignore_index, temperature, backend
     )
@@ -88,7 +93,7 @@ def fused_srkl(
     detach_mixture=True treats the q inside r as a constant in the backward, as the released DistiLLM-2
     code does; the forward value is the same. Other arguments as in `fused_skl`.
     """
-    check_reduction(reduction, student_logits.shape[:-1])
+    _check_reduction_name(reduction)
     per_token = FusedSRKLFunction.apply(
         student_logits, teacher_logits, alpha, labels, ignore_index, temperature, backend, detach_mixture
     )

@@ -7,15 +7,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._inputs import REDUCTIONS, Alpha, check_alpha_value
-from .functional import fused_skl, fused_srkl
+from ._inputs import Alpha, check_alpha_value
+from .functional import _check_reduction_name, fused_skl, fused_srkl
 
 
 class _SkewLoss(nn.Module):
     def __init__(self, alpha: float, ignore_index: int, temperature: float, reduction: str, backend: str):
         super().__init__()
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        _check_reduction_name(reduction)
         self.alpha = check_alpha_value(alpha)
         self.ignore_index = ignore_index
         self.temperature = temperature

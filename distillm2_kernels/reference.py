@@ -27,8 +27,15 @@ __all__ = [
 
 
 def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: torch.Tensor) -> torch.Tensor:
-    """log(w·a + (1−w)·b) from log a and log b, with w of shape [..., 1]."""
-    return torch.logaddexp(torch.log(weight_a) + log_a, torch.log1p(-weight_a) + log_b)
+    """log(w·a + (1−w)·b) from log a and log b, with w of shape [..., 1].
+
+    Where both terms are 0 the result is −inf; the `where`s keep logaddexp's NaN derivative at
+    (−inf, −inf) out of the gradient."""
+    term_a = torch.log(weight_a) + log_a
+    term_b = torch.log1p(-weight_a) + log_b
+    both_zero = (term_a == float("-inf")) & (term_b == float("-inf"))
+    mixed = torch.logaddexp(torch.where(both_zero, 0.0, term_a), torch.where(both_zero, 0.0, term_b))
+    return torch.where(both_zero, float("-inf"), mixed)
 
 
 def _xlogy_terms(prob: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:

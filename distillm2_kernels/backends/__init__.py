@@ -22,6 +22,14 @@ from . import torch_backend, triton_backend
 BACKENDS = ("auto", "triton", "torch")
 
 
+def available_backends(device: torch.device) -> list[str]:
+    """The backend names (other than "auto") that can run on tensors on `device`."""
+    names = ["torch"]
+    if triton_backend.unavailable_reason(torch.device(device)) is None:
+        names.append("triton")
+    return names
+
+
 def resolve_backend(name: str, device: torch.device) -> ModuleType:
     """The backend module for `name` ("auto", "triton" or "torch") and tensors on `device`."""
     if name == "auto":

@@ -2,7 +2,7 @@
 
 Runs on any device. Rows are processed in chunks sized so that each float32 temporary stays within
 `CHUNK_BYTES`, so no full-size `[N, V]` float32 tensor is built; the forward keeps only `lse_s, lse_t, C`
-per row and the backward recomputes the rest (see `triton_backend` for the formulas). float64 logits are
+per row (`max z`, `log Σ exp((z − max z)/T)` of both logits, and C) and the backward recomputes the rest (see `triton_backend` for the formulas). float64 logits are
 computed in float64, everything else in float32.
 """
 
@@ -13,7 +13,7 @@ import torch
 from .._inputs import SkewRows
 
 CHUNK_BYTES = 32 * 1024 * 1024  # bytes of one float32 [rows, V] temporary per chunk
-STATS = 3  # lse_s, lse_t, C
+STATS = 5  # max z_s, log-sum_s, max z_t, log-sum_t, C
 
 
 def _chunks(rows: SkewRows):
@@ -29,18 +29,25 @@ def _compute_dtype(rows: SkewRows) -> torch.dtype:
     return torch.float32
 
 
+def _max_and_log_sum(z: torch.Tensor, inv_temperature: float):
+    """(max z, log Σ exp((z − max z)/T)) per row; a row of −inf gives max 0 and log-sum −inf."""
+    row_max = z.amax(-1)
+    row_max = torch.where(row_max == float("-inf"), 0.0, row_max)
+    return row_max, torch.log(torch.exp((z - row_max.unsqueeze(-1)) * inv_temperature).sum(-1))
+
+
 class _Chunk:
     """The recomputable per-entry quantities of rows [start, end)."""
 
-    def __init__(self, rows: SkewRows, start: int, end: int, dtype: torch.dtype, lse=None):
-        s = rows.student[start:end].to(dtype) * rows.inv_temperature
-        t = rows.teacher[start:end].to(dtype) * rows.inv_temperature
-        if lse is None:
-            self.lse_s, self.lse_t = torch.logsumexp(s, -1), torch.logsumexp(t, -1)
-        else:
-            self.lse_s, self.lse_t = lse
-        self.log_q = s - self.lse_s.unsqueeze(-1)
-        self.log_p = t - self.lse_t.unsqueeze(-1)
+    def __init__(self, rows: SkewRows, start: int, end: int, dtype: torch.dtype, row_stats=None):
+        s = rows.student[start:end].to(dtype)
+        t = rows.teacher[start:end].to(dtype)
+        if row_stats is None:
+            row_stats = (*_max_and_log_sum(s, rows.inv_temperature), *_max_and_log_sum(t, rows.inv_temperature))
+        self.row_stats = row_stats
+        max_s, log_sum_s, max_t, log_sum_t = (x.unsqueeze(-1) for x in row_stats)
+        self.log_q = (s - max_s) * rows.inv_temperature - log_sum_s
+        self.log_p = (t - max_t) * rows.inv_temperature - log_sum_t
         if rows.alpha_rows is None:
             alpha = torch.tensor(rows.alpha, dtype=dtype, device=s.device)
         else:
@@ -50,27 +57,22 @@ class _Chunk:
         self.valid = None if rows.labels is None else rows.labels[start:end] != rows.ignore_index
 
     def skl_terms(self):
-        """Per-entry loss terms p·(log p − log m) and p·a with a = α p / m."""
+        """SKL per entry: p, the loss terms p·(log p − log m), and ā = (1−α) q / m."""
         log_m = torch.logaddexp(self.log_alpha + self.log_p, self.log_one_minus_alpha + self.log_q)
         p = self.log_p.exp()
-        live = p > 0
-        loss = torch.where(live, p * (self.log_p - log_m), 0.0)
-        finite_m = live & (log_m > float("-inf"))
-        a = torch.where(finite_m, torch.exp(self.log_alpha + self.log_p - torch.where(finite_m, log_m, 0.0)), 0.0)
-        return p, loss, a
+        loss_terms = torch.where(p > 0, p * (self.log_p - log_m), 0.0)
+        finite_m = log_m > float("-inf")
+        a_bar = torch.exp(self.log_one_minus_alpha + self.log_q - torch.where(finite_m, log_m, 0.0))
+        return p, loss_terms, torch.where(finite_m, a_bar, 1.0)
 
-    def srkl_terms(self, detach: bool):
-        """Per-entry q, d = log q − log r (0 where q = 0) and b = α q / r (0 when detached)."""
+    def srkl_terms(self):
+        """SRKL per entry: q, d = log q − log r (0 where q = 0), and e = (1−α) p / r."""
         log_r = torch.logaddexp(self.log_one_minus_alpha + self.log_p, self.log_alpha + self.log_q)
         q = self.log_q.exp()
-        live = q > 0
-        d = torch.where(live, self.log_q - torch.where(live, log_r, 0.0), 0.0)
-        if detach:
-            b = torch.zeros_like(q)
-        else:
-            finite_r = live & (log_r > float("-inf"))
-            b = torch.where(finite_r, torch.exp(self.log_alpha + self.log_q - torch.where(finite_r, log_r, 0.0)), 0.0)
-        return q, d, b
+        d = torch.where(q > 0, self.log_q - log_r, 0.0)
+        finite_r = log_r > float("-inf")
+        e = torch.exp(self.log_one_minus_alpha + self.log_p - torch.where(finite_r, log_r, 0.0))
+        return q, d, torch.where(finite_r, e, 1.0)
 
 
 def skew_forward(rows: SkewRows, reverse: bool, detach: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,14 +84,14 @@ def skew_forward(rows: SkewRows, reverse: bool, detach: bool) -> tuple[torch.Ten
     for start, end in _chunks(rows):
         chunk = _Chunk(rows, start, end, dtype)
         if reverse:
-            q, d, b = chunk.srkl_terms(detach)
+            q, d, e = chunk.srkl_terms()
             row_loss = (q * d).sum(-1)
-            c = row_loss - (q * b).sum(-1)
+            c = row_loss if detach else row_loss + (q * e).sum(-1)
         else:
-            p, terms, a = chunk.skl_terms()
-            row_loss = terms.sum(-1)
-            c = (p * a).sum(-1)
-        row_stats = torch.stack([chunk.lse_s, chunk.lse_t, c], dim=-1)
+            p, loss_terms, a_bar = chunk.skl_terms()
+            row_loss = loss_terms.sum(-1)
+            c = (p * a_bar).sum(-1)
+        row_stats = torch.stack([*chunk.row_stats, c], dim=-1)
         if chunk.valid is not None:
             row_loss = torch.where(chunk.valid, row_loss, 0.0)
             row_stats = torch.where(chunk.valid.unsqueeze(-1), row_stats, 0.0)
@@ -105,16 +107,15 @@ def skew_backward(
     dtype = _compute_dtype(rows)
     grad = torch.empty((rows.num_rows, rows.vocab_size), dtype=rows.student.dtype, device=rows.student.device)
     for start, end in _chunks(rows):
-        lse_s, lse_t, c = stats[start:end].to(dtype).unbind(-1)
-        chunk = _Chunk(rows, start, end, dtype, lse=(lse_s, lse_t))
+        *row_stats, c = stats[start:end].to(dtype).unbind(-1)
+        chunk = _Chunk(rows, start, end, dtype, row_stats=row_stats)
         c = c.unsqueeze(-1)
         if reverse:
-            q, d, b = chunk.srkl_terms(detach)
-            g = q * (d - b - c)
+            q, d, e = chunk.srkl_terms()
+            g = torch.where(q > 0, q * (d - c if detach else d + e - c), 0.0)
         else:
-            p, _, a = chunk.skl_terms()
-            q = chunk.log_q.exp()
-            g = q * (1.0 - c) - p * (1.0 - a)
+            p, _, a_bar = chunk.skl_terms()
+            g = chunk.log_q.exp() * c - p * a_bar
         scale = grad_loss[start:end].to(dtype).unsqueeze(-1) * rows.inv_temperature
         g = g * scale
         if chunk.valid is not None:

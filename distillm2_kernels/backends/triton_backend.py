@@ -1,24 +1,27 @@
 """Triton kernels for SKL and SRKL over `[N, V]` logits, one program per row, three sweeps per row.
 
-Math (per row; `s = z_s / T`, `t = z_t / T`, `log q = s − lse(s)`, `log p = t − lse(t)`):
+Math (per row; `log q = (z_s − max z_s)/T − log Σ exp((z_s − max z_s)/T)`, `log p` likewise from z_t;
+subtracting the maximum before scaling keeps log q as accurate as `log_softmax`'s):
 
     SKL:   loss = Σ p (log p − log m),   log m = logaddexp(log α + log p, log(1−α) + log q)
-           ∂loss/∂s = q − p + p·a − q·C,          a = α p / m ∈ [0, 1],   C = Σ p·a  (= α W)
-    SRKL:  loss = Σ q d,  d = log q − log r,   log r = logaddexp(log(1−α) + log p, log α + log q)
-           ∂loss/∂s = q·(d − b − C),               b = α q / r ∈ [0, 1],   C = L − Σ q·b
-           detached mixture: b = 0 and C = L.
+           ∂loss/∂s = q·C − p·ā,           ā = 1 − αp/m = (1−α) q / m ∈ [0, 1],   C = Σ p·ā
+    SRKL:  loss = L = Σ q d,   d = log q − log r,   log r = logaddexp(log(1−α) + log p, log α + log q)
+           ∂loss/∂s = q·(d + e − C),       e = 1 − αq/r = (1−α) p / r ∈ [0, 1],   C = L + Σ q·e
+           detached mixture (q inside r constant): ∂loss/∂s = q·(d − C),  C = L
 
-Writing `α p²/m` as `p·a` keeps every term bounded: `a` and `b` never exceed 1, so α = 0, α = 1 and
-underflowing probabilities need no special cases beyond "a zero probability contributes zero".
+These are DESIGN.md's `q − p + α(p²/m − q·W)` and `q ⊙ (d − αq/r − L + αU)` rewritten with Σp = Σq = 1, so
+that every term is bounded (ā, e ∈ [0, 1]) and α = 1 gives exactly zero (ā = e = d = 0). A zero
+probability contributes exactly zero; a zero mixture (only possible at α = 0) gives an infinite loss.
 
-Sweep 1 (forward): online log-sum-exp of both rows. Sweep 2 (forward): loss and the row constant C.
+Sweep 1 (forward): online log-sum-exp of both rows. Sweep 2 (forward): the loss and the row constant C.
 Sweep 3 (backward): the gradient, scaled by the incoming per-row gradient and by 1/T. Between forward and
-backward only `lse_s, lse_t, C` survive (three floats per row).
+backward only `max z_s, log Σ_s, max z_t, log Σ_t, C` survive (five floats per row).
 """
 
 from __future__ import annotations
 
 import os
+import struct
 
 import torch
 
@@ -33,7 +36,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is not ins
     TRITON_AVAILABLE = False
 
 # Row statistics kept between forward and backward: [N, STATS] float32.
-STATS = 3  # lse_s, lse_t, C
+STATS = 5  # max z_s, log-sum_s, max z_t, log-sum_t, C
 
 
 def interpreter_enabled() -> bool:
@@ -73,20 +76,57 @@ if TRITON_AVAILABLE:
         return hi + tl.log(1.0 + tl.exp(lo - hi_shift))
 
     @triton.jit
-    def _row_lse(row_ptr, V, inv_temperature, BLOCK_V: tl.constexpr):
-        """Online log-sum-exp of `row[:V] * inv_temperature` (−inf for a row of −inf)."""
+    def _to_output_dtype(x, out_dtype: tl.constexpr):
+        """float32 -> out_dtype, rounding to nearest even. bfloat16 is rounded by hand because the
+        interpreter truncates (on a GPU the final cast is then exact, so both agree)."""
+        if out_dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+        return x.to(out_dtype)
+
+    @triton.jit
+    def _skl_terms(log_q, log_p, log_alpha, log_one_minus_alpha):
+        """SKL per entry: p, the loss terms p·(log p − log m), and ā = (1−α) q / m."""
+        log_m = _log_add_exp(log_alpha + log_p, log_one_minus_alpha + log_q)
+        p = tl.exp(log_p)
+        loss_terms = tl.where(p > 0, p * (log_p - log_m), 0.0)
+        finite_m = log_m > float("-inf")
+        a_bar = tl.where(finite_m, tl.exp(log_one_minus_alpha + log_q - tl.where(finite_m, log_m, 0.0)), 1.0)
+        return p, loss_terms, a_bar
+
+    @triton.jit
+    def _srkl_terms(log_q, log_p, log_alpha, log_one_minus_alpha):
+        """SRKL per entry: q, d = log q − log r (0 where q = 0), and e = (1−α) p / r."""
+        log_r = _log_add_exp(log_one_minus_alpha + log_p, log_alpha + log_q)
+        q = tl.exp(log_q)
+        d = tl.where(q > 0, log_q - log_r, 0.0)
+        finite_r = log_r > float("-inf")
+        e = tl.where(finite_r, tl.exp(log_one_minus_alpha + log_p - tl.where(finite_r, log_r, 0.0)), 1.0)
+        return q, d, e
+
+    @triton.jit
+    def _row_log_sum(row_ptr, V, inv_temperature, BLOCK_V: tl.constexpr):
+        """Online (max z, log Σ exp((z − max z)/T)) over `row[:V]`; a row of −inf gives max 0, log-sum −inf."""
         offsets = tl.arange(0, BLOCK_V)
         running_max = float("-inf")
         running_sum = 0.0
         for start in range(0, V, BLOCK_V):
             cols = start + offsets
-            x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temperature
-            new_max = tl.maximum(running_max, tl.max(x, 0))
+            z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            new_max = tl.maximum(running_max, tl.max(z, 0))
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), 0)
+            running_sum = running_sum * tl.exp((running_max - shift) * inv_temperature) + tl.sum(
+                tl.exp((z - shift) * inv_temperature), 0
+            )
             running_max = new_max
-        shift = tl.where(running_max == float("-inf"), 0.0, running_max)
-        return shift + tl.log(running_sum)
+        return tl.where(running_max == float("-inf"), 0.0, running_max), tl.log(running_sum)
+
+    @triton.jit
+    def _block_log_probs(row_ptr, cols, in_row, row_max, log_sum, inv_temperature):
+        """log softmax(z/T) of one block, from the row's max and log-sum; −inf outside the row."""
+        z = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+        return (z - row_max) * inv_temperature - log_sum
 
     @triton.jit
     def _skew_forward_kernel(
@@ -100,7 +140,7 @@ if TRITON_AVAILABLE:
         ignore_index,  # rows whose label equals this get loss 0
         inv_temperature,  # 1 / T
         loss_ptr,  # [N] float32 out: per-row loss
-        stats_ptr,  # [N, 3] float32 out: lse_s, lse_t, C
+        stats_ptr,  # [N, 5] float32 out: max z_s, log-sum_s, max z_t, log-sum_t, C
         V,  # vocabulary size
         BLOCK_V: tl.constexpr,  # vocabulary entries per block
         REVERSE: tl.constexpr,  # False: SKL, True: SRKL
@@ -112,9 +152,8 @@ if TRITON_AVAILABLE:
         if HAS_LABELS:
             if tl.load(labels_ptr + row) == ignore_index:
                 tl.store(loss_ptr + row, 0.0)
-                tl.store(stats_ptr + row * 3 + 0, 0.0)
-                tl.store(stats_ptr + row * 3 + 1, 0.0)
-                tl.store(stats_ptr + row * 3 + 2, 0.0)
+                for k in tl.static_range(5):
+                    tl.store(stats_ptr + row * 5 + k, 0.0)
                 return
         if ALPHA_PER_ROW:
             alpha = tl.load(alpha_ptr + row)
@@ -122,8 +161,8 @@ if TRITON_AVAILABLE:
         teacher_row = teacher_ptr + row * teacher_row_stride
 
         # Sweep 1: log-sum-exps.
-        lse_s = _row_lse(student_row, V, inv_temperature, BLOCK_V)
-        lse_t = _row_lse(teacher_row, V, inv_temperature, BLOCK_V)
+        max_s, log_sum_s = _row_log_sum(student_row, V, inv_temperature, BLOCK_V)
+        max_t, log_sum_t = _row_log_sum(teacher_row, V, inv_temperature, BLOCK_V)
 
         # Sweep 2: the loss and the row constant C.
         log_alpha = tl.log(alpha)
@@ -134,35 +173,27 @@ if TRITON_AVAILABLE:
         for start in range(0, V, BLOCK_V):
             cols = start + offsets
             in_row = cols < V
-            s = tl.load(student_row + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temperature
-            t = tl.load(teacher_row + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temperature
-            log_q = s - lse_s
-            log_p = t - lse_t
+            log_q = _block_log_probs(student_row, cols, in_row, max_s, log_sum_s, inv_temperature)
+            log_p = _block_log_probs(teacher_row, cols, in_row, max_t, log_sum_t, inv_temperature)
             if REVERSE:
-                log_r = _log_add_exp(log_one_minus_alpha + log_p, log_alpha + log_q)
-                q = tl.exp(log_q)
-                live = q > 0
-                loss_acc += tl.where(live, q * (log_q - log_r), 0.0)
+                q, d, e = _srkl_terms(log_q, log_p, log_alpha, log_one_minus_alpha)
+                loss_acc += q * d
                 if not DETACH:
-                    finite_r = live & (log_r > float("-inf"))
-                    b = tl.exp(log_alpha + log_q - tl.where(finite_r, log_r, 0.0))
-                    c_acc -= tl.where(finite_r, q * b, 0.0)
+                    c_acc += q * e
             else:
-                log_m = _log_add_exp(log_alpha + log_p, log_one_minus_alpha + log_q)
-                p = tl.exp(log_p)
-                live = p > 0
-                loss_acc += tl.where(live, p * (log_p - log_m), 0.0)
-                finite_m = live & (log_m > float("-inf"))
-                a = tl.exp(log_alpha + log_p - tl.where(finite_m, log_m, 0.0))
-                c_acc += tl.where(finite_m, p * a, 0.0)
+                p, loss_terms, a_bar = _skl_terms(log_q, log_p, log_alpha, log_one_minus_alpha)
+                loss_acc += loss_terms
+                c_acc += p * a_bar
         loss = tl.sum(loss_acc, 0)
         c = tl.sum(c_acc, 0)
         if REVERSE:
             c += loss
         tl.store(loss_ptr + row, loss)
-        tl.store(stats_ptr + row * 3 + 0, lse_s)
-        tl.store(stats_ptr + row * 3 + 1, lse_t)
-        tl.store(stats_ptr + row * 3 + 2, c)
+        tl.store(stats_ptr + row * 5 + 0, max_s)
+        tl.store(stats_ptr + row * 5 + 1, log_sum_s)
+        tl.store(stats_ptr + row * 5 + 2, max_t)
+        tl.store(stats_ptr + row * 5 + 3, log_sum_t)
+        tl.store(stats_ptr + row * 5 + 4, c)
 
     @triton.jit
     def _skew_backward_kernel(
@@ -178,7 +209,7 @@ if TRITON_AVAILABLE:
         alpha,  # scalar α, used when not ALPHA_PER_ROW
         ignore_index,  # rows whose label equals this get a zero gradient
         inv_temperature,  # 1 / T
-        stats_ptr,  # [N, 3] float32: lse_s, lse_t, C from the forward
+        stats_ptr,  # [N, 5] float32: max z_s, log-sum_s, max z_t, log-sum_t, C from the forward
         V,  # vocabulary size
         BLOCK_V: tl.constexpr,  # vocabulary entries per block
         REVERSE: tl.constexpr,  # False: SKL, True: SRKL
@@ -193,15 +224,17 @@ if TRITON_AVAILABLE:
             if tl.load(labels_ptr + row) == ignore_index:
                 for start in range(0, V, BLOCK_V):
                     cols = start + offsets
-                    zeros = tl.zeros([BLOCK_V], dtype=tl.float32).to(grad_student_ptr.dtype.element_ty)
+                    zeros = tl.zeros([BLOCK_V], dtype=grad_student_ptr.dtype.element_ty)
                     tl.store(grad_row + cols, zeros, mask=cols < V)
                 return
         if ALPHA_PER_ROW:
             alpha = tl.load(alpha_ptr + row)
         scale = tl.load(grad_loss_ptr + row * grad_loss_stride) * inv_temperature
-        lse_s = tl.load(stats_ptr + row * 3 + 0)
-        lse_t = tl.load(stats_ptr + row * 3 + 1)
-        c = tl.load(stats_ptr + row * 3 + 2)
+        max_s = tl.load(stats_ptr + row * 5 + 0)
+        log_sum_s = tl.load(stats_ptr + row * 5 + 1)
+        max_t = tl.load(stats_ptr + row * 5 + 2)
+        log_sum_t = tl.load(stats_ptr + row * 5 + 3)
+        c = tl.load(stats_ptr + row * 5 + 4)
         student_row = student_ptr + row * student_row_stride
         teacher_row = teacher_ptr + row * teacher_row_stride
         log_alpha = tl.log(alpha)
@@ -211,29 +244,19 @@ if TRITON_AVAILABLE:
         for start in range(0, V, BLOCK_V):
             cols = start + offsets
             in_row = cols < V
-            s = tl.load(student_row + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temperature
-            t = tl.load(teacher_row + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temperature
-            log_q = s - lse_s
-            log_p = t - lse_t
-            q = tl.exp(log_q)
+            log_q = _block_log_probs(student_row, cols, in_row, max_s, log_sum_s, inv_temperature)
+            log_p = _block_log_probs(teacher_row, cols, in_row, max_t, log_sum_t, inv_temperature)
             if REVERSE:
-                log_r = _log_add_exp(log_one_minus_alpha + log_p, log_alpha + log_q)
-                live = q > 0
-                d = log_q - tl.where(live, log_r, 0.0)
+                q, d, e = _srkl_terms(log_q, log_p, log_alpha, log_one_minus_alpha)
                 if DETACH:
                     g = q * (d - c)
                 else:
-                    finite_r = live & (log_r > float("-inf"))
-                    b = tl.exp(log_alpha + log_q - tl.where(finite_r, log_r, 0.0))
-                    g = q * (d - tl.where(finite_r, b, 0.0) - c)
-                g = tl.where(live, g, 0.0)
+                    g = q * (d + e - c)
+                g = tl.where(q > 0, g, 0.0)
             else:
-                log_m = _log_add_exp(log_alpha + log_p, log_one_minus_alpha + log_q)
-                p = tl.exp(log_p)
-                finite_m = (p > 0) & (log_m > float("-inf"))
-                a = tl.exp(log_alpha + log_p - tl.where(finite_m, log_m, 0.0))
-                g = q * (1.0 - c) - p * (1.0 - tl.where(finite_m, a, 0.0))
-            tl.store(grad_row + cols, (g * scale).to(grad_student_ptr.dtype.element_ty), mask=in_row)
+                p, _, a_bar = _skl_terms(log_q, log_p, log_alpha, log_one_minus_alpha)
+                g = tl.exp(log_q) * c - p * a_bar
+            tl.store(grad_row + cols, _to_output_dtype(g * scale, grad_student_ptr.dtype.element_ty), mask=in_row)
 
 
 def _check_runnable(rows: SkewRows) -> None:
@@ -256,10 +279,15 @@ def _common_args(rows: SkewRows) -> tuple:
         rows.teacher.stride(0),
         labels,
         alpha_rows,
-        rows.alpha,
+        _as_float32(rows.alpha),
         rows.ignore_index,
-        rows.inv_temperature,
+        _as_float32(rows.inv_temperature),
     )
+
+
+def _as_float32(value: float) -> float:
+    """Round a scalar to float32, so that triton types it as fp32 (it makes tiny or huge floats fp64)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 def skew_forward(rows: SkewRows, reverse: bool, detach: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,55 @@
+"""Test set-up: the Triton interpreter on machines without a GPU, and NaN-poisoned allocations.
+
+`TRITON_INTERPRET=1` must be set before triton decorates the kernels, so it is set here, before any test
+module imports `distillm2_kernels`. With a GPU, the Triton backend runs compiled on CUDA tensors instead.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("default", deadline=None, print_blob=True)
+settings.load_profile("default")
+
+_real_empty = torch.empty
+_real_empty_like = torch.empty_like
+
+
+def _poison(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.is_floating_point():
+        tensor.fill_(math.nan)
+    elif tensor.dtype != torch.bool and not tensor.is_complex():
+        tensor.fill_(torch.iinfo(tensor.dtype).max)
+    return tensor
+
+
+def _poisoned_empty(*args, **kwargs):
+    return _poison(_real_empty(*args, **kwargs))
+
+
+def _poisoned_empty_like(*args, **kwargs):
+    return _poison(_real_empty_like(*args, **kwargs))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def nan_poisoned_allocations():
+    """Every `torch.empty` / `torch.empty_like` returns NaN-filled memory, so an output element that a
+    kernel forgets to write shows up as NaN (session-scoped so hypothesis tests get it too)."""
+    patch = pytest.MonkeyPatch()
+    patch.setattr(torch, "empty", _poisoned_empty)
+    patch.setattr(torch, "empty_like", _poisoned_empty_like)
+    yield
+    patch.undo()
+
+
+def kernel_device() -> torch.device:
+    """Where the Triton backend runs in this session: CUDA when present, else CPU under the interpreter."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")

@@ -1,0 +1,362 @@
+"""fused_skl / fused_srkl on every backend against the float64 oracle (tests/oracle.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import kernel_device
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from oracle import EPS, assert_matches_oracle, logit_magnitude, oracle_loss_and_grad
+
+from distillm2_kernels import (
+    FusedSKLFunction,
+    FusedSRKLFunction,
+    SkewKLLoss,
+    SkewReverseKLLoss,
+    fused_skl,
+    fused_srkl,
+)
+from distillm2_kernels.backends import available_backends
+
+DEVICE = kernel_device()
+BACKENDS = available_backends(DEVICE)
+OPS = ["skl", "srkl", "srkl_detach"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def run_fused(op, student, teacher, alpha, backend, **kwargs):
+    if op == "skl":
+        return fused_skl(student, teacher, alpha, backend=backend, **kwargs)
+    return fused_srkl(student, teacher, alpha, backend=backend, detach_mixture=op == "srkl_detach", **kwargs)
+
+
+def make_logits(shape, dtype, *, scale=3.0, seed=0, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+    student = (torch.randn(shape, generator=gen) * scale).to(dtype)
+    teacher = (torch.randn(shape, generator=gen) * scale + 0.5 * student.float()).to(dtype)
+    return student.to(device), teacher.to(device)
+
+
+def check_against_oracle(
+    op, student, teacher, alpha, backend, *, labels=None, temperature=1.0, upstream=None, what=""
+):
+    """Per-token loss and the student gradient of Σ loss·upstream, both held to the tolerance rule."""
+    student = student.detach().requires_grad_(True)
+    loss = run_fused(op, student, teacher, alpha, backend, labels=labels, temperature=temperature, reduction="none")
+    if upstream is None:
+        upstream = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1)).to(loss.device)
+    (grad,) = torch.autograd.grad((loss * upstream).sum(), student)
+    kw = dict(labels=labels, temperature=temperature, upstream=upstream)
+    loss64, grad64 = oracle_loss_and_grad(op, student, teacher, alpha, **kw)
+    loss_lo, grad_lo = oracle_loss_and_grad(op, student, teacher, alpha, dtype=student.dtype, **kw)
+    magnitude = logit_magnitude(student, teacher, temperature=temperature)
+    vocab = student.shape[-1]
+    assert loss.dtype == torch.float32 and grad.dtype == student.dtype
+    finite = torch.isfinite(loss64)
+    loss_scale = (loss64[finite].abs().max().item() if finite.any() else 0.0) + math.log(vocab + 1)
+    assert_matches_oracle(
+        loss, loss64, loss_lo, out_dtype=torch.float32, magnitude=magnitude, scale=loss_scale, what=f"{what} loss"
+    )
+    # The gradient's scale is that of its terms, |upstream|/T · (q + p), not of the result: the result
+    # can cancel to ~0 (α = 1, or student ≈ teacher) while float32 rounding stays the terms' size.
+    q64 = torch.softmax(student.double() / temperature, -1)
+    p64 = torch.softmax(teacher.double() / temperature, -1)
+    grad_scale = (upstream.double().abs().unsqueeze(-1) * (q64 + p64)).max().item() / temperature
+    assert_matches_oracle(
+        grad, grad64, grad_lo, out_dtype=student.dtype, magnitude=magnitude, scale=grad_scale, what=f"{what} grad"
+    )
+    return loss, grad
+
+
+# --- the core comparison ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [7, 1000, 32001])
+def test_matches_oracle(backend, op, dtype, vocab):
+    rows = (2, 3) if vocab < 32001 else (1, 2)
+    student, teacher = make_logits((*rows, vocab), dtype, seed=vocab)
+    labels = torch.arange(math.prod(rows), device=DEVICE).reshape(rows) % vocab
+    labels[0, 0] = -100
+    check_against_oracle(op, student, teacher, 0.1, backend, labels=labels, what=f"{backend}/{op}/{dtype}/V={vocab}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_vocab_above_block(backend, op):
+    """Rows longer than the largest block (16384 under the interpreter, 4096 compiled) take several blocks."""
+    student, teacher = make_logits((2, 16384 + 37), torch.float32, seed=3)
+    check_against_oracle(op, student, teacher, 0.3, backend, what=f"{backend}/{op}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_alpha_endpoints(backend, op, alpha):
+    student, teacher = make_logits((3, 257), torch.float32, seed=4)
+    loss, grad = check_against_oracle(op, student, teacher, alpha, backend, what=f"{backend}/{op}/α={alpha}")
+    if alpha == 1.0:  # the mixture is the distribution itself: zero loss, zero gradient
+        assert torch.equal(loss, torch.zeros_like(loss))
+        assert grad.abs().max() <= 1e-6
+    else:  # plain KL(p‖q) / KL(q‖p), checked against torch's kl_div
+        log_q = torch.log_softmax(student.double(), -1)
+        log_p = torch.log_softmax(teacher.double(), -1)
+        if op == "skl":
+            expected = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+        else:
+            expected = torch.nn.functional.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("alpha_shape", ["scalar_tensor", "per_sequence", "per_sequence_2d", "per_token"])
+def test_alpha_tensor(backend, op, alpha_shape):
+    student, teacher = make_logits((3, 4, 300), torch.float32, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    shape = {"scalar_tensor": (), "per_sequence": (3,), "per_sequence_2d": (3, 1), "per_token": (3, 4)}[alpha_shape]
+    alpha = torch.rand(shape, generator=gen).to(DEVICE)
+    if alpha_shape == "per_token":
+        alpha[0, 0], alpha[0, 1] = 0.0, 1.0
+    loss, _ = check_against_oracle(op, student, teacher, alpha, backend, what=f"{backend}/{op}/{alpha_shape}")
+    # Each sequence's α is its own: the same rows with that α as a float give the same loss.
+    if alpha_shape == "per_sequence":
+        for b in range(3):
+            row = run_fused(op, student[b], teacher[b], float(alpha[b]), backend, reduction="none")
+            torch.testing.assert_close(loss[b], row, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature(backend, op, temperature):
+    student, teacher = make_logits((4, 500), torch.bfloat16, seed=7)
+    check_against_oracle(op, student, teacher, 0.2, backend, temperature=temperature, what=f"{backend}/{op}/T")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_extreme_logits(backend, op, dtype):
+    """±1e4 logits: near one-hot distributions, no overflow, no NaN."""
+    student, teacher = make_logits((4, 300), torch.float32, seed=8)
+    student = (student.sign() * 1e4).to(dtype) if dtype != torch.float16 else (student * 3e3).to(dtype)
+    teacher[:, :150] = 1e4
+    teacher = teacher.to(dtype)
+    check_against_oracle(op, student, teacher, 0.1, backend, what=f"{backend}/{op}/{dtype}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_negative_infinity_entries(backend, op, dtype):
+    """−inf logits (masked vocabulary) are probabilities of exactly 0: they add 0, never NaN."""
+    student, teacher = make_logits((4, 200), torch.float32, seed=9)
+    student[:, :50] = -math.inf  # masked in both
+    teacher[:, :50] = -math.inf
+    student[0, 60:80] = -math.inf  # masked only in the student
+    teacher[1, 90:120] = -math.inf  # masked only in the teacher
+    alpha = 0.25
+    loss, grad = check_against_oracle(op, student.to(dtype), teacher.to(dtype), alpha, backend, what=f"{backend}/{op}")
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert torch.equal(grad[:, :50], torch.zeros_like(grad[:, :50]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "seqmean"])
+def test_all_rows_ignored(backend, op, reduction):
+    student, teacher = make_logits((2, 3, 100), torch.bfloat16, seed=10)
+    student.requires_grad_(True)
+    labels = torch.full((2, 3), -100, device=DEVICE)
+    loss = run_fused(op, student, teacher, 0.1, backend, labels=labels, reduction=reduction)
+    loss.sum().backward()
+    assert torch.equal(loss, torch.zeros_like(loss))
+    assert torch.equal(student.grad, torch.zeros_like(student.grad))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_custom_ignore_index(backend, op):
+    student, teacher = make_logits((5, 64), torch.float32, seed=11)
+    labels = torch.tensor([3, 7, 7, 1, 2], device=DEVICE)
+    student.requires_grad_(True)
+    loss = run_fused(op, student, teacher, 0.1, backend, labels=labels, ignore_index=7, reduction="none")
+    loss.sum().backward()
+    assert torch.equal(loss[1:3], torch.zeros(2, device=DEVICE))
+    assert torch.equal(student.grad[1:3], torch.zeros_like(student.grad[1:3]))
+    assert (loss[[0, 3, 4]] > 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_sliced_rows_are_not_copied(backend, op):
+    """A view with a row stride other than V (logits[..., :V]) is read in place."""
+    wide_student, wide_teacher = make_logits((2, 3, 700), torch.bfloat16, seed=12)
+    student, teacher = wide_student[..., :651], wide_teacher[..., 20:671]
+    assert student.stride(-2) == 700 and not student.is_contiguous()
+    check_against_oracle(op, student, teacher, 0.1, backend, what=f"{backend}/{op}/sliced")
+
+
+def test_rows_stay_views():
+    from distillm2_kernels._inputs import prepare_rows
+
+    big = torch.randn(2, 3, 50)
+    rows = prepare_rows(big[..., :40], big[..., 5:45], 0.1, None, -100, 1.0)
+    assert rows.student.data_ptr() == big.data_ptr() and rows.student.stride() == (50, 1)
+    assert rows.teacher.data_ptr() == big[..., 5:].data_ptr()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_reductions(backend, op):
+    """mean: over non-ignored tokens; seqmean: token mean per sequence, then mean over non-empty sequences."""
+    student, teacher = make_logits((3, 4, 90), torch.float32, seed=13)
+    labels = torch.ones(3, 4, dtype=torch.long, device=DEVICE)
+    labels[0, :3] = -100
+    labels[2] = -100  # an empty sequence: left out of the seqmean
+    per_token = run_fused(op, student, teacher, 0.1, backend, labels=labels, reduction="none").double()
+    valid = (labels != -100).double()
+    expected = {
+        "sum": per_token.sum(),
+        "mean": per_token.sum() / valid.sum(),
+        "seqmean": ((per_token.sum(-1) / valid.sum(-1).clamp(min=1))[:2]).mean(),
+    }
+    for reduction, value in expected.items():
+        got = run_fused(op, student, teacher, 0.1, backend, labels=labels, reduction=reduction)
+        assert got.shape == () and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), value, rtol=1e-6, atol=1e-7)
+    # each reduction's gradient is the per-token gradient with the reduction's weights
+    weights = {
+        "sum": valid.new_ones(valid.shape),
+        "mean": valid.new_ones(valid.shape) / valid.sum(),
+        "seqmean": valid.new_ones(valid.shape) / valid.sum(-1, keepdim=True).clamp(min=1) / 2,
+    }
+    for reduction, upstream in weights.items():
+        s = student.detach().requires_grad_(True)
+        run_fused(op, s, teacher, 0.1, backend, labels=labels, reduction=reduction).backward()
+        kw = dict(labels=labels, upstream=upstream)
+        _, grad64 = oracle_loss_and_grad(op, student, teacher, 0.1, **kw)
+        _, grad32 = oracle_loss_and_grad(op, student, teacher, 0.1, dtype=torch.float32, **kw)
+        assert_matches_oracle(
+            s.grad, grad64, grad32, out_dtype=torch.float32, magnitude=logit_magnitude(student, teacher), what=reduction
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_gradient_needed(backend):
+    student, teacher = make_logits((4, 33), torch.float32, seed=14)
+    with torch.no_grad():
+        loss = fused_skl(student, teacher, backend=backend)
+    assert not loss.requires_grad and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_dimensional_input(backend):
+    student, teacher = make_logits((50,), torch.float32, seed=15)
+    loss = fused_srkl(student, teacher, 0.1, backend=backend, reduction="none")
+    assert loss.shape == ()
+    per_row = fused_srkl(student[None], teacher[None], 0.1, backend=backend, reduction="none")
+    torch.testing.assert_close(loss, per_row[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_detach_changes_gradient_not_value(backend):
+    student, teacher = make_logits((3, 80), torch.float32, seed=16)
+    s1, s2 = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+    full = fused_srkl(s1, teacher, 0.3, backend=backend)
+    detached = fused_srkl(s2, teacher, 0.3, backend=backend, detach_mixture=True)
+    torch.testing.assert_close(full, detached)
+    full.backward()
+    detached.backward()
+    assert (s1.grad - s2.grad).abs().max() > 1e-4
+
+
+# --- property tests -----------------------------------------------------------------------------------------
+
+
+@st.composite
+def skew_cases(draw):
+    batch = draw(st.integers(1, 3))
+    seq = draw(st.integers(1, 3))
+    vocab = draw(st.integers(1, 1500))
+    dtype = draw(st.sampled_from(DTYPES))
+    alpha = draw(st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0)))
+    temperature = draw(st.sampled_from([0.7, 1.0, 1.9]))
+    scale = draw(st.sampled_from([0.1, 3.0, 30.0]))
+    ignored = draw(st.lists(st.booleans(), min_size=batch * seq, max_size=batch * seq))
+    seed = draw(st.integers(0, 2**16))
+    return batch, seq, vocab, dtype, alpha, temperature, scale, ignored, seed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@settings(max_examples=40)
+@given(case=skew_cases())
+def test_property_matches_oracle(backend, op, case):
+    batch, seq, vocab, dtype, alpha, temperature, scale, ignored, seed = case
+    student, teacher = make_logits((batch, seq, vocab), dtype, scale=scale, seed=seed)
+    labels = torch.zeros(batch, seq, dtype=torch.long)
+    labels.view(-1)[torch.tensor(ignored)] = -100
+    check_against_oracle(
+        op, student, teacher, alpha, backend, labels=labels.to(DEVICE), temperature=temperature, what=str(case)
+    )
+
+
+# --- the tolerance itself ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tolerance_rejects_wrong_gradients(dtype):
+    """The tolerance rule must catch an SKL gradient that lacks its α term (i.e. plain KL's)."""
+    student, teacher = make_logits((4, 500), dtype, seed=17)
+    magnitude = logit_magnitude(student, teacher)
+    _, grad64 = oracle_loss_and_grad("skl", student, teacher, 0.1)
+    _, grad_lo = oracle_loss_and_grad("skl", student, teacher, 0.1, dtype=dtype)
+    _, wrong = oracle_loss_and_grad("skl", student, teacher, 0.0)
+    assert_matches_oracle(grad64.to(dtype), grad64, grad_lo, out_dtype=dtype, magnitude=magnitude)
+    with pytest.raises(AssertionError):
+        assert_matches_oracle(wrong.to(dtype), grad64, grad_lo, out_dtype=dtype, magnitude=magnitude)
+    assert EPS[dtype] > 0
+
+
+# --- modules and the Function API ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_modules_match_functional(backend):
+    student, teacher = make_logits((2, 3, 40), torch.float32, seed=18)
+    labels = torch.ones(2, 3, dtype=torch.long, device=DEVICE)
+    labels[1, 2] = -100
+    skl = SkewKLLoss(0.2, temperature=1.5, reduction="seqmean", backend=backend)
+    srkl = SkewReverseKLLoss(0.2, detach_mixture=True, reduction="sum", backend=backend)
+    torch.testing.assert_close(
+        skl(student, teacher, labels),
+        fused_skl(student, teacher, 0.2, labels=labels, temperature=1.5, reduction="seqmean", backend=backend),
+    )
+    torch.testing.assert_close(
+        srkl(student, teacher, labels, alpha=0.4),
+        fused_srkl(student, teacher, 0.4, labels=labels, reduction="sum", detach_mixture=True, backend=backend),
+    )
+    assert "alpha=0.2" in repr(skl) and "detach_mixture=True" in repr(srkl)
+    with pytest.raises(ValueError, match="alpha"):
+        SkewKLLoss(1.5)
+    with pytest.raises(ValueError, match="reduction"):
+        SkewReverseKLLoss(reduction="avg")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_function_apply(backend):
+    student, teacher = make_logits((2, 3, 40), torch.float32, seed=19)
+    student.requires_grad_(True)
+    per_token = FusedSKLFunction.apply(student, teacher, 0.1, None, -100, 1.0, backend)
+    assert per_token.shape == (2, 3)
+    per_token.sum().backward()
+    assert student.grad.shape == student.shape
+    per_token = FusedSRKLFunction.apply(student, teacher, 0.1, None, -100, 1.0, backend, True)
+    torch.testing.assert_close(per_token, fused_srkl(student, teacher, 0.1, reduction="none", backend=backend))
