@@ -16,8 +16,10 @@ if not HAS_CUDA:
 
 from hypothesis import settings  # noqa: E402
 
-settings.register_profile("default", deadline=None, print_blob=True)
-settings.load_profile("default")
+# CI runs 40 examples per property; HYPOTHESIS_PROFILE=thorough runs 500 for a deeper search.
+settings.register_profile("default", max_examples=40, deadline=None, print_blob=True)
+settings.register_profile("thorough", max_examples=500, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 _real_empty = torch.empty
 _real_empty_like = torch.empty_like

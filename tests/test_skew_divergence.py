@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from conftest import kernel_device
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from oracle import EPS, assert_matches_oracle, logit_magnitude, oracle_loss_and_grad
 
@@ -60,11 +60,12 @@ def check_against_oracle(
     assert_matches_oracle(
         loss, loss64, loss_lo, out_dtype=torch.float32, magnitude=magnitude, scale=loss_scale, what=f"{what} loss"
     )
-    # The gradient's scale is that of its terms, |upstream|/T · (q + p), not of the result: the result
-    # can cancel to ~0 (α = 1, or student ≈ teacher) while float32 rounding stays the terms' size.
+    # The gradient's scale is its own size, but at least that of its terms, |upstream|/T · (q + p): the
+    # result can cancel to ~0 (α = 1, or student ≈ teacher) while float32 rounding stays the terms' size.
     q64 = torch.softmax(student.double() / temperature, -1)
     p64 = torch.softmax(teacher.double() / temperature, -1)
-    grad_scale = (upstream.double().abs().unsqueeze(-1) * (q64 + p64)).max().item() / temperature
+    terms = (upstream.double().abs().unsqueeze(-1) * (q64 + p64)).max().item() / temperature
+    grad_scale = max(grad64[torch.isfinite(grad64)].abs().max().item(), terms)
     assert_matches_oracle(
         grad, grad64, grad_lo, out_dtype=student.dtype, magnitude=magnitude, scale=grad_scale, what=f"{what} grad"
     )
@@ -296,7 +297,6 @@ def skew_cases(draw):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
-@settings(max_examples=40)
 @given(case=skew_cases())
 def test_property_matches_oracle(backend, op, case):
     batch, seq, vocab, dtype, alpha, temperature, scale, ignored, seed = case

@@ -12,7 +12,7 @@ import torch
 
 from .._inputs import SkewRows
 
-CHUNK_BYTES = 32 * 1024 * 1024  # bytes of one float32 [rows, V] temporary per chunk
+CHUNK_BYTES = 8 * 1024 * 1024  # bytes of one float32 [rows, V] temporary per chunk
 STATS = 5  # max z_s, log-sum_s, max z_t, log-sum_t, C
 
 
