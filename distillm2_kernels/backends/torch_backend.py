@@ -1,19 +1,22 @@
 """Chunked pure-PyTorch SKL/SRKL: the same closed-form math as the Triton kernels, a block of rows at a time.
 
 Runs on any device. Rows are processed in chunks sized so that each float32 temporary stays within
-`CHUNK_BYTES`, so no full-size `[N, V]` float32 tensor is built; the forward keeps only `lse_s, lse_t, C`
-per row (`max z`, `log Σ exp((z − max z)/T)` of both logits, and C) and the backward recomputes the rest (see `triton_backend` for the formulas). float64 logits are
-computed in float64, everything else in float32.
+`CHUNK_BYTES`, so no full-size `[N, V]` float32 tensor is built. The forward keeps the seven row statistics
+of `triton_backend` (max z and log Σ exp((z − max z)/T) of both logits, the row constant C, the label
+tokens' log-probabilities) and the backward recomputes the rest (see `triton_backend` for the formulas).
+float64 logits are computed in float64, everything else in float32.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
 from .._inputs import SkewRows
 
 CHUNK_BYTES = 8 * 1024 * 1024  # bytes of one float32 [rows, V] temporary per chunk
-STATS = 5  # max z_s, log-sum_s, max z_t, log-sum_t, C
+STATS = 7  # max z_s, log-sum_s, max z_t, log-sum_t, C, log q(label), log p(label)
 
 
 def _chunks(rows: SkewRows):
@@ -39,12 +42,9 @@ def _max_and_log_sum(z: torch.Tensor, inv_temperature: float):
 class _Chunk:
     """The recomputable per-entry quantities of rows [start, end)."""
 
-    def __init__(self, rows: SkewRows, start: int, end: int, dtype: torch.dtype, row_stats=None):
+    def __init__(self, rows: SkewRows, start: int, end: int, dtype: torch.dtype, row_stats):
         s = rows.student[start:end].to(dtype)
         t = rows.teacher[start:end].to(dtype)
-        if row_stats is None:
-            row_stats = (*_max_and_log_sum(s, rows.inv_temperature), *_max_and_log_sum(t, rows.inv_temperature))
-        self.row_stats = row_stats
         max_s, log_sum_s, max_t, log_sum_t = (x.unsqueeze(-1) for x in row_stats)
         self.log_q = (s - max_s) * rows.inv_temperature - log_sum_s
         self.log_p = (t - max_t) * rows.inv_temperature - log_sum_t
@@ -75,14 +75,47 @@ class _Chunk:
         return q, d, torch.where(finite_r, e, 1.0)
 
 
-def skew_forward(rows: SkewRows, reverse: bool, detach: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss `[N]` (float32, float64 for float64 logits) and the statistics `[N, 3]`."""
+def _label_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits[row, label] per row, NaN for a label outside [0, V)."""
+    in_vocab = (labels >= 0) & (labels < logits.shape[-1])
+    picked = logits.gather(-1, torch.where(in_vocab, labels, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(in_vocab, picked, float("nan"))
+
+
+def skew_statistics(rows: SkewRows) -> torch.Tensor:
+    """Sweep 1: the row statistics `[N, 7]` (C, column 4, is 0 until `skew_forward` fills it)."""
     dtype = _compute_dtype(rows)
-    device = rows.student.device
-    loss = torch.empty(rows.num_rows, dtype=dtype, device=device)
-    stats = torch.empty((rows.num_rows, STATS), dtype=dtype, device=device)
+    stats = torch.empty((rows.num_rows, STATS), dtype=dtype, device=rows.student.device)
     for start, end in _chunks(rows):
-        chunk = _Chunk(rows, start, end, dtype)
+        s = rows.student[start:end].to(dtype)
+        t = rows.teacher[start:end].to(dtype)
+        max_s, log_sum_s = _max_and_log_sum(s, rows.inv_temperature)
+        max_t, log_sum_t = _max_and_log_sum(t, rows.inv_temperature)
+        columns = [max_s, log_sum_s, max_t, log_sum_t, torch.zeros_like(max_s)]
+        if rows.labels is None:
+            columns += [torch.zeros_like(max_s), torch.zeros_like(max_s)]
+        else:
+            labels = rows.labels[start:end]
+            columns += [(_label_logits(s, labels) - max_s) * rows.inv_temperature - log_sum_s]
+            columns += [(_label_logits(t, labels) - max_t) * rows.inv_temperature - log_sum_t]
+        chunk_stats = torch.stack(columns, dim=-1)
+        if rows.labels is not None:
+            valid = (rows.labels[start:end] != rows.ignore_index).unsqueeze(-1)
+            chunk_stats = torch.where(valid, chunk_stats, 0.0)
+        stats[start:end] = chunk_stats
+    return stats
+
+
+def skew_forward(
+    rows: SkewRows, reverse: bool, detach: bool, stats: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss `[N]` (float32, float64 for float64 logits) and the statistics `[N, 7]`. `stats` from
+    `skew_statistics` on the same rows skips sweep 1 (it is not modified)."""
+    stats = skew_statistics(rows) if stats is None else stats.clone()
+    dtype = stats.dtype
+    loss = torch.empty(rows.num_rows, dtype=dtype, device=rows.student.device)
+    for start, end in _chunks(rows):
+        chunk = _Chunk(rows, start, end, dtype, row_stats=stats[start:end, :4].unbind(-1))
         if reverse:
             q, d, e = chunk.srkl_terms()
             row_loss = (q * d).sum(-1)
@@ -91,12 +124,11 @@ def skew_forward(rows: SkewRows, reverse: bool, detach: bool) -> tuple[torch.Ten
             p, loss_terms, a_bar = chunk.skl_terms()
             row_loss = loss_terms.sum(-1)
             c = (p * a_bar).sum(-1)
-        row_stats = torch.stack([*chunk.row_stats, c], dim=-1)
         if chunk.valid is not None:
             row_loss = torch.where(chunk.valid, row_loss, 0.0)
-            row_stats = torch.where(chunk.valid.unsqueeze(-1), row_stats, 0.0)
+            c = torch.where(chunk.valid, c, 0.0)
         loss[start:end] = row_loss
-        stats[start:end] = row_stats
+        stats[start:end, 4] = c
     return loss, stats
 
 
@@ -107,9 +139,9 @@ def skew_backward(
     dtype = _compute_dtype(rows)
     grad = torch.empty((rows.num_rows, rows.vocab_size), dtype=rows.student.dtype, device=rows.student.device)
     for start, end in _chunks(rows):
-        *row_stats, c = stats[start:end].to(dtype).unbind(-1)
-        chunk = _Chunk(rows, start, end, dtype, row_stats=row_stats)
-        c = c.unsqueeze(-1)
+        chunk_stats = stats[start:end].to(dtype)
+        chunk = _Chunk(rows, start, end, dtype, row_stats=chunk_stats[:, :4].unbind(-1))
+        c = chunk_stats[:, 4:5]
         if reverse:
             q, d, e = chunk.srkl_terms()
             g = torch.where(q > 0, q * (d - c if detach else d + e - c), 0.0)

@@ -13,15 +13,18 @@ These are DESIGN.md's `q − p + α(p²/m − q·W)` and `q ⊙ (d − αq/r −
 that every term is bounded (ā, e ∈ [0, 1]) and α = 1 gives exactly zero (ā = e = d = 0). A zero
 probability contributes exactly zero; a zero mixture (only possible at α = 0) gives an infinite loss.
 
-Sweep 1 (forward): online log-sum-exp of both rows. Sweep 2 (forward): the loss and the row constant C.
-Sweep 3 (backward): the gradient, scaled by the incoming per-row gradient and by 1/T. Between forward and
-backward only `max z_s, log Σ_s, max z_t, log Σ_t, C` survive (five floats per row).
+Sweep 1 (forward, `_row_statistics_kernel`): online log-sum-exp of both rows, and the label tokens'
+log-probabilities as a by-product (one load each). Sweep 2 (forward, `_skew_loss_kernel`): the loss and the
+row constant C; it can run on statistics computed earlier, so that a caller can pick α from the label
+log-probabilities without another pass. Sweep 3 (backward): the gradient, scaled by the incoming per-row
+gradient and by 1/T. Between forward and backward only the seven row statistics survive.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+from typing import Optional
 
 import torch
 
@@ -35,8 +38,9 @@ try:
 except ImportError:  # pragma: no cover - exercised only where triton is not installed
     TRITON_AVAILABLE = False
 
-# Row statistics kept between forward and backward: [N, STATS] float32.
-STATS = 5  # max z_s, log-sum_s, max z_t, log-sum_t, C
+# Row statistics kept between forward and backward, [N, STATS] float32: max z_s, log Σ exp((z_s − max)/T),
+# the same for z_t, the row constant C, and the label tokens' log q(label), log p(label).
+STATS = 7
 
 
 def interpreter_enabled() -> bool:
@@ -129,7 +133,51 @@ if TRITON_AVAILABLE:
         return (z - row_max) * inv_temperature - log_sum
 
     @triton.jit
-    def _skew_forward_kernel(
+    def _row_statistics_kernel(
+        student_ptr,  # [N, V] student logits, rows `student_row_stride` elements apart
+        teacher_ptr,  # [N, V] teacher logits, rows `teacher_row_stride` elements apart
+        student_row_stride,  # elements between consecutive student rows
+        teacher_row_stride,  # elements between consecutive teacher rows
+        labels_ptr,  # [N] integer labels; read only when HAS_LABELS
+        ignore_index,  # rows whose label equals this get zero statistics
+        inv_temperature,  # 1 / T
+        stats_ptr,  # [N, 7] float32 out: max z_s, log-sum_s, max z_t, log-sum_t, 0, log q(label), log p(label)
+        V,  # vocabulary size
+        BLOCK_V: tl.constexpr,  # vocabulary entries per block
+        HAS_LABELS: tl.constexpr,  # whether labels_ptr is given
+    ):
+        """Sweep 1: both rows' max and log-sum, and the label tokens' log-probabilities (NaN for a label
+        outside [0, V)). Ignored rows are skipped and get zeros."""
+        row = tl.program_id(0).to(tl.int64)
+        out = stats_ptr + row * 7
+        student_row = student_ptr + row * student_row_stride
+        teacher_row = teacher_ptr + row * teacher_row_stride
+        label_log_q = 0.0
+        label_log_p = 0.0
+        if HAS_LABELS:
+            label = tl.load(labels_ptr + row)
+            if label == ignore_index:
+                for k in tl.static_range(7):
+                    tl.store(out + k, 0.0)
+                return
+        max_s, log_sum_s = _row_log_sum(student_row, V, inv_temperature, BLOCK_V)
+        max_t, log_sum_t = _row_log_sum(teacher_row, V, inv_temperature, BLOCK_V)
+        if HAS_LABELS:
+            in_vocab = (label >= 0) & (label < V)
+            z_s = tl.load(student_row + label, mask=in_vocab, other=float("nan")).to(tl.float32)
+            z_t = tl.load(teacher_row + label, mask=in_vocab, other=float("nan")).to(tl.float32)
+            label_log_q = (z_s - max_s) * inv_temperature - log_sum_s
+            label_log_p = (z_t - max_t) * inv_temperature - log_sum_t
+        tl.store(out + 0, max_s)
+        tl.store(out + 1, log_sum_s)
+        tl.store(out + 2, max_t)
+        tl.store(out + 3, log_sum_t)
+        tl.store(out + 4, 0.0)
+        tl.store(out + 5, label_log_q)
+        tl.store(out + 6, label_log_p)
+
+    @triton.jit
+    def _skew_loss_kernel(
         student_ptr,  # [N, V] student logits, rows `student_row_stride` elements apart
         teacher_ptr,  # [N, V] teacher logits, rows `teacher_row_stride` elements apart
         student_row_stride,  # elements between consecutive student rows
@@ -140,7 +188,7 @@ if TRITON_AVAILABLE:
         ignore_index,  # rows whose label equals this get loss 0
         inv_temperature,  # 1 / T
         loss_ptr,  # [N] float32 out: per-row loss
-        stats_ptr,  # [N, 5] float32 out: max z_s, log-sum_s, max z_t, log-sum_t, C
+        stats_ptr,  # [N, 7] float32 in/out: reads the row statistics of sweep 1, writes C at column 4
         V,  # vocabulary size
         BLOCK_V: tl.constexpr,  # vocabulary entries per block
         REVERSE: tl.constexpr,  # False: SKL, True: SRKL
@@ -148,23 +196,22 @@ if TRITON_AVAILABLE:
         HAS_LABELS: tl.constexpr,  # whether labels_ptr is given
         ALPHA_PER_ROW: tl.constexpr,  # whether alpha_ptr is given
     ):
+        """Sweep 2: the loss and the row constant C."""
         row = tl.program_id(0).to(tl.int64)
+        stats_row = stats_ptr + row * 7
         if HAS_LABELS:
             if tl.load(labels_ptr + row) == ignore_index:
                 tl.store(loss_ptr + row, 0.0)
-                for k in tl.static_range(5):
-                    tl.store(stats_ptr + row * 5 + k, 0.0)
+                tl.store(stats_row + 4, 0.0)
                 return
         if ALPHA_PER_ROW:
             alpha = tl.load(alpha_ptr + row)
         student_row = student_ptr + row * student_row_stride
         teacher_row = teacher_ptr + row * teacher_row_stride
-
-        # Sweep 1: log-sum-exps.
-        max_s, log_sum_s = _row_log_sum(student_row, V, inv_temperature, BLOCK_V)
-        max_t, log_sum_t = _row_log_sum(teacher_row, V, inv_temperature, BLOCK_V)
-
-        # Sweep 2: the loss and the row constant C.
+        max_s = tl.load(stats_row + 0)
+        log_sum_s = tl.load(stats_row + 1)
+        max_t = tl.load(stats_row + 2)
+        log_sum_t = tl.load(stats_row + 3)
         log_alpha = tl.log(alpha)
         log_one_minus_alpha = tl.log(1.0 - alpha)
         offsets = tl.arange(0, BLOCK_V)
@@ -189,11 +236,7 @@ if TRITON_AVAILABLE:
         if REVERSE:
             c += loss
         tl.store(loss_ptr + row, loss)
-        tl.store(stats_ptr + row * 5 + 0, max_s)
-        tl.store(stats_ptr + row * 5 + 1, log_sum_s)
-        tl.store(stats_ptr + row * 5 + 2, max_t)
-        tl.store(stats_ptr + row * 5 + 3, log_sum_t)
-        tl.store(stats_ptr + row * 5 + 4, c)
+        tl.store(stats_row + 4, c)
 
     @triton.jit
     def _skew_backward_kernel(
@@ -209,7 +252,7 @@ if TRITON_AVAILABLE:
         alpha,  # scalar α, used when not ALPHA_PER_ROW
         ignore_index,  # rows whose label equals this get a zero gradient
         inv_temperature,  # 1 / T
-        stats_ptr,  # [N, 5] float32: max z_s, log-sum_s, max z_t, log-sum_t, C from the forward
+        stats_ptr,  # [N, 7] float32: the forward's statistics (max z_s, log-sum_s, max z_t, log-sum_t, C, ...)
         V,  # vocabulary size
         BLOCK_V: tl.constexpr,  # vocabulary entries per block
         REVERSE: tl.constexpr,  # False: SKL, True: SRKL
@@ -230,11 +273,11 @@ if TRITON_AVAILABLE:
         if ALPHA_PER_ROW:
             alpha = tl.load(alpha_ptr + row)
         scale = tl.load(grad_loss_ptr + row * grad_loss_stride) * inv_temperature
-        max_s = tl.load(stats_ptr + row * 5 + 0)
-        log_sum_s = tl.load(stats_ptr + row * 5 + 1)
-        max_t = tl.load(stats_ptr + row * 5 + 2)
-        log_sum_t = tl.load(stats_ptr + row * 5 + 3)
-        c = tl.load(stats_ptr + row * 5 + 4)
+        max_s = tl.load(stats_ptr + row * 7 + 0)
+        log_sum_s = tl.load(stats_ptr + row * 7 + 1)
+        max_t = tl.load(stats_ptr + row * 7 + 2)
+        log_sum_t = tl.load(stats_ptr + row * 7 + 3)
+        c = tl.load(stats_ptr + row * 7 + 4)
         student_row = student_ptr + row * student_row_stride
         teacher_row = teacher_ptr + row * teacher_row_stride
         log_alpha = tl.log(alpha)
@@ -290,16 +333,44 @@ def _as_float32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
 
 
-def skew_forward(rows: SkewRows, reverse: bool, detach: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss `[N]` float32 and the statistics `[N, 3]` the backward needs."""
+def skew_statistics(rows: SkewRows) -> torch.Tensor:
+    """Sweep 1: the row statistics `[N, 7]` (column 4, C, is 0 until `skew_forward` fills it)."""
     _check_runnable(rows)
     n, v = rows.num_rows, rows.vocab_size
-    loss = torch.empty(n, dtype=torch.float32, device=rows.student.device)
     stats = torch.empty((n, STATS), dtype=torch.float32, device=rows.student.device)
+    if n == 0:
+        return stats
+    block, warps = launch_config(v)
+    labels = rows.labels if rows.labels is not None else rows.student
+    _row_statistics_kernel[(n,)](
+        rows.student,
+        rows.teacher,
+        rows.student.stride(0),
+        rows.teacher.stride(0),
+        labels,
+        rows.ignore_index,
+        _as_float32(rows.inv_temperature),
+        stats,
+        v,
+        BLOCK_V=block,
+        HAS_LABELS=rows.labels is not None,
+        num_warps=warps,
+    )
+    return stats
+
+
+def skew_forward(
+    rows: SkewRows, reverse: bool, detach: bool, stats: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss `[N]` float32 and the statistics `[N, 7]` the backward needs. `stats` from
+    `skew_statistics` on the same rows skips sweep 1 (it is not modified)."""
+    stats = skew_statistics(rows) if stats is None else stats.clone()
+    n, v = rows.num_rows, rows.vocab_size
+    loss = torch.empty(n, dtype=torch.float32, device=rows.student.device)
     if n == 0:
         return loss, stats
     block, warps = launch_config(v)
-    _skew_forward_kernel[(n,)](
+    _skew_loss_kernel[(n,)](
         *_common_args(rows),
         loss,
         stats,
