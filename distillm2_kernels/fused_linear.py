@@ -252,22 +252,24 @@ def _kept_rows(options: TokenOptions) -> Optional[torch.Tensor]:
     return torch.nonzero(options.labels != options.ignore_index).squeeze(1)
 
 
-def _reduction_row_weights(reduction: str, options: TokenOptions, device: torch.device) -> torch.Tensor:
-    """∂(reduced loss)/∂(row loss) for the scalar reductions, `[N]` float32 (ignored rows: don't care)."""
+def _reduction_row_weights(
+    reduction: str, options: TokenOptions, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """∂(reduced loss)/∂(row loss) for the scalar reductions, `[N]` (ignored rows: don't care)."""
     leading = options.leading_shape
     n = math.prod(leading)
     valid = None if options.labels is None else (options.labels != options.ignore_index)
     if reduction == "sum":
-        return torch.ones(n, dtype=torch.float32, device=device)
+        return torch.ones(n, dtype=dtype, device=device)
     if reduction == "mean":
         count = valid.sum().clamp(min=1) if valid is not None else max(n, 1)
-        return torch.ones(n, dtype=torch.float32, device=device) / count
+        return torch.ones(n, dtype=dtype, device=device) / count
     # seqmean over [B, T]: 1 / (tokens kept in the row's sequence · sequences with a kept token)
     batch, length = leading
     if valid is None:
-        counts = torch.full((batch,), length, dtype=torch.float32, device=device)
+        counts = torch.full((batch,), length, dtype=dtype, device=device)
     else:
-        counts = valid.view(batch, length).sum(-1).to(torch.float32)
+        counts = valid.view(batch, length).sum(-1).to(dtype)
     sequences = (counts > 0).sum().clamp(min=1)
     per_sequence = 1.0 / (counts.clamp(min=1) * sequences)
     return per_sequence.unsqueeze(1).expand(batch, length).reshape(-1)
@@ -331,7 +333,7 @@ def _chunked_pass(
             continue
         weights = row_weights[start:end] if index is None else row_weights.index_select(0, index)
         del z_t
-        grad_z = impl.skew_backward(rows, reverse, detach, stats, weights.to(torch.float32))
+        grad_z = impl.skew_backward(rows, reverse, detach, stats, weights)
         del rows, z_s
         if tanh_s is not None:
             grad_z.mul_(tanh_s.square_().neg_().add_(1.0))  # d/dz c·tanh(z/c) = 1 − tanh²(z/c)
@@ -412,7 +414,7 @@ def _forward(
             ctx.recompute = (options, impl, reverse, detach, budget, student_cap, teacher_cap, cd)
         return row_losses.view(leading)
 
-    row_weights = _reduction_row_weights(reduction, options, device) if any(want) else None
+    row_weights = _reduction_row_weights(reduction, options, device, cd) if any(want) else None
     row_losses, grad_hidden, grad_weight, grad_bias = _chunked_pass(
         student, teacher, options, kept, impl, reverse, detach, budget, row_weights, True, want
     )
