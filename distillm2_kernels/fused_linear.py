@@ -18,7 +18,8 @@ Gradients flow to the student only. With G = ∂loss/∂z_s (rows already weight
 How it runs:
 - Rows whose label is `ignore_index` are dropped before any matmul (an index_select of the kept rows; the
   one host synchronisation of the op, to learn how many rows are kept). Without labels there is none.
-- The kept rows go through in chunks of `rows_per_chunk(V, memory_budget_bytes)` rows. Per chunk: both
+- The kept rows go through in chunks of `rows_per_chunk(V, memory_budget_bytes, ...)` rows, so that the
+  chunk's `[rows, V]` temporaries, this op's and the backend's, fit the budget. Per chunk: both
   logits as float32 GEMM outputs (float32 accumulation, never rounded to bf16), the soft-cap, the loss and
   its logits gradient from the backend's `skew_forward` / `skew_backward` (Triton on CUDA, the CPU
   backend on CPU), then the chunk's hidden gradient and the float32 accumulation of the weight (and bias)
@@ -31,8 +32,9 @@ How it runs:
 - reduction="none": the per-row weights arrive only in the backward, so the forward computes the losses
   (two GEMMs) and the backward recomputes each chunk's logits (four more GEMMs).
 
-Memory, beyond inputs and outputs: about `memory_budget_bytes` of per-chunk `[rows, V]` temporaries
-(default `DEFAULT_MEMORY_BUDGET_BYTES`: 512 MiB for CUDA tensors, 64 MiB otherwise); a float32 `[V, H_s]`
+Memory, beyond inputs and outputs: at most about `memory_budget_bytes` of per-chunk `[rows, V]`
+temporaries (default `DEFAULT_MEMORY_BUDGET_BYTES`: 512 MiB for CUDA tensors, 64 MiB otherwise; a chunk
+has at least one row); a float32 `[V, H_s]`
 weight-gradient accumulator when the student weight requires grad; on the non-CUDA path (and for mixed
 dtypes) float32 copies of both lm_head weights made once per call, since CPU matmuls cannot write a float32
 result from bfloat16 inputs. Between forward and backward the scalar reductions hold the finished
@@ -62,16 +64,23 @@ __all__ = [
 
 DEFAULT_MEMORY_BUDGET_BYTES = {"cuda": 512 * 2**20, "other": 64 * 2**20}
 
-# [rows, V] tensors of the compute dtype alive at once in a chunk: the student and teacher logits, the
-# soft-cap's tanh, the logits gradient (the backend's own temporaries are bounded by the backend).
+# [rows, V] tensors of the compute dtype this op holds at once in a chunk: the student and teacher logits,
+# the soft-cap's tanh, the logits gradient. A backend adds its own count, `ROW_TEMPORARIES` in its module
+# (Triton 0, the chunked-torch fallback 18); one that does not declare it is assumed to need
+# UNDECLARED_BACKEND_TEMPORARIES.
 LIVE_ROW_TENSORS = 4
+UNDECLARED_BACKEND_TEMPORARIES = 18
 
 Softcap = Union[None, float, Sequence[Optional[float]]]
 
 
-def rows_per_chunk(vocab_size: int, memory_budget_bytes: int, element_size: int = 4) -> int:
-    """How many token rows one chunk holds: its `[rows, V]` temporaries fit `memory_budget_bytes`."""
-    return max(1, memory_budget_bytes // (LIVE_ROW_TENSORS * element_size * vocab_size))
+def rows_per_chunk(
+    vocab_size: int, memory_budget_bytes: int, element_size: int = 4, backend_temporaries: int = 0
+) -> int:
+    """How many token rows one chunk holds: its `[rows, V]` temporaries, this op's and the backend's,
+    fit `memory_budget_bytes`."""
+    per_row = (LIVE_ROW_TENSORS + backend_temporaries) * element_size * vocab_size
+    return max(1, memory_budget_bytes // per_row)
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -303,7 +312,8 @@ def _chunked_pass(
     grad_bias = torch.zeros(vocab, dtype=cd, device=device) if want_bias else None
 
     total = n if kept is None else kept.numel()
-    step = rows_per_chunk(vocab, budget, torch.finfo(cd).bits // 8)
+    backend_temporaries = getattr(impl, "ROW_TEMPORARIES", UNDECLARED_BACKEND_TEMPORARIES)
+    step = rows_per_chunk(vocab, budget, torch.finfo(cd).bits // 8, backend_temporaries)
     for start in range(0, total, step):
         end = min(total, start + step)
         index = None if kept is None else kept[start:end]
@@ -559,8 +569,8 @@ def fused_linear_skl(
     student_hidden `[..., H_s]`, student_weight `[V, H_s]`, teacher_hidden `[..., H_t]`, teacher_weight
     `[V, H_t]` (student first; the teacher must not require grad). alpha, labels, ignore_index,
     temperature, reduction: as in `fused_skl`. softcap: None, a float c for `c·tanh(z/c)` on both models,
-    or a (student, teacher) pair. memory_budget_bytes: bytes of per-chunk `[rows, V]` temporaries
-    (default `DEFAULT_MEMORY_BUDGET_BYTES`). The loss is float32; gradients reach the student's hidden
+    or a (student, teacher) pair. memory_budget_bytes: bytes of per-chunk `[rows, V]` temporaries, the
+    op's and the backend's (default `DEFAULT_MEMORY_BUDGET_BYTES`: 512 MiB on CUDA, 64 MiB otherwise). The loss is float32; gradients reach the student's hidden
     states, weight and bias.
     """
     return FusedLinearSKLFunction.apply(

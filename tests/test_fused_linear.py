@@ -26,7 +26,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import distillm2_kernels as dk
 from distillm2_kernels import reference
 from distillm2_kernels.backends import triton_backend
-from distillm2_kernels.fused_linear import LIVE_ROW_TENSORS, rows_per_chunk
+from distillm2_kernels.backends import resolve_backend
+from distillm2_kernels.fused_linear import LIVE_ROW_TENSORS, UNDECLARED_BACKEND_TEMPORARIES, rows_per_chunk
 
 ALLOWANCE_ULPS = 2
 
@@ -135,6 +136,16 @@ def unfused_result(case: Case, tensors, labels, alpha, grad_out):
     return _materialised_result(case, tensors, labels, alpha, grad_out, case.dtype, library_op)
 
 
+def _budget_for_rows(rows: int, vocab: int, backend: str, dtype: torch.dtype) -> int:
+    """The memory budget that makes the op take `rows` rows per chunk."""
+    impl = resolve_backend(backend, torch.device("cpu"))
+    temporaries = getattr(impl, "ROW_TEMPORARIES", UNDECLARED_BACKEND_TEMPORARIES)
+    element = 8 if dtype == torch.float64 else 4
+    budget = rows * (LIVE_ROW_TENSORS + temporaries) * element * vocab
+    assert rows_per_chunk(vocab, budget, element, temporaries) == rows
+    return budget
+
+
 def fused_result(case: Case, tensors, labels, alpha, grad_out):
     inputs = {k: (None if v is None else v.to(case.dtype, copy=True)) for k, v in tensors.items()}
     trainable = ["student_hidden"] + ([] if case.frozen_weight else ["student_weight"])
@@ -149,7 +160,7 @@ def fused_result(case: Case, tensors, labels, alpha, grad_out):
         softcap=case.softcap,
         reduction=case.reduction,
         backend=case.backend,
-        memory_budget_bytes=case.chunk_rows * LIVE_ROW_TENSORS * 4 * V,
+        memory_budget_bytes=_budget_for_rows(case.chunk_rows, V, case.backend, case.dtype),
     )
     args = (inputs["student_hidden"], inputs["student_weight"], inputs["teacher_hidden"], inputs["teacher_weight"])
     if case.kind == "skl":
@@ -344,8 +355,7 @@ def test_never_builds_full_logits(reduction):
     # hidden sizes below the chunk, so the weights' transposed views [H, V] never look like logits blocks
     hidden, weight = torch.randn(n_tokens, 5, requires_grad=True), torch.randn(vocab, 5, requires_grad=True)
     teacher_hidden, teacher_weight = torch.randn(n_tokens, 6), torch.randn(vocab, 6)
-    budget = chunk * LIVE_ROW_TENSORS * 4 * vocab
-    assert rows_per_chunk(vocab, budget) == chunk
+    budget = _budget_for_rows(chunk, vocab, "torch", torch.float32)
     with _LargestLogitsBlock(vocab) as spy:
         loss = dk.fused_linear_skl(
             hidden, weight, teacher_hidden, teacher_weight, softcap=5.0, reduction=reduction,

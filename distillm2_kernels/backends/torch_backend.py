@@ -14,6 +14,9 @@ from .._inputs import SkewRows
 
 CHUNK_BYTES = 32 * 1024 * 1024  # bytes of one float32 [rows, V] temporary per chunk
 STATS = 3  # lse_s, lse_t, C
+# [rows, V] float32 temporaries alive at once while a block of rows is processed (measured peak, forward
+# and backward), for callers that size their own row blocks, such as the fused-linear op.
+ROW_TEMPORARIES = 18
 
 
 def _chunks(rows: SkewRows):

@@ -34,6 +34,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is not ins
 
 # Row statistics kept between forward and backward: [N, STATS] float32.
 STATS = 3  # lse_s, lse_t, C
+ROW_TEMPORARIES = 0  # [rows, V] temporaries the kernels allocate besides their output (see torch_backend)
 
 
 def interpreter_enabled() -> bool:
