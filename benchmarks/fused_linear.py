@@ -201,6 +201,7 @@ def main() -> None:
         "torch": torch.__version__,
         "commit": commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "load_average_1min": round(os.getloadavg()[0], 2),  # other work on the machine skews the times
     }
     rows = []
     for dtype_name in args.dtypes.split(","):

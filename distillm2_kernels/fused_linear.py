@@ -18,8 +18,9 @@ Gradients flow to the student only. With G = ∂loss/∂z_s (rows already weight
 How it runs:
 - Rows whose label is `ignore_index` are dropped before any matmul (an index_select of the kept rows; the
   one host synchronisation of the op, to learn how many rows are kept). Without labels there is none.
-- The kept rows go through in chunks of `rows_per_chunk(V, memory_budget_bytes, ...)` rows, so that the
-  chunk's `[rows, V]` temporaries, this op's and the backend's, fit the budget. Per chunk: both
+- The kept rows go through in chunks of `chunk_rows(V, memory_budget_bytes, ...)` rows, so that the
+  chunk's `[rows, V]` temporaries, this op's and the backend's, fit the budget (a backend with
+  temporaries of its own is called on sub-blocks of the chunk). Per chunk: both
   logits as float32 GEMM outputs (float32 accumulation, never rounded to bf16), the soft-cap, the loss and
   its logits gradient from the backend's `skew_forward` / `skew_backward` (Triton on CUDA, the CPU
   backend on CPU), then the chunk's hidden gradient and the float32 accumulation of the weight (and bias)
@@ -59,7 +60,7 @@ __all__ = [
     "FusedLinearSKLFunction",
     "FusedLinearSRKLFunction",
     "DEFAULT_MEMORY_BUDGET_BYTES",
-    "rows_per_chunk",
+    "chunk_rows",
 ]
 
 DEFAULT_MEMORY_BUDGET_BYTES = {"cuda": 512 * 2**20, "other": 64 * 2**20}
@@ -74,13 +75,19 @@ UNDECLARED_BACKEND_TEMPORARIES = 18
 Softcap = Union[None, float, Sequence[Optional[float]]]
 
 
-def rows_per_chunk(
+def chunk_rows(
     vocab_size: int, memory_budget_bytes: int, element_size: int = 4, backend_temporaries: int = 0
-) -> int:
-    """How many token rows one chunk holds: its `[rows, V]` temporaries, this op's and the backend's,
-    fit `memory_budget_bytes`."""
-    per_row = (LIVE_ROW_TENSORS + backend_temporaries) * element_size * vocab_size
-    return max(1, memory_budget_bytes // per_row)
+) -> tuple[int, int]:
+    """(rows per GEMM chunk, rows per backend call) so that the `[rows, V]` temporaries fit the budget.
+
+    This op holds LIVE_ROW_TENSORS per row of a GEMM chunk; a backend that needs temporaries of its own is
+    called on sub-blocks of the chunk, and then each side gets half of the budget.
+    """
+    if backend_temporaries == 0:
+        return max(1, memory_budget_bytes // (LIVE_ROW_TENSORS * element_size * vocab_size)), 0
+    half = memory_budget_bytes // 2
+    gemm_rows = max(1, half // (LIVE_ROW_TENSORS * element_size * vocab_size))
+    return gemm_rows, max(1, min(gemm_rows, half // (backend_temporaries * element_size * vocab_size)))
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -313,7 +320,7 @@ def _chunked_pass(
 
     total = n if kept is None else kept.numel()
     backend_temporaries = getattr(impl, "ROW_TEMPORARIES", UNDECLARED_BACKEND_TEMPORARIES)
-    step = rows_per_chunk(vocab, budget, torch.finfo(cd).bits // 8, backend_temporaries)
+    step, backend_step = chunk_rows(vocab, budget, torch.finfo(cd).bits // 8, backend_temporaries)
     for start in range(0, total, step):
         end = min(total, start + step)
         index = None if kept is None else kept[start:end]
@@ -323,18 +330,25 @@ def _chunked_pass(
         alpha_rows = options.alpha_rows
         if alpha_rows is not None:
             alpha_rows = alpha_rows[start:end] if index is None else alpha_rows.index_select(0, index)
-        rows = SkewRows(
-            student=z_s,
-            teacher=z_t,
-            labels=None,
-            alpha_rows=alpha_rows,
-            alpha=options.alpha,
-            ignore_index=options.ignore_index,
-            inv_temperature=options.inv_temperature,
-            leading_shape=torch.Size([end - start]),
-        )
-        loss, stats = impl.skew_forward(rows, reverse, detach)
+        blocks = []  # (rows of the backend call, its stats)
+        losses = []
+        for a in range(0, end - start, backend_step or end - start):
+            b = min(end - start, a + (backend_step or end - start))
+            rows = SkewRows(
+                student=z_s[a:b],
+                teacher=z_t[a:b],
+                labels=None,
+                alpha_rows=None if alpha_rows is None else alpha_rows[a:b],
+                alpha=options.alpha,
+                ignore_index=options.ignore_index,
+                inv_temperature=options.inv_temperature,
+                leading_shape=torch.Size([b - a]),
+            )
+            loss, stats = impl.skew_forward(rows, reverse, detach)
+            losses.append(loss)
+            blocks.append((a, b, rows, stats))
         if want_loss:
+            loss = losses[0] if len(losses) == 1 else torch.cat(losses)
             if index is None:
                 row_losses[start:end] = loss
             else:
@@ -342,9 +356,14 @@ def _chunked_pass(
         if not want_grad:
             continue
         weights = row_weights[start:end] if index is None else row_weights.index_select(0, index)
-        del z_t
-        grad_z = impl.skew_backward(rows, reverse, detach, stats, weights)
-        del rows, z_s
+        if len(blocks) == 1:
+            _, _, rows, stats = blocks[0]
+            grad_z = impl.skew_backward(rows, reverse, detach, stats, weights)
+        else:
+            grad_z = torch.empty_like(z_s)
+            for a, b, rows, stats in blocks:
+                grad_z[a:b] = impl.skew_backward(rows, reverse, detach, stats, weights[a:b])
+        del blocks, rows, z_s, z_t
         if tanh_s is not None:
             grad_z.mul_(tanh_s.square_().neg_().add_(1.0))  # d/dz c·tanh(z/c) = 1 − tanh²(z/c)
             del tanh_s

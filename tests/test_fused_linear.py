@@ -27,7 +27,7 @@ import distillm2_kernels as dk
 from distillm2_kernels import reference
 from distillm2_kernels.backends import triton_backend
 from distillm2_kernels.backends import resolve_backend
-from distillm2_kernels.fused_linear import LIVE_ROW_TENSORS, UNDECLARED_BACKEND_TEMPORARIES, rows_per_chunk
+from distillm2_kernels.fused_linear import LIVE_ROW_TENSORS, UNDECLARED_BACKEND_TEMPORARIES, chunk_rows
 
 ALLOWANCE_ULPS = 2
 
@@ -137,12 +137,13 @@ def unfused_result(case: Case, tensors, labels, alpha, grad_out):
 
 
 def _budget_for_rows(rows: int, vocab: int, backend: str, dtype: torch.dtype) -> int:
-    """The memory budget that makes the op take `rows` rows per chunk."""
+    """The memory budget that makes the op take `rows` rows per GEMM chunk (the backend may be called on
+    fewer at a time)."""
     impl = resolve_backend(backend, torch.device("cpu"))
     temporaries = getattr(impl, "ROW_TEMPORARIES", UNDECLARED_BACKEND_TEMPORARIES)
     element = 8 if dtype == torch.float64 else 4
-    budget = rows * (LIVE_ROW_TENSORS + temporaries) * element * vocab
-    assert rows_per_chunk(vocab, budget, element, temporaries) == rows
+    budget = rows * LIVE_ROW_TENSORS * element * vocab * (2 if temporaries else 1)
+    assert chunk_rows(vocab, budget, element, temporaries)[0] == rows
     return budget
 
 
