@@ -1,6 +1,7 @@
 """Fused skew KL / skew reverse KL losses for LLM distillation with the DistiLLM-2 objective."""
 
 from .functional import fused_skl, fused_srkl
+from .fused_linear import FusedLinearSKLFunction, FusedLinearSRKLFunction, fused_linear_skl, fused_linear_srkl
 from .modules import SkewKLLoss, SkewReverseKLLoss
 from .skew_divergence import FusedSKLFunction, FusedSRKLFunction
 
@@ -9,8 +10,12 @@ __version__ = "0.1.0"
 __all__ = [
     "fused_skl",
     "fused_srkl",
+    "fused_linear_skl",
+    "fused_linear_srkl",
     "FusedSKLFunction",
     "FusedSRKLFunction",
+    "FusedLinearSKLFunction",
+    "FusedLinearSRKLFunction",
     "SkewKLLoss",
     "SkewReverseKLLoss",
     "__version__",

@@ -72,20 +72,20 @@ def check_alpha_value(alpha: float) -> float:
     return alpha
 
 
-def _alpha_rows(alpha: torch.Tensor, leading: torch.Size, device: torch.device) -> torch.Tensor:
+def _alpha_rows(alpha: torch.Tensor, leading: torch.Size, device: torch.device, source: str) -> torch.Tensor:
     if not alpha.is_floating_point():
         raise TypeError(f"alpha must be a float or a floating tensor, got dtype {alpha.dtype}")
     if alpha.requires_grad:
         raise ValueError("alpha requires grad, but no gradient flows to alpha: pass alpha.detach()")
     if alpha.device != device and alpha.dim() > 0:
-        raise ValueError(f"alpha is on {alpha.device} but the logits are on {device}")
+        raise ValueError(f"alpha is on {alpha.device} but {source} are on {device}")
     shape = tuple(alpha.shape)
     if alpha.dim() == 1 and len(leading) >= 2:
         # A 1-D α is per sequence: it aligns with the first leading dim, not the last.
         if shape[0] not in (1, leading[0]):
             raise ValueError(
                 f"a 1-D alpha is per sequence and needs length {leading[0]} (the first leading dim of "
-                f"the logits' shape {tuple(leading)}), got length {shape[0]}"
+                f"{source}' shape {tuple(leading)}), got length {shape[0]}"
             )
         alpha = alpha.reshape(shape + (1,) * (len(leading) - 1))
     try:
@@ -93,7 +93,7 @@ def _alpha_rows(alpha: torch.Tensor, leading: torch.Size, device: torch.device) 
             raise RuntimeError
     except RuntimeError:
         raise ValueError(
-            f"alpha of shape {shape} does not broadcast to the logits' leading shape {tuple(leading)}; "
+            f"alpha of shape {shape} does not broadcast to {source}' leading shape {tuple(leading)}; "
             "use a float, [B] or [B, 1] per sequence, or [B, T] per token"
         ) from None
     rows = alpha.to(device=device, dtype=torch.float32).expand(leading).reshape(-1).contiguous()
@@ -103,6 +103,66 @@ def _alpha_rows(alpha: torch.Tensor, leading: torch.Size, device: torch.device) 
     elif not bool(in_range):
         raise ValueError("alpha must lie in [0, 1]; the alpha tensor has entries outside it (or NaN)")
     return rows
+
+
+@dataclass
+class TokenOptions:
+    """The per-token arguments of a call (everything of `SkewRows` but the logits), flattened to rows."""
+
+    labels: Optional[torch.Tensor]  # [N] integer, or None when every row counts
+    alpha_rows: Optional[torch.Tensor]  # [N] float32 per-row α, or None
+    alpha: float  # the scalar α, used when alpha_rows is None
+    ignore_index: int
+    inv_temperature: float
+    leading_shape: torch.Size  # the token shape: the logits' (or hidden states') shape without the last dim
+
+
+def prepare_token_options(
+    leading: torch.Size,
+    device: torch.device,
+    alpha: Alpha,
+    labels: Optional[torch.Tensor],
+    ignore_index: int,
+    temperature: float,
+    source: str,
+) -> TokenOptions:
+    """Check α, labels, ignore_index and temperature against the token shape `leading` of `source`
+    (a plural noun for the messages: "the logits", "the hidden states") and flatten them to rows."""
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+        if labels.shape != leading:
+            raise ValueError(
+                f"labels must have {source}' leading shape {tuple(leading)}, got {tuple(labels.shape)}"
+            )
+        if labels.device != device:
+            raise ValueError(f"labels is on {labels.device} but {source} are on {device}")
+        labels = labels.reshape(-1)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+    if isinstance(temperature, torch.Tensor) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a Python float, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+
+    if isinstance(alpha, torch.Tensor):
+        alpha_rows, alpha_value = _alpha_rows(alpha, leading, device, source), 0.0
+    elif isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+        alpha_rows, alpha_value = None, check_alpha_value(alpha)
+    else:
+        raise TypeError(f"alpha must be a float or a tensor, got {type(alpha).__name__}")
+
+    return TokenOptions(
+        labels=labels,
+        alpha_rows=alpha_rows,
+        alpha=alpha_value,
+        ignore_index=ignore_index,
+        inv_temperature=1.0 / float(temperature),
+        leading_shape=leading,
+    )
 
 
 def prepare_rows(
@@ -134,52 +194,19 @@ def prepare_rows(
             "teacher_logits requires grad, but the teacher is a constant of the loss: compute it under "
             "torch.no_grad() or pass teacher_logits.detach()"
         )
-    leading = student.shape[:-1]
-
-    if labels is not None:
-        if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
-        if labels.shape != leading:
-            raise ValueError(
-                f"labels must have the logits' leading shape {tuple(leading)}, got {tuple(labels.shape)}"
-            )
-        if labels.device != student.device:
-            raise ValueError(f"labels is on {labels.device} but the logits are on {student.device}")
-        labels = labels.reshape(-1)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-
-    if isinstance(temperature, torch.Tensor) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a Python float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-
-    if isinstance(alpha, torch.Tensor):
-        alpha_rows, alpha_value = _alpha_rows(alpha, leading, student.device), 0.0
-    elif isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
-        alpha_rows, alpha_value = None, check_alpha_value(alpha)
-    else:
-        raise TypeError(f"alpha must be a float or a tensor, got {type(alpha).__name__}")
-
-    return SkewRows(
-        student=_as_rows(student),
-        teacher=_as_rows(teacher),
-        labels=labels,
-        alpha_rows=alpha_rows,
-        alpha=alpha_value,
-        ignore_index=ignore_index,
-        inv_temperature=1.0 / float(temperature),
-        leading_shape=leading,
+    options = prepare_token_options(
+        student.shape[:-1], student.device, alpha, labels, ignore_index, temperature, "the logits"
     )
+    return SkewRows(student=_as_rows(student), teacher=_as_rows(teacher), **vars(options))
 
 
-def check_reduction(reduction: str, leading_shape: torch.Size) -> None:
+def check_reduction(
+    reduction: str, leading_shape: torch.Size, expected_input: str = "logits of shape [B, T, V]"
+) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if reduction == "seqmean" and len(leading_shape) != 2:
         raise ValueError(
-            "reduction='seqmean' needs logits of shape [B, T, V] (a token mean within each sequence), "
+            f"reduction='seqmean' needs {expected_input} (a token mean within each sequence), "
             f"got leading shape {tuple(leading_shape)}"
         )

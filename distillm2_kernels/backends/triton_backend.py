@@ -41,6 +41,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is not ins
 # Row statistics kept between forward and backward, [N, STATS] float32: max z_s, log Σ exp((z_s − max)/T),
 # the same for z_t, the row constant C, and the label tokens' log q(label), log p(label).
 STATS = 7
+ROW_TEMPORARIES = 0  # [rows, V] temporaries the kernels allocate besides their output (see torch_backend)
 
 
 def interpreter_enabled() -> bool:

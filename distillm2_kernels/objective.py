@@ -1,0 +1,317 @@
+"""The DistiLLM-2 objective: skew KL on the teacher's responses, skew reverse KL on the student's.
+
+A batch holds B prompts x_i, each with a teacher response y_t,i (the "_t" rows) and a student response
+y_s,i (the "_s" rows). SKL is computed on the _t rows only and SRKL on the _s rows only. Per sequence,
+SKL_i and SRKL_i are token means over the response (`labels != ignore_index`).
+
+Presets (`PRESETS`; every field of `ObjectiveConfig` can also be set directly):
+
+"distillm2" (default) — the released DistiLLM-2 code:
+    loss = 1/B Σ_i [SKL_α(x_i, y_t,i) + SRKL_α(x_i, y_s,i)],   α = 0.1 for both, SRKL's q inside the
+    mixture detached.
+
+"paper" — Algorithm 1 and Appendix B.3 of the paper:
+    loss = 1/(2B) Σ_i [(1−β) SKL_{α_t,i} + β SRKL_{α_s,i}]
+    α_t,i = clip(1 − (1−α₀)·A_t / (p̃_i − q̃_i), 0.01, 0.1) on the _t rows,
+    α_s,i = clip(1 − (1−α₀)·A_s / (q̃_i − p̃_i), 0.01, 0.1) on the _s rows, α₀ = 0.1,
+    with p̃_i = exp(mean_k log p(y_k)) the teacher's geometric-mean token probability of the row's
+    response and q̃_i the student's; α = α₀ during the first epoch (no curriculum);
+    β = clip(e/E + τ/T, β₀, 1), β₀ = 0.5.
+    Choices the paper leaves open, and ours:
+      - the anchors A_t, A_s ("a reference value of the gap fixed once"): the batch means of the gaps
+        p̃ − q̃ (_t rows) and q̃ − p̃ (_s rows) on the first batch the objective sees, as the released
+        code's unused adaptive-α path freezes the batch mean at its first logging step;
+      - e is the 0-based epoch of E epochs and τ/T the global optimizer step over the total steps, so that
+        β saturates halfway through training like the released code's disabled β variant;
+      - SRKL's mixture is detached, as in the released code;
+      - a row whose gap is exactly 0 with a zero anchor (0/0) gets α₀.
+
+"distillm" — DistiLLM (v1) conventions: α = 0.1, SRKL not detached, SKL and SRKL each one token mean
+    over the whole batch, loss = SKL + SRKL. (v1 reports SKL as the cross-entropy −Σ p log m, which is our
+    SKL plus the teacher's entropy: the same gradient; we report the KL.)
+
+The objective reads the label-token log-probabilities `log p(y_k)`, `log q(y_k)` from the kernels' first
+sweep over the vocabulary (`token_statistics`), computes α from them, and then runs the loss sweep on
+the same statistics: no extra pass over the vocabulary and no `[N, V]` log_softmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Optional, Union
+
+import torch
+
+from .skew_divergence import skew_divergence, token_statistics
+
+__all__ = [
+    "ObjectiveConfig",
+    "PRESETS",
+    "CurriculumState",
+    "DistiLLM2Loss",
+    "distillm2_loss",
+    "adaptive_alpha",
+    "beta_schedule",
+]
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Every knob of the objective. See the module docstring for the presets built from it."""
+
+    alpha: float = 0.1  # α₀: the α of both terms, and the reference α of the curriculum
+    adaptive_alpha: bool = False  # per-row α from the sequence probabilities (the paper)
+    alpha_min: float = 0.01  # clipping bounds of the adaptive α
+    alpha_max: float = 0.1
+    curriculum_start_epoch: int = 1  # 0-based epoch from which the adaptive α applies (α₀ before)
+    beta: float = 1.0  # β of the "beta" weighting when there is no schedule
+    beta_schedule: bool = False  # β = clip(e/E + τ/T, β₀, 1)
+    beta0: float = 0.5  # β₀
+    weighting: str = "sum"  # "sum": SKL + SRKL;  "beta": ((1−β)·SKL + β·SRKL) / 2
+    detach_mixture: bool = True  # SRKL: the q inside r = (1−α)p + αq is a constant
+    reduction: str = "seqmean"  # "seqmean": token mean per sequence, mean over pairs; "mean": one token mean
+    temperature: float = 1.0
+    ignore_index: int = -100
+
+    def __post_init__(self):
+        for name in ("alpha", "alpha_min", "alpha_max", "beta", "beta0"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {value}")
+        if self.alpha_min > self.alpha_max:
+            raise ValueError(f"alpha_min ({self.alpha_min}) exceeds alpha_max ({self.alpha_max})")
+        if self.weighting not in ("sum", "beta"):
+            raise ValueError(f"weighting must be 'sum' or 'beta', got {self.weighting!r}")
+        if self.reduction not in ("seqmean", "mean"):
+            raise ValueError(f"reduction must be 'seqmean' or 'mean', got {self.reduction!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+PRESETS = {
+    "distillm2": ObjectiveConfig(),
+    "paper": ObjectiveConfig(adaptive_alpha=True, beta_schedule=True, weighting="beta"),
+    "distillm": ObjectiveConfig(detach_mixture=False, reduction="mean"),
+}
+
+
+def resolve_config(preset: Union[str, ObjectiveConfig] = "distillm2", **overrides) -> ObjectiveConfig:
+    """A preset's config with `overrides` applied (any field of `ObjectiveConfig`)."""
+    if isinstance(preset, ObjectiveConfig):
+        config = preset
+    elif preset in PRESETS:
+        config = PRESETS[preset]
+    else:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)} or an ObjectiveConfig, got {preset!r}")
+    unknown = set(overrides) - {f.name for f in fields(ObjectiveConfig)}
+    if unknown:
+        raise TypeError(
+            f"unknown objective option(s) {sorted(unknown)}; options: {[f.name for f in fields(ObjectiveConfig)]}"
+        )
+    return replace(config, **overrides)
+
+
+@dataclass
+class CurriculumState:
+    """Where training stands, and the anchors of the adaptive α (fixed on the first batch)."""
+
+    epoch: int = 0  # 0-based
+    num_epochs: int = 1
+    step: int = 0  # global optimizer step, 0-based
+    total_steps: int = 1
+    anchor_t: Optional[torch.Tensor] = None  # A_t: the reference gap p̃ − q̃ of the _t rows
+    anchor_s: Optional[torch.Tensor] = None  # A_s: the reference gap q̃ − p̃ of the _s rows
+
+    def state_dict(self) -> dict:
+        return {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in asdict(self).items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            if not hasattr(self, name):
+                raise KeyError(f"unknown curriculum state entry {name!r}")
+            setattr(self, name, value)
+
+
+def beta_schedule(config: ObjectiveConfig, state: CurriculumState) -> float:
+    """β = clip(e/E + τ/T, β₀, 1) with the schedule on, else the constant `config.beta`."""
+    if not config.beta_schedule:
+        return config.beta
+    progress = state.epoch / max(state.num_epochs, 1) + state.step / max(state.total_steps, 1)
+    return min(1.0, max(config.beta0, progress))
+
+
+def adaptive_alpha(gap: torch.Tensor, anchor: torch.Tensor, config: ObjectiveConfig) -> torch.Tensor:
+    """α = clip(1 − (1−α₀)·A / gap, α_min, α_max) per row (α₀ where A / gap is 0/0)."""
+    alpha = 1.0 - (1.0 - config.alpha) * (anchor / gap)
+    return alpha.nan_to_num(nan=config.alpha).clamp(config.alpha_min, config.alpha_max)
+
+
+def _sequence_mean(per_token: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over each sequence's valid tokens (0 for a sequence without any)."""
+    return (per_token * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+
+
+def _check_half(name: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise ValueError(f"student_logits_{name} / teacher_logits_{name} must be [B, T, V] tensors")
+    if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"labels_{name} must have shape [B, T] = {tuple(logits.shape[:2])} (aligned with the logits: the "
+            f"caller does the causal shift), got {tuple(labels.shape) if isinstance(labels, torch.Tensor) else labels}"
+        )
+
+
+def distillm2_loss(
+    student_logits_t: torch.Tensor,
+    teacher_logits_t: torch.Tensor,
+    labels_t: torch.Tensor,
+    student_logits_s: torch.Tensor,
+    teacher_logits_s: torch.Tensor,
+    labels_s: torch.Tensor,
+    *,
+    preset: Union[str, ObjectiveConfig] = "distillm2",
+    state: Optional[CurriculumState] = None,
+    backend: str = "auto",
+    **overrides,
+) -> tuple[torch.Tensor, dict]:
+    """The DistiLLM-2 loss of one batch of B pairs, and its per-sequence metrics.
+
+    `*_t`: the rows of the teacher responses y_t; `*_s`: the rows of the student responses y_s. Logits
+    `[B, T, V]` and labels `[B, T]`, already aligned (position k's logits predict `labels[:, k]`; prompt and
+    padding are `ignore_index`); the two halves may differ in T. `state` carries the curriculum (epoch and
+    step for β, the α anchors, which are set on the first call when the adaptive α is on); without it a
+    fresh `CurriculumState` is used. Returns `(loss, metrics)`; metrics (detached) hold, per sequence,
+    `skl` (_t rows), `srkl` (_s rows), the mean label log-probabilities `teacher_logprob_t`,
+    `student_logprob_t`, `teacher_logprob_s`, `student_logprob_s`, the α of each row `alpha_t`,
+    `alpha_s`, and the scalar `beta`.
+    """
+    config = resolve_config(preset, **overrides)
+    state = CurriculumState() if state is None else state
+    _check_half("t", student_logits_t, labels_t)
+    _check_half("s", student_logits_s, labels_s)
+    if labels_t.shape[0] != labels_s.shape[0]:
+        raise ValueError(
+            f"the _t and _s halves must hold the same B prompts, got B = {labels_t.shape[0]} and {labels_s.shape[0]}"
+        )
+    common = dict(ignore_index=config.ignore_index, temperature=config.temperature, backend=backend)
+
+    stats_t = token_statistics(student_logits_t, teacher_logits_t, labels_t, **common)
+    stats_s = token_statistics(student_logits_s, teacher_logits_s, labels_s, **common)
+    valid_t = (labels_t != config.ignore_index).to(torch.float32)
+    valid_s = (labels_s != config.ignore_index).to(torch.float32)
+    teacher_lp_t = _sequence_mean(stats_t.teacher_label_logprobs, valid_t)
+    student_lp_t = _sequence_mean(stats_t.student_label_logprobs, valid_t)
+    teacher_lp_s = _sequence_mean(stats_s.teacher_label_logprobs, valid_s)
+    student_lp_s = _sequence_mean(stats_s.student_label_logprobs, valid_s)
+
+    batch = labels_t.shape[0]
+    alpha_t: Union[float, torch.Tensor] = config.alpha
+    alpha_s: Union[float, torch.Tensor] = config.alpha
+    if config.adaptive_alpha:
+        gap_t = teacher_lp_t.exp() - student_lp_t.exp()  # p̃ − q̃ on the teacher's responses
+        gap_s = student_lp_s.exp() - teacher_lp_s.exp()  # q̃ − p̃ on the student's responses
+        if state.anchor_t is None:
+            state.anchor_t, state.anchor_s = gap_t.mean().detach(), gap_s.mean().detach()
+        if state.epoch >= config.curriculum_start_epoch:
+            alpha_t = adaptive_alpha(gap_t, state.anchor_t.to(gap_t.device), config)
+            alpha_s = adaptive_alpha(gap_s, state.anchor_s.to(gap_s.device), config)
+    beta = beta_schedule(config, state)
+
+    skl_tokens = skew_divergence(
+        student_logits_t, teacher_logits_t, alpha_t, labels_t, reverse=False, statistics=stats_t, **common
+    )
+    srkl_tokens = skew_divergence(
+        student_logits_s,
+        teacher_logits_s,
+        alpha_s,
+        labels_s,
+        reverse=True,
+        detach_mixture=config.detach_mixture,
+        statistics=stats_s,
+        **common,
+    )
+    skl_seq = _sequence_mean(skl_tokens, valid_t)
+    srkl_seq = _sequence_mean(srkl_tokens, valid_s)
+    if config.reduction == "seqmean":
+        skl = skl_seq.sum() / (valid_t.sum(-1) > 0).sum().clamp(min=1)
+        srkl = srkl_seq.sum() / (valid_s.sum(-1) > 0).sum().clamp(min=1)
+    else:
+        skl = skl_tokens.sum() / valid_t.sum().clamp(min=1)
+        srkl = srkl_tokens.sum() / valid_s.sum().clamp(min=1)
+    if config.weighting == "sum":
+        loss = skl + srkl
+    else:
+        loss = 0.5 * ((1.0 - beta) * skl + beta * srkl)
+
+    def per_row(alpha):
+        if isinstance(alpha, torch.Tensor):
+            return alpha.detach()
+        return torch.full((batch,), alpha, device=labels_t.device)
+
+    metrics = {
+        "skl": skl_seq.detach(),
+        "srkl": srkl_seq.detach(),
+        "teacher_logprob_t": teacher_lp_t.detach(),
+        "student_logprob_t": student_lp_t.detach(),
+        "teacher_logprob_s": teacher_lp_s.detach(),
+        "student_logprob_s": student_lp_s.detach(),
+        "alpha_t": per_row(alpha_t),
+        "alpha_s": per_row(alpha_s),
+        "beta": torch.tensor(beta),
+    }
+    return loss, metrics
+
+
+class DistiLLM2Loss:
+    """The objective with its curriculum state, for a trainer to hold.
+
+        objective = DistiLLM2Loss("paper", num_epochs=3, total_steps=len(loader) * 3)
+        loss, metrics = objective(s_t, t_t, labels_t, s_s, t_s, labels_s)
+        loss.backward(); optimizer.step(); objective.step()      # once per optimizer step
+        objective.set_epoch(epoch)                                # at the start of each epoch
+
+    `state_dict()` / `load_state_dict()` carry the anchors and counters, so a resumed run continues exactly.
+    """
+
+    def __init__(
+        self,
+        preset: Union[str, ObjectiveConfig] = "distillm2",
+        *,
+        num_epochs: int = 1,
+        total_steps: int = 1,
+        backend: str = "auto",
+        **overrides,
+    ):
+        self.config = resolve_config(preset, **overrides)
+        self.state = CurriculumState(num_epochs=num_epochs, total_steps=total_steps)
+        self.backend = backend
+
+    def __call__(self, student_logits_t, teacher_logits_t, labels_t, student_logits_s, teacher_logits_s, labels_s):
+        return distillm2_loss(
+            student_logits_t,
+            teacher_logits_t,
+            labels_t,
+            student_logits_s,
+            teacher_logits_s,
+            labels_s,
+            preset=self.config,
+            state=self.state,
+            backend=self.backend,
+        )
+
+    def step(self) -> None:
+        """Advance the global optimizer step (τ of the β schedule)."""
+        self.state.step += 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.state.epoch = epoch
+
+    def state_dict(self) -> dict:
+        return {"config": asdict(self.config), "curriculum": self.state.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["config"] != asdict(self.config):
+            raise ValueError(
+                f"the saved objective was configured as {state['config']}, this one as {asdict(self.config)}"
+            )
+        self.state.load_state_dict(state["curriculum"])

@@ -1,0 +1,254 @@
+"""The DistiLLM-2 objective against the released code's formulas, the paper's curriculum, the presets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import pytest
+import torch
+from conftest import kernel_device
+
+from distillm2_kernels import DistiLLM2Loss, distillm2_loss, reference
+from distillm2_kernels.backends import available_backends
+from distillm2_kernels.objective import (
+    PRESETS,
+    CurriculumState,
+    ObjectiveConfig,
+    adaptive_alpha,
+    beta_schedule,
+    resolve_config,
+)
+
+DEVICE = kernel_device()
+BACKENDS = available_backends(DEVICE)
+
+
+def make_pairs(batch=3, prompt=(2, 4, 3), lengths_t=(5, 2, 7), lengths_s=(3, 6, 1), vocab=97, seed=0):
+    """Right-padded rows: prompt tokens and padding are −100; responses of different lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    halves = []
+    for lengths in (lengths_t, lengths_s):
+        seq = max(p + n for p, n in zip(prompt, lengths)) + 1
+        student = torch.randn(batch, seq, vocab, generator=gen) * 2
+        teacher = torch.randn(batch, seq, vocab, generator=gen) * 2 + 0.5 * student
+        labels = torch.randint(0, vocab, (batch, seq), generator=gen)
+        for i, (p, n) in enumerate(zip(prompt, lengths)):
+            labels[i, :p] = -100
+            labels[i, p + n :] = -100
+        halves.append((student.to(DEVICE), teacher.to(DEVICE), labels.to(DEVICE)))
+    return halves
+
+
+def released_code_loss(student_t, teacher_t, labels_t, student_s, teacher_s, labels_s, alpha=0.1):
+    """The released DistiLLM-2 trainer's loss, written from DESIGN.md section 3: float32 log_softmax,
+    mixtures as logsumexp over a stacked pair, SRKL's q detached in r, per-sequence token means,
+    SKL_i + SRKL_i per pair, mean over pairs."""
+
+    def per_sequence(per_token, labels):
+        mask = (labels != -100).float()
+        return (per_token * mask).sum(-1) / mask.sum(-1)
+
+    log_q, log_p = torch.log_softmax(student_t.float(), -1), torch.log_softmax(teacher_t.float(), -1)
+    log_m = torch.logsumexp(torch.stack([log_p + torch.log(torch.tensor(alpha)), log_q + torch.log(torch.tensor(1 - alpha))]), 0)
+    skl = per_sequence((log_p.exp() * (log_p - log_m)).sum(-1), labels_t)
+    log_q, log_p = torch.log_softmax(student_s.float(), -1), torch.log_softmax(teacher_s.float(), -1)
+    log_r = torch.logsumexp(
+        torch.stack([log_p + torch.log(torch.tensor(1 - alpha)), log_q.detach() + torch.log(torch.tensor(alpha))]), 0
+    )
+    srkl = per_sequence((log_q.exp() * (log_q - log_r)).sum(-1), labels_s)
+    return (skl + srkl).mean()
+
+
+def grads(loss_fn, halves):
+    (s_t, t_t, l_t), (s_s, t_s, l_s) = halves
+    s_t, s_s = s_t.clone().requires_grad_(True), s_s.clone().requires_grad_(True)
+    out = loss_fn(s_t, t_t, l_t, s_s, t_s, l_s)
+    loss = out[0] if isinstance(out, tuple) else out
+    g_t, g_s = torch.autograd.grad(loss, (s_t, s_s))
+    return loss.detach(), g_t, g_s
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_distillm2_preset_matches_released_code(backend, seed):
+    halves = make_pairs(seed=seed)
+    ours = grads(lambda *a: distillm2_loss(*a, backend=backend), halves)
+    released = grads(released_code_loss, halves)
+    for a, b in zip(ours, released):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_logits_match_released_code_on_the_same_values(backend):
+    halves = [tuple(x.bfloat16() if x.is_floating_point() else x for x in half) for half in make_pairs(seed=2)]
+    loss, g_t, g_s = grads(lambda *a: distillm2_loss(*a, backend=backend), halves)
+    ref_loss, ref_t, ref_s = grads(released_code_loss, halves)
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-5, atol=2e-7)
+    for ours, ref in ((g_t, ref_t), (g_s, ref_s)):  # the gradient is bf16: its rounding, 2^-9 relative
+        assert ours.dtype == torch.bfloat16
+        assert ((ours.float() - ref.float()).abs() <= 2.0**-8 * ref.float().abs() + 1e-7).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_distillm_preset(backend):
+    """DistiLLM v1: one token mean over the whole batch, SRKL not detached."""
+    halves = make_pairs(seed=3)
+    (s_t, t_t, l_t), (s_s, t_s, l_s) = halves
+
+    def v1(s_t, t_t, l_t, s_s, t_s, l_s):
+        return reference.skl_reference(s_t, t_t, 0.1, labels=l_t, reduction="mean") + reference.srkl_reference(
+            s_s, t_s, 0.1, labels=l_s, reduction="mean"
+        )
+
+    ours = grads(lambda *a: distillm2_loss(*a, preset="distillm", backend=backend), halves)
+    for a, b in zip(ours, grads(v1, halves)):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-7)
+
+
+def test_presets_differ_where_the_design_says():
+    base = asdict(PRESETS["distillm2"])
+
+    def differing(name):
+        return {k for k, v in asdict(PRESETS[name]).items() if base[k] != v}
+
+    assert differing("paper") == {"adaptive_alpha", "beta_schedule", "weighting"}
+    assert differing("distillm") == {"detach_mixture", "reduction"}
+    assert base["alpha"] == 0.1 and base["detach_mixture"] and base["weighting"] == "sum"
+    assert PRESETS["paper"].alpha_min == 0.01 and PRESETS["paper"].alpha_max == 0.1 and PRESETS["paper"].beta0 == 0.5
+
+
+def test_beta_schedule_hand_computed():
+    paper = PRESETS["paper"]
+    assert beta_schedule(paper, CurriculumState(epoch=0, num_epochs=3, step=0, total_steps=30)) == 0.5
+    assert beta_schedule(paper, CurriculumState(epoch=0, num_epochs=3, step=6, total_steps=30)) == 0.5  # 0.2 → β₀
+    assert beta_schedule(paper, CurriculumState(epoch=1, num_epochs=3, step=15, total_steps=30)) == pytest.approx(
+        1 / 3 + 1 / 2
+    )
+    assert beta_schedule(paper, CurriculumState(epoch=2, num_epochs=3, step=25, total_steps=30)) == 1.0
+    assert beta_schedule(PRESETS["distillm2"], CurriculumState(epoch=2, step=25, total_steps=30)) == 1.0
+
+
+def test_adaptive_alpha_hand_computed():
+    config = PRESETS["paper"]
+    gap = torch.tensor([0.2, 0.1, 0.05, 0.0, -0.1, 0.1])
+    anchor = torch.tensor(0.1)
+    # 1 − 0.9·0.1/gap = [0.55, 0.1, −0.8, −inf, 1.9, 0.1], clipped to [0.01, 0.1]
+    expected = torch.tensor([0.1, 0.1, 0.01, 0.01, 0.1, 0.1])
+    torch.testing.assert_close(adaptive_alpha(gap, anchor, config), expected)
+    alpha = adaptive_alpha(torch.tensor([0.12]), anchor, resolve_config("paper", alpha_max=1.0))
+    torch.testing.assert_close(alpha, torch.tensor([1 - 0.9 * 0.1 / 0.12]))
+    assert adaptive_alpha(torch.tensor([0.0]), torch.tensor(0.0), config).item() == pytest.approx(0.1)  # 0/0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paper_preset(backend):
+    """No curriculum in the first epoch; afterwards α per row from the anchors fixed on the first batch;
+    loss 1/(2B) Σ [(1−β) SKL + β SRKL]."""
+    halves = make_pairs(seed=4)
+    (s_t, t_t, l_t), (s_s, t_s, l_s) = halves
+    objective = DistiLLM2Loss("paper", num_epochs=2, total_steps=10, backend=backend)
+    loss0, metrics0 = objective(s_t, t_t, l_t, s_s, t_s, l_s)
+    assert torch.equal(metrics0["alpha_t"], torch.full((3,), 0.1, device=DEVICE))
+    assert metrics0["beta"].item() == 0.5
+    anchors = (objective.state.anchor_t.clone(), objective.state.anchor_s.clone())
+
+    def sequence_probability(logits, labels):
+        lp = torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        mask = (labels != -100).double()
+        return ((lp * mask).sum(-1) / mask.sum(-1)).exp()
+
+    gap_t = sequence_probability(t_t, l_t) - sequence_probability(s_t, l_t)
+    gap_s = sequence_probability(s_s, l_s) - sequence_probability(t_s, l_s)
+    torch.testing.assert_close(anchors[0].double(), gap_t.mean(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(anchors[1].double(), gap_s.mean(), rtol=1e-5, atol=1e-7)
+
+    objective.set_epoch(1)
+    for _ in range(4):
+        objective.step()
+    other = make_pairs(seed=5)  # a new batch: the anchors stay
+    (s_t, t_t, l_t), (s_s, t_s, l_s) = other
+    loss, metrics = objective(s_t, t_t, l_t, s_s, t_s, l_s)
+    assert torch.equal(objective.state.anchor_t, anchors[0])
+    beta = 1 / 2 + 4 / 10
+    assert metrics["beta"].item() == pytest.approx(beta)
+    gap_t = sequence_probability(t_t, l_t) - sequence_probability(s_t, l_t)
+    gap_s = sequence_probability(s_s, l_s) - sequence_probability(t_s, l_s)
+    alpha_t = (1 - 0.9 * anchors[0].double() / gap_t).clamp(0.01, 0.1)
+    alpha_s = (1 - 0.9 * anchors[1].double() / gap_s).clamp(0.01, 0.1)
+    torch.testing.assert_close(metrics["alpha_t"].double(), alpha_t, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(metrics["alpha_s"].double(), alpha_s, rtol=1e-5, atol=1e-7)
+    skl = reference.skl_reference(s_t.double(), t_t.double(), alpha_t, labels=l_t, reduction="seqmean")
+    srkl = reference.srkl_reference(s_s.double(), t_s.double(), alpha_s, labels=l_s, reduction="seqmean")
+    torch.testing.assert_close(loss.double(), 0.5 * ((1 - beta) * skl + beta * srkl), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_metrics(backend):
+    halves = make_pairs(seed=6)
+    (s_t, t_t, l_t), (s_s, t_s, l_s) = halves
+    _, metrics = distillm2_loss(s_t, t_t, l_t, s_s, t_s, l_s, backend=backend)
+
+    def mean_label_logprob(logits, labels):
+        lp = torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        mask = (labels != -100).double()
+        return (lp * mask).sum(-1) / mask.sum(-1)
+
+    expected = {
+        "teacher_logprob_t": mean_label_logprob(t_t, l_t),
+        "student_logprob_t": mean_label_logprob(s_t, l_t),
+        "teacher_logprob_s": mean_label_logprob(t_s, l_s),
+        "student_logprob_s": mean_label_logprob(s_s, l_s),
+        "skl": reference.skl_reference(s_t.double(), t_t.double(), 0.1, labels=l_t, reduction="none").sum(-1)
+        / (l_t != -100).sum(-1),
+        "srkl": reference.srkl_reference(s_s.double(), t_s.double(), 0.1, labels=l_s, reduction="none").sum(-1)
+        / (l_s != -100).sum(-1),
+    }
+    for name, value in expected.items():
+        assert metrics[name].shape == (3,)
+        torch.testing.assert_close(metrics[name].double(), value, rtol=1e-5, atol=1e-6, msg=name)
+    assert not any(m.requires_grad for m in metrics.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_round_trip(backend):
+    halves = make_pairs(seed=7)
+    args = [x for half in halves for x in half]
+    first = DistiLLM2Loss("paper", num_epochs=2, total_steps=8, backend=backend)
+    first(*args)
+    first.set_epoch(1)
+    first.step()
+    saved = first.state_dict()
+    resumed = DistiLLM2Loss("paper", num_epochs=2, total_steps=8, backend=backend)
+    resumed.load_state_dict(saved)
+    other = [x for half in make_pairs(seed=8) for x in half]
+    loss_a, metrics_a = first(*other)
+    loss_b, metrics_b = resumed(*other)
+    assert torch.equal(loss_a, loss_b)
+    assert torch.equal(metrics_a["alpha_t"], metrics_b["alpha_t"])
+    with pytest.raises(ValueError, match="configured"):
+        DistiLLM2Loss("distillm2").load_state_dict(saved)
+
+
+def test_all_tokens_ignored_gives_zero():
+    halves = make_pairs(seed=9)
+    (s_t, t_t, l_t), (s_s, t_s, l_s) = halves
+    s_t.requires_grad_(True)
+    loss, _ = distillm2_loss(s_t, t_t, torch.full_like(l_t, -100), s_s, t_s, torch.full_like(l_s, -100))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(s_t.grad, torch.zeros_like(s_t.grad))
+
+
+def test_bad_input():
+    (s_t, t_t, l_t), (s_s, t_s, l_s) = make_pairs(seed=10)
+    with pytest.raises(ValueError, match="preset must be one of"):
+        distillm2_loss(s_t, t_t, l_t, s_s, t_s, l_s, preset="v3")
+    with pytest.raises(TypeError, match="unknown objective option"):
+        distillm2_loss(s_t, t_t, l_t, s_s, t_s, l_s, alhpa=0.2)
+    with pytest.raises(ValueError, match="labels_t must have shape"):
+        distillm2_loss(s_t, t_t, l_t[:, 1:], s_s, t_s, l_s)
+    with pytest.raises(ValueError, match="same B"):
+        distillm2_loss(s_t, t_t, l_t, s_s[:2], t_s[:2], l_s[:2])
+    with pytest.raises(ValueError, match="alpha must lie"):
+        ObjectiveConfig(alpha=2.0)
+    with pytest.raises(ValueError, match="weighting"):
+        resolve_config("distillm2", weighting="avg")
