@@ -149,10 +149,26 @@ struct RowConstants {
   fVec lse_s, lse_t, log_alpha, log_one_minus_alpha;
 };
 
+// log(1 + e) for e ∈ [0, 1], as 2·atanh(u) with u = e / (2 + e) ∈ [0, 1/3]: the odd series
+// 2u·Σ_k u^{2k}/(2k+1) to k = 6 (the first omitted term is below 2^-26 relative); the float32 result is within
+// 1.5e-7 of the exact value, about one ulp of 1. No range reduction is needed, so this is a few fused
+// multiply-adds and one division instead of a general-purpose log.
+inline fVec log_one_plus_unit(const fVec& e) {
+  const fVec u = e / (fVec(2.0f) + e);
+  const fVec w = u * u;
+  fVec series(1.0f / 13.0f);
+  series = fmadd(series, w, fVec(1.0f / 11.0f));
+  series = fmadd(series, w, fVec(1.0f / 9.0f));
+  series = fmadd(series, w, fVec(1.0f / 7.0f));
+  series = fmadd(series, w, fVec(1.0f / 5.0f));
+  series = fmadd(series, w, fVec(1.0f / 3.0f));
+  series = fmadd(series, w, fVec(1.0f));
+  return (u + u) * series;
+}
+
 // log(α·self + (1−α)·other) from x = log α + log self and y = log(1−α) + log other, and the share of
 // α·self in it (0 where the mixture is 0). With e = exp(−|x − y|) ∈ [0, 1]: log mix = max(x, y) + log(1 + e)
-// and share = (x ≥ y ? 1 : e) / (1 + e), so one exp (and one log when the log is needed) per entry. log(1 + e)
-// rather than log1p(e): for e ∈ [0, 1] both are within ulp(1) of the exact value, and log is twice as fast.
+// and share = (x ≥ y ? 1 : e) / (1 + e), so one exp per entry (and log(1 + e) when the log is needed).
 struct Mixture {
   fVec log_mix;
   fVec share;
@@ -166,7 +182,7 @@ inline Mixture mixture(const fVec& x, const fVec& y) {
   const fVec empty = hi == neg_inf;  // both terms are 0
   const fVec e = (lo - fVec::blendv(hi, zero, empty)).exp();
   const fVec share = fVec::blendv(fVec::blendv(e, one, x >= y) / (one + e), zero, empty);
-  return {NEED_LOG ? hi + (one + e).log() : zero, share};
+  return {NEED_LOG ? hi + log_one_plus_unit(e) : zero, share};
 }
 
 // Sweep 2 over one block: adds the loss terms and the C terms (SKL: p·a; SRKL: −q·b) to the accumulators.
