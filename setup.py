@@ -45,7 +45,10 @@ def _cpu_extension_build():
         return [], {}
 
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    sources = ["csrc/skew_divergence.cpp", "csrc/skew_divergence_kernel_default.cpp"]
+    # Link order matters: inline functions (c10's half/bfloat16 conversions, ...) are emitted in every kernel
+    # object and the linker keeps the first copy, so the portable build must come first. setuptools links the
+    # sources sorted by path: skew_divergence_kernel.cpp sorts before skew_divergence_kernel_avx*.cpp.
+    sources = ["csrc/skew_divergence.cpp", "csrc/skew_divergence_kernel.cpp"]
     macros = [("DISTILLM2_TORCH_VERSION", f'"{torch.__version__}"')]
     if x86:
         sources += ["csrc/skew_divergence_kernel_avx2.cpp", "csrc/skew_divergence_kernel_avx512.cpp"]

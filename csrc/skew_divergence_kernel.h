@@ -12,8 +12,8 @@
 // gradient times (incoming gradient)/T. Each row is computed by one thread in a fixed order, so the result does
 // not depend on the thread count. Logits are staged in float32 blocks of kBlock entries (L1-resident).
 //
-// Included by skew_divergence_kernel_{default,avx2,avx512}.cpp, each of which defines CPU_CAPABILITY (ATen's
-// vector width) and is compiled with its instruction-set flags.
+// Included by skew_divergence_kernel.cpp (portable) and skew_divergence_kernel_{avx2,avx512}.cpp, each of which
+// defines CPU_CAPABILITY (ATen's vector width) and is compiled with its instruction-set flags.
 #pragma once
 
 #include <ATen/Parallel.h>
