@@ -32,7 +32,7 @@ def _load_extension() -> tuple[Optional[ModuleType], Optional[str]]:
     try:
         _C = importlib.import_module("distillm2_kernels._C")
     except ImportError as error:
-        if "No module named" in str(error):
+        if isinstance(error, ModuleNotFoundError) and error.name == "distillm2_kernels._C":
             return None, (
                 "the C++ extension distillm2_kernels._C is not built (reinstall with "
                 "`pip install --no-build-isolation .` where torch and a C++ compiler are available)"
