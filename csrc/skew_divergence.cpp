@@ -3,7 +3,7 @@
 // the ATEN_CPU_CAPABILITY environment variable).
 //
 //   skew_forward(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature, reverse, detach,
-//                loss, stats)              writes loss [N] float32 and stats [N, 3] float32 = lse_s, lse_t, C
+//                loss, stats)              writes loss [N] float32 and stats [N, 5] float32 (see kStats)
 //   skew_backward(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature, reverse, detach,
 //                 stats, grad_loss, grad)  writes grad [N, V] contiguous, student dtype
 //
@@ -116,6 +116,7 @@ SkewProblem make_problem(const at::Tensor& student, const at::Tensor& teacher,
       ignore_index,
       alpha_rows.has_value() ? alpha_rows->data_ptr<float>() : nullptr,
       static_cast<float>(alpha),
+      static_cast<float>(1.0 / inv_temperature),
       static_cast<float>(inv_temperature),
       reverse,
       reverse && detach,
@@ -180,7 +181,7 @@ void skew_backward(const at::Tensor& student, const at::Tensor& teacher, const s
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "distillm2_kernels CPU kernels: skew KL / skew reverse KL over [N, V] logits";
   m.def("skew_forward", &distillm2::skew_forward, py::call_guard<py::gil_scoped_release>(),
-        "Writes the per-row loss [N] and stats [N, 3] (lse_s, lse_t, C)", py::arg("student"), py::arg("teacher"),
+        "Writes the per-row loss [N] and stats [N, num_stats]", py::arg("student"), py::arg("teacher"),
         py::arg("labels"), py::arg("alpha_rows"), py::arg("alpha"), py::arg("ignore_index"),
         py::arg("inv_temperature"), py::arg("reverse"), py::arg("detach"), py::arg("loss"), py::arg("stats"));
   m.def("skew_backward", &distillm2::skew_backward, py::call_guard<py::gil_scoped_release>(),
@@ -190,4 +191,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("stats"), py::arg("grad_loss"), py::arg("grad"));
   m.def("kernel_isa", &distillm2::isa_name, "The instruction set the kernels run with: AVX512, AVX2 or DEFAULT");
   m.attr("built_with_torch") = DISTILLM2_TORCH_VERSION;
+  m.attr("num_stats") = distillm2::kStats;
 }

@@ -22,16 +22,19 @@ struct SkewProblem {
   int64_t ignore_index;        // rows whose label equals this are skipped (loss, stats and gradient 0)
   const float* alpha_rows;     // [N] per-row α, or nullptr to use `alpha`
   float alpha;                 // the scalar α
-  float inv_temperature;       // 1 / T
+  float temperature;           // T: the logits are divided by it
+  float inv_temperature;       // 1 / T: scales the gradient
   bool reverse;                // false: SKL, true: SRKL
   bool detach;                 // SRKL only: the q inside the mixture r is a constant
 };
 
-constexpr int64_t kStats = 3;  // per-row statistics kept between forward and backward: lse_s, lse_t, C
+// Per-row statistics kept between forward and backward: the student's and the teacher's log-sum-exp, each as
+// max and log Σ exp(x − max), and the row constant C.
+constexpr int64_t kStats = 5;
 
 // Each instruction-set build (namespaces DEFAULT, AVX2, AVX512) defines:
-//   void skew_forward_rows(const SkewProblem&, float* loss /*[N]*/, float* stats /*[N, 3]*/);
-//   void skew_backward_rows(const SkewProblem&, const float* stats /*[N, 3]*/, const float* grad_loss,
+//   void skew_forward_rows(const SkewProblem&, float* loss /*[N]*/, float* stats /*[N, kStats]*/);
+//   void skew_backward_rows(const SkewProblem&, const float* stats /*[N, kStats]*/, const float* grad_loss,
 //                           int64_t grad_loss_stride, void* grad /*[N, V] contiguous, student dtype*/);
 #define DISTILLM2_DECLARE_KERNELS                                                                        \
   void skew_forward_rows(const SkewProblem& problem, float* loss, float* stats);                         \

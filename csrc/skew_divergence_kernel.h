@@ -8,7 +8,9 @@
 // Both mixtures are "α·self + (1−α)·other" (self = p for SKL, q for SRKL), formed in log space; a and b are
 // the share of α·self in the mixture, in [0, 1]. A zero probability contributes exactly 0.
 //
-// Sweep 1 (forward): online log-sum-exp of both rows. Sweep 2 (forward): loss and C. Sweep 3 (backward): the
+// Sweep 1 (forward): online log-sum-exp of both rows, kept as max + log Σ exp(x − max) in two floats so that
+// log q = (s − max) − log Σ is as accurate as a log_softmax (one float lse near 100 would carry an absolute error
+// of ~1e-5 into every log q, and L·1e-5 into the loss). Sweep 2 (forward): loss and C. Sweep 3 (backward): the
 // gradient times (incoming gradient)/T. Each row is computed by one thread in a fixed order, so the result does
 // not depend on the thread count. Logits are staged in float32 blocks of kBlock entries (L1-resident).
 //
@@ -63,11 +65,14 @@ int64_t padded_length(int64_t count) {
   return (count + fVec::size() - 1) / fVec::size() * fVec::size();
 }
 
-// block[0, count) = float32(src[0, count)) · inv_temperature, then −inf up to a whole number of vectors
+// block[0, count) = float32(src[0, count)) / temperature, then −inf up to a whole number of vectors
 // (a −inf logit is a zero probability, so the padding contributes nothing). Returns the padded length.
+// Dividing (rather than multiplying by 1/T) rounds each entry once, like the reference's z / T: a product with
+// a rounded 1/T scales every logit by the same (1 + ε), which shifts the distribution.
 template <typename scalar_t>
-int64_t stage_block(const scalar_t* src, int64_t count, float inv_temperature, float* block) {
-  const fVec scale(inv_temperature);
+int64_t stage_block(const scalar_t* src, int64_t count, float temperature, float* block) {
+  const bool scaled = temperature != 1.0f;
+  const fVec temperature_vec(temperature);
   int64_t i = 0;
   for (; i + fVec::size() <= count; i += fVec::size()) {
     fVec x;
@@ -76,10 +81,10 @@ int64_t stage_block(const scalar_t* src, int64_t count, float inv_temperature, f
     } else {
       at::vec::load_to_float(src + i, x);
     }
-    (x * scale).store(block + i);
+    (scaled ? x / temperature_vec : x).store(block + i);
   }
   for (; i < count; ++i) {
-    block[i] = static_cast<float>(src[i]) * inv_temperature;
+    block[i] = scaled ? static_cast<float>(src[i]) / temperature : static_cast<float>(src[i]);
   }
   const int64_t padded = padded_length(count);
   for (; i < padded; ++i) {
@@ -118,7 +123,7 @@ float lane_max(const fVec& v) {
   return result;
 }
 
-// Online log-sum-exp over blocks: one exp per entry, a rescale per block.
+// Online log-sum-exp over blocks: one exp per entry, a rescale per block. lse = shift() + log_sum().
 struct OnlineLogSumExp {
   float max = kNegInf;
   double sum = 0.0;
@@ -139,14 +144,20 @@ struct OnlineLogSumExp {
     max = new_max;
   }
 
-  float value() const {  // −inf for a row of −inf
-    const double shift = max == kNegInf ? 0.0 : max;
-    return static_cast<float>(shift + std::log(sum));
+  float shift() const {  // the row max (0 for a row of −inf)
+    return max == kNegInf ? 0.0f : max;
+  }
+
+  float log_sum() const {  // log Σ exp(x − shift), in [0, log V] (−inf for a row of −inf)
+    return static_cast<float>(std::log(sum));
   }
 };
 
+// Per-row statistics kept between forward and backward (kStats floats).
+enum RowStat { kShiftS = 0, kLogSumS = 1, kShiftT = 2, kLogSumT = 3, kC = 4 };
+
 struct RowConstants {
-  fVec lse_s, lse_t, log_alpha, log_one_minus_alpha;
+  fVec shift_s, log_sum_s, shift_t, log_sum_t, log_alpha, log_one_minus_alpha;
 };
 
 // log(1 + e) for e ∈ [0, 1], as 2·atanh(u) with u = e / (2 + e) ∈ [0, 1/3]: the odd series
@@ -191,8 +202,8 @@ void loss_block(const float* s, const float* t, int64_t length, const RowConstan
                 fVec& c_acc) {
   const fVec zero(0.0f);
   for (int64_t i = 0; i < length; i += fVec::size()) {
-    const fVec log_q = fVec::loadu(s + i) - k.lse_s;
-    const fVec log_p = fVec::loadu(t + i) - k.lse_t;
+    const fVec log_q = (fVec::loadu(s + i) - k.shift_s) - k.log_sum_s;
+    const fVec log_p = (fVec::loadu(t + i) - k.shift_t) - k.log_sum_t;
     if constexpr (REVERSE) {
       const Mixture r = mixture<true>(k.log_alpha + log_q, k.log_one_minus_alpha + log_p);
       const fVec q = log_q.exp();
@@ -216,8 +227,8 @@ void grad_block(const float* s, const float* t, int64_t length, const RowConstan
                 float* grad) {
   const fVec zero(0.0f), one(1.0f), c_vec(c), scale_vec(scale);
   for (int64_t i = 0; i < length; i += fVec::size()) {
-    const fVec log_q = fVec::loadu(s + i) - k.lse_s;
-    const fVec log_p = fVec::loadu(t + i) - k.lse_t;
+    const fVec log_q = (fVec::loadu(s + i) - k.shift_s) - k.log_sum_s;
+    const fVec log_p = (fVec::loadu(t + i) - k.shift_t) - k.log_sum_t;
     const fVec q = log_q.exp();
     fVec g;
     if constexpr (REVERSE) {
@@ -238,9 +249,13 @@ bool row_ignored(const SkewProblem& problem, int64_t row) {
   return problem.labels != nullptr && problem.labels[row] == problem.ignore_index;
 }
 
-RowConstants row_constants(const SkewProblem& problem, int64_t row, float lse_s, float lse_t) {
+RowConstants row_constants(const SkewProblem& problem, int64_t row, const float* row_stats) {
   const double alpha = problem.alpha_rows != nullptr ? problem.alpha_rows[row] : problem.alpha;
-  return {fVec(lse_s), fVec(lse_t), fVec(static_cast<float>(std::log(alpha))),
+  return {fVec(row_stats[kShiftS]),
+          fVec(row_stats[kLogSumS]),
+          fVec(row_stats[kShiftT]),
+          fVec(row_stats[kLogSumT]),
+          fVec(static_cast<float>(std::log(alpha))),
           fVec(static_cast<float>(std::log1p(-alpha)))};
 }
 
@@ -260,7 +275,7 @@ void forward_rows(const SkewProblem& problem, float* loss, float* stats) {
       float* row_stats = stats + row * kStats;
       if (row_ignored(problem, row)) {
         loss[row] = 0.0f;
-        row_stats[0] = row_stats[1] = row_stats[2] = 0.0f;
+        std::fill(row_stats, row_stats + kStats, 0.0f);
         continue;
       }
       const student_t* s_row = student + row * problem.student_row_stride;
@@ -269,16 +284,20 @@ void forward_rows(const SkewProblem& problem, float* loss, float* stats) {
       OnlineLogSumExp lse_s, lse_t;  // sweep 1
       for (int64_t start = 0; start < vocab; start += kBlock) {
         const int64_t count = std::min(kBlock, vocab - start);
-        lse_s.add(s_block, stage_block(s_row + start, count, problem.inv_temperature, s_block));
-        lse_t.add(t_block, stage_block(t_row + start, count, problem.inv_temperature, t_block));
+        lse_s.add(s_block, stage_block(s_row + start, count, problem.temperature, s_block));
+        lse_t.add(t_block, stage_block(t_row + start, count, problem.temperature, t_block));
       }
-      const RowConstants k = row_constants(problem, row, lse_s.value(), lse_t.value());
+      row_stats[kShiftS] = lse_s.shift();
+      row_stats[kLogSumS] = lse_s.log_sum();
+      row_stats[kShiftT] = lse_t.shift();
+      row_stats[kLogSumT] = lse_t.log_sum();
+      const RowConstants k = row_constants(problem, row, row_stats);
 
       double loss_total = 0.0, c_total = 0.0;  // sweep 2
       for (int64_t start = 0; start < vocab; start += kBlock) {
         const int64_t count = std::min(kBlock, vocab - start);
-        const int64_t length = stage_block(s_row + start, count, problem.inv_temperature, s_block);
-        stage_block(t_row + start, count, problem.inv_temperature, t_block);
+        const int64_t length = stage_block(s_row + start, count, problem.temperature, s_block);
+        stage_block(t_row + start, count, problem.temperature, t_block);
         fVec loss_acc(0.0f), c_acc(0.0f);
         if (!problem.reverse) {
           loss_block<false, false>(s_block, t_block, length, k, loss_acc, c_acc);
@@ -291,9 +310,7 @@ void forward_rows(const SkewProblem& problem, float* loss, float* stats) {
         c_total += lane_sum(c_acc);
       }
       loss[row] = static_cast<float>(loss_total);
-      row_stats[0] = lse_s.value();
-      row_stats[1] = lse_t.value();
-      row_stats[2] = static_cast<float>(problem.reverse ? loss_total + c_total : c_total);
+      row_stats[kC] = static_cast<float>(problem.reverse ? loss_total + c_total : c_total);
     }
   });
 }
@@ -315,15 +332,15 @@ void backward_rows(const SkewProblem& problem, const float* stats, const float* 
         continue;
       }
       const float* row_stats = stats + row * kStats;
-      const RowConstants k = row_constants(problem, row, row_stats[0], row_stats[1]);
-      const float c = row_stats[2];
+      const RowConstants k = row_constants(problem, row, row_stats);
+      const float c = row_stats[kC];
       const float scale = grad_loss[row * grad_loss_stride] * problem.inv_temperature;
       const student_t* s_row = student + row * problem.student_row_stride;
       const teacher_t* t_row = teacher + row * problem.teacher_row_stride;
       for (int64_t start = 0; start < vocab; start += kBlock) {  // sweep 3
         const int64_t count = std::min(kBlock, vocab - start);
-        const int64_t length = stage_block(s_row + start, count, problem.inv_temperature, s_block);
-        stage_block(t_row + start, count, problem.inv_temperature, t_block);
+        const int64_t length = stage_block(s_row + start, count, problem.temperature, s_block);
+        stage_block(t_row + start, count, problem.temperature, t_block);
         if (!problem.reverse) {
           grad_block<false, false>(s_block, t_block, length, k, c, scale, g_block);
         } else if (problem.detach) {

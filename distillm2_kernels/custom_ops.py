@@ -1,14 +1,14 @@
 """The backends' kernels as PyTorch custom ops, so that `torch.compile` traces the fused losses without graph breaks.
 
     distillm2::skew_forward(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature,
-                            reverse, detach, backend) -> (loss [N], stats [N, 3])
+                            reverse, detach, backend) -> (loss [N], stats [N, STATS of the backend])
     distillm2::skew_backward(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature,
                              reverse, detach, backend, stats, grad_loss [N]) -> grad_student [N, V]
 
 The arguments are the fields of `_inputs.SkewRows` (already validated); `backend` is a concrete backend name
 ("triton", "cpu" or "torch", see `backends.resolve_backend_name`). The fake implementations give the output
-shapes and dtypes: float32 loss and stats (float64 for float64 logits) and a contiguous gradient in the
-student's dtype. The autograd formulas live in `skew_divergence` (the autograd Functions call these ops).
+shapes and dtypes: float32 loss and stats (float64 for float64 logits; as many stats per row as the backend's
+`STATS`) and a contiguous gradient in the student's dtype. The autograd formulas live in `skew_divergence` (the autograd Functions call these ops).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from ._inputs import SkewRows
-from .backends import BACKEND_MODULES, STATS
+from .backends import BACKEND_MODULES
 
 
 def _rows(
@@ -60,7 +60,7 @@ def skew_forward(
     detach: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sweeps 1 and 2: per-row loss `[N]` and statistics `[N, 3]` (lse_s, lse_t, C)."""
+    """Sweeps 1 and 2: per-row loss `[N]` and the backend's per-row statistics `[N, STATS]`."""
     rows = _rows(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature)
     return BACKEND_MODULES[backend].skew_forward(rows, reverse, detach)
 
@@ -68,8 +68,8 @@ def skew_forward(
 @skew_forward.register_fake
 def _skew_forward_fake(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature, reverse, detach, backend):
     dtype = _result_dtype(student, teacher)
-    num_rows = student.shape[0]
-    return student.new_empty((num_rows,), dtype=dtype), student.new_empty((num_rows, STATS), dtype=dtype)
+    num_rows, num_stats = student.shape[0], BACKEND_MODULES[backend].STATS
+    return student.new_empty((num_rows,), dtype=dtype), student.new_empty((num_rows, num_stats), dtype=dtype)
 
 
 @torch.library.custom_op("distillm2::skew_backward", mutates_args=())

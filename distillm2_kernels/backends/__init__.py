@@ -2,8 +2,10 @@
 
 Each backend module provides the same two functions over flattened rows (`_inputs.SkewRows`)::
 
-    skew_forward(rows, reverse, detach) -> (loss [N], stats [N, 3])
+    skew_forward(rows, reverse, detach) -> (loss [N], stats [N, STATS])
     skew_backward(rows, reverse, detach, stats, grad_loss [N]) -> grad_student [N, V]
+
+and `STATS`, the number of per-row statistics its forward keeps for its backward.
 
 | name     | runs on                                             | module           |
 | -------- | --------------------------------------------------- | ---------------- |
@@ -25,7 +27,6 @@ import torch
 from . import cpu_backend, torch_backend, triton_backend
 
 BACKENDS = ("auto", "triton", "cpu", "torch")
-STATS = 3  # per-row statistics kept between forward and backward: lse_s, lse_t, C
 BACKEND_MODULES = {"triton": triton_backend, "cpu": cpu_backend, "torch": torch_backend}
 
 _warned_cpu_fallback = False

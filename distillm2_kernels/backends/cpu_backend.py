@@ -24,7 +24,9 @@ import torch
 from .._inputs import SkewRows
 from . import torch_backend
 
-STATS = 3  # lse_s, lse_t, C
+# Per-row statistics kept between forward and backward: each log-sum-exp as max and log Σ exp(x − max)
+# (an lse held as one float loses ~1e-5 absolute when it is near 100), then C.
+STATS = 5  # shift_s, log_sum_s, shift_t, log_sum_t, C
 
 
 def _load_extension() -> tuple[Optional[ModuleType], Optional[str]]:
@@ -83,9 +85,10 @@ def _extension_args(rows: SkewRows) -> tuple:
 
 
 def skew_forward(rows: SkewRows, reverse: bool, detach: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss `[N]` float32 and the statistics `[N, 3]` (lse_s, lse_t, C) the backward needs."""
-    if _runs_in_float64(rows):
-        return torch_backend.skew_forward(rows, reverse, detach)
+    """Per-row loss `[N]` float32 and the statistics `[N, STATS]` the backward needs."""
+    if _runs_in_float64(rows):  # torch_backend's statistics, padded to this backend's STATS columns
+        loss, stats = torch_backend.skew_forward(rows, reverse, detach)
+        return loss, torch.nn.functional.pad(stats, (0, STATS - torch_backend.STATS))
     args = _extension_args(rows)
     loss = torch.empty(rows.num_rows, dtype=torch.float32)
     stats = torch.empty((rows.num_rows, STATS), dtype=torch.float32)
@@ -98,7 +101,7 @@ def skew_backward(
 ) -> torch.Tensor:
     """Gradient w.r.t. the student logits, `[N, V]` contiguous in the student's dtype."""
     if _runs_in_float64(rows):
-        return torch_backend.skew_backward(rows, reverse, detach, stats, grad_loss)
+        return torch_backend.skew_backward(rows, reverse, detach, stats[:, : torch_backend.STATS], grad_loss)
     args = _extension_args(rows)
     grad = torch.empty((rows.num_rows, rows.vocab_size), dtype=rows.student.dtype)
     _extension.skew_backward(*args, reverse, detach, stats.contiguous(), grad_loss.to(torch.float32), grad)
