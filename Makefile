@@ -5,12 +5,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# The C++ CPU backend is compiled by the editable install: rebuild it when its sources change.
+CSRC := $(wildcard csrc/*.cpp csrc/*.h)
 
 .PHONY: install demo test clean
 
 install: $(STAMP)
 
-$(STAMP): setup.py requirements-test.txt
+$(STAMP): setup.py requirements-test.txt $(CSRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -r requirements-test.txt
@@ -24,4 +26,4 @@ test: install
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info distillm2_kernels/_C*.so

@@ -98,8 +98,9 @@ def _alpha_rows(alpha: torch.Tensor, leading: torch.Size, device: torch.device, 
         ) from None
     rows = alpha.to(device=device, dtype=torch.float32).expand(leading).reshape(-1).contiguous()
     in_range = ((rows >= 0) & (rows <= 1)).all()
-    if rows.is_cuda:
-        torch._assert_async(in_range, "alpha must lie in [0, 1]")  # no host sync on the GPU
+    if rows.is_cuda or torch.compiler.is_compiling():
+        # No host sync on the GPU, and no data-dependent branch (a graph break) under torch.compile.
+        torch._assert_async(in_range, "alpha must lie in [0, 1]")
     elif not bool(in_range):
         raise ValueError("alpha must lie in [0, 1]; the alpha tensor has entries outside it (or NaN)")
     return rows

@@ -4,29 +4,32 @@ Both take logits `[..., V]` (student first) and return the per-token loss `[...]
 "none"); the public `fused_skl` / `fused_srkl` add the reductions. The forward runs a backend's first two
 sweeps and keeps three floats per row; the backward runs the third sweep and writes the gradient of the
 student logits, and only when that gradient is needed. The teacher and α get no gradient.
+
+The sweeps run as the custom ops `distillm2::skew_forward` / `distillm2::skew_backward` (`custom_ops`), so
+`torch.compile` traces a step through these Functions without graph breaks.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Optional
 
 import torch
 
 from ._inputs import Alpha, prepare_rows
-from .backends import resolve_backend
+from . import custom_ops
+from .backends import resolve_backend_name
 
 
 def _forward(ctx, student, teacher, alpha, labels, ignore_index, temperature, backend, reverse, detach):
     rows = prepare_rows(student, teacher, alpha, labels, ignore_index, temperature)
-    impl = resolve_backend(backend, rows.student.device)
-    loss, stats = impl.skew_forward(rows, reverse, detach)
+    backend = resolve_backend_name(backend, rows.student.device)
+    scalars = (rows.alpha, rows.ignore_index, rows.inv_temperature, reverse, detach, backend)
+    loss, stats = custom_ops.skew_forward(rows.student, rows.teacher, rows.labels, rows.alpha_rows, *scalars)
     ctx.set_materialize_grads(False)
-    ctx.impl, ctx.reverse, ctx.detach = impl, reverse, detach
+    ctx.scalars = scalars
     ctx.student_shape = student.shape
     if ctx.needs_input_grad[0]:
         ctx.save_for_backward(rows.student, rows.teacher, rows.labels, rows.alpha_rows, stats)
-        ctx.rows = replace(rows, student=None, teacher=None, labels=None, alpha_rows=None)
     return loss.view(rows.leading_shape)
 
 
@@ -34,8 +37,9 @@ def _backward(ctx, grad_loss):
     if grad_loss is None or not ctx.needs_input_grad[0]:
         return None
     student, teacher, labels, alpha_rows, stats = ctx.saved_tensors
-    rows = replace(ctx.rows, student=student, teacher=teacher, labels=labels, alpha_rows=alpha_rows)
-    grad = ctx.impl.skew_backward(rows, ctx.reverse, ctx.detach, stats, grad_loss.reshape(-1))
+    grad = custom_ops.skew_backward(
+        student, teacher, labels, alpha_rows, *ctx.scalars, stats, grad_loss.reshape(-1)
+    )
     return grad.view(ctx.student_shape)
 
 

@@ -2,45 +2,86 @@
 
 Each backend module provides the same two functions over flattened rows (`_inputs.SkewRows`)::
 
-    skew_forward(rows, reverse, detach) -> (loss [N], stats [N, 3])
+    skew_forward(rows, reverse, detach) -> (loss [N], stats [N, STATS])
     skew_backward(rows, reverse, detach, stats, grad_loss [N]) -> grad_student [N, V]
 
-| name     | runs on                                        | module            |
-| -------- | ---------------------------------------------- | ----------------- |
-| "triton" | CUDA tensors; CPU tensors with TRITON_INTERPRET=1 | `triton_backend` |
-| "torch"  | any device (chunked pure PyTorch)              | `torch_backend`   |
+and `STATS`, the number of per-row statistics its forward keeps for its backward.
+
+| name     | runs on                                             | module           |
+| -------- | --------------------------------------------------- | ---------------- |
+| "triton" | CUDA tensors; CPU tensors with TRITON_INTERPRET=1   | `triton_backend` |
+| "cpu"    | CPU tensors (the C++ extension built from csrc/)    | `cpu_backend`    |
+| "torch"  | any device (chunked pure PyTorch)                   | `torch_backend`  |
+
+"auto" picks "triton" for CUDA tensors and "cpu" for CPU tensors; where that one cannot run it uses "torch"
+(for CPU tensors with a one-time warning that the C++ extension is unavailable).
 """
 
 from __future__ import annotations
 
+import warnings
 from types import ModuleType
 
 import torch
 
-from . import torch_backend, triton_backend
+from . import cpu_backend, torch_backend, triton_backend
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "cpu", "torch")
+BACKEND_MODULES = {"triton": triton_backend, "cpu": cpu_backend, "torch": torch_backend}
+
+_warned_cpu_fallback = False
+
+
+def _warn_cpu_fallback_once() -> None:
+    global _warned_cpu_fallback
+    if not _warned_cpu_fallback:
+        _warned_cpu_fallback = True
+        warnings.warn(
+            f"distillm2_kernels: the C++ CPU backend is unavailable ({cpu_backend.unavailable_reason()}); "
+            "CPU tensors use the slower chunked 'torch' backend",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def available_backends(device: torch.device) -> list[str]:
     """The backend names (other than "auto") that can run on tensors on `device`."""
+    device = torch.device(device)
     names = ["torch"]
-    if triton_backend.unavailable_reason(torch.device(device)) is None:
+    if triton_backend.unavailable_reason(device) is None:
         names.append("triton")
+    if device.type == "cpu" and cpu_backend.unavailable_reason() is None:
+        names.append("cpu")
     return names
 
 
-def resolve_backend(name: str, device: torch.device) -> ModuleType:
-    """The backend module for `name` ("auto", "triton" or "torch") and tensors on `device`."""
+def resolve_backend_name(name: str, device: torch.device) -> str:
+    """The concrete backend ("triton", "cpu" or "torch") for `name` and tensors on `device`."""
     if name == "auto":
         if device.type == "cuda" and triton_backend.unavailable_reason(device) is None:
-            return triton_backend
-        return torch_backend
+            return "triton"
+        if device.type == "cpu":
+            if cpu_backend.unavailable_reason() is None:
+                return "cpu"
+            _warn_cpu_fallback_once()
+        return "torch"
     if name == "triton":
         reason = triton_backend.unavailable_reason(device)
         if reason is not None:
             raise ValueError(f"backend='triton' cannot run here: {reason}")
-        return triton_backend
+        return name
+    if name == "cpu":
+        reason = cpu_backend.unavailable_reason()
+        if reason is not None:
+            raise ValueError(f"backend='cpu' cannot run here: {reason}")
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' runs on CPU tensors, got tensors on {device}")
+        return name
     if name == "torch":
-        return torch_backend
+        return name
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+
+
+def resolve_backend(name: str, device: torch.device) -> ModuleType:
+    """The backend module for `name` ("auto", "triton", "cpu" or "torch") and tensors on `device`."""
+    return BACKEND_MODULES[resolve_backend_name(name, device)]

@@ -1,0 +1,195 @@
+// Python bindings of the CPU skew-divergence kernels: argument checks, output allocation, and the choice of
+// instruction set at run time (ATen's own choice, `torch.backends.cpu.get_cpu_capability()`, which honours
+// the ATEN_CPU_CAPABILITY environment variable).
+//
+//   skew_forward(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature, reverse, detach,
+//                loss, stats)              writes loss [N] float32 and stats [N, 5] float32 (see kStats)
+//   skew_backward(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature, reverse, detach,
+//                 stats, grad_loss, grad)  writes grad [N, V] contiguous, student dtype
+//
+// The caller allocates the outputs (so that tests can poison them) and every element is written.
+// student and teacher are [N, V] CPU tensors with unit column stride; labels is an optional int64 [N] tensor,
+// alpha_rows an optional float32 [N] tensor (per-row α, replacing `alpha`). The math is in
+// skew_divergence_kernel.h.
+#include <ATen/Context.h>
+#include <torch/extension.h>
+
+#include <optional>
+#include <string>
+
+#include "skew_divergence.h"
+
+namespace distillm2 {
+
+namespace DEFAULT {
+DISTILLM2_DECLARE_KERNELS
+}
+#ifdef DISTILLM2_X86_KERNELS
+namespace AVX2 {
+DISTILLM2_DECLARE_KERNELS
+}
+namespace AVX512 {
+DISTILLM2_DECLARE_KERNELS
+}
+#endif
+
+namespace {
+
+enum class Isa { Default, Avx2, Avx512 };
+
+Isa selected_isa() {
+  static const Isa isa = [] {
+#ifdef DISTILLM2_X86_KERNELS
+    const std::string capability = at::get_cpu_capability();
+    if (capability == "AVX512") {
+      return Isa::Avx512;
+    }
+    if (capability == "AVX2") {
+      return Isa::Avx2;
+    }
+#endif
+    return Isa::Default;
+  }();
+  return isa;
+}
+
+const char* isa_name() {
+  switch (selected_isa()) {
+    case Isa::Avx512:
+      return "AVX512";
+    case Isa::Avx2:
+      return "AVX2";
+    default:
+      return "DEFAULT";
+  }
+}
+
+bool is_logits_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
+}
+
+void check_logits(const char* name, const at::Tensor& logits) {
+  TORCH_CHECK(logits.device().is_cpu(), name, " must be a CPU tensor, got one on ", logits.device());
+  TORCH_CHECK(logits.dim() == 2, name, " must be [N, V], got ", logits.sizes());
+  TORCH_CHECK(is_logits_dtype(logits.scalar_type()), name, " must be float32, bfloat16 or float16, got ",
+              logits.scalar_type());
+  TORCH_CHECK(logits.size(1) <= 1 || logits.stride(1) == 1, name, " must have unit column stride, got strides ",
+              logits.strides());
+}
+
+void check_row_vector(const char* name, const at::Tensor& tensor, at::ScalarType dtype, int64_t num_rows) {
+  TORCH_CHECK(tensor.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(tensor.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", tensor.scalar_type());
+  TORCH_CHECK(tensor.dim() == 1 && tensor.size(0) == num_rows, name, " must have shape [", num_rows, "], got ",
+              tensor.sizes());
+}
+
+SkewProblem make_problem(const at::Tensor& student, const at::Tensor& teacher,
+                         const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& alpha_rows,
+                         double alpha, int64_t ignore_index, double inv_temperature, bool reverse, bool detach) {
+  check_logits("student", student);
+  check_logits("teacher", teacher);
+  TORCH_CHECK(student.sizes() == teacher.sizes(), "student ", student.sizes(), " and teacher ", teacher.sizes(),
+              " differ in shape");
+  const int64_t num_rows = student.size(0);
+  TORCH_CHECK(student.size(1) > 0, "empty vocabulary (V = 0)");
+  if (labels.has_value()) {
+    check_row_vector("labels", *labels, at::kLong, num_rows);
+    TORCH_CHECK(labels->is_contiguous(), "labels must be contiguous");
+  }
+  if (alpha_rows.has_value()) {
+    check_row_vector("alpha_rows", *alpha_rows, at::kFloat, num_rows);
+    TORCH_CHECK(alpha_rows->is_contiguous(), "alpha_rows must be contiguous");
+  }
+  TORCH_CHECK(alpha >= 0.0 && alpha <= 1.0, "alpha must lie in [0, 1], got ", alpha);
+  TORCH_CHECK(inv_temperature > 0.0, "inv_temperature must be > 0, got ", inv_temperature);
+  return SkewProblem{
+      student.data_ptr(),
+      teacher.data_ptr(),
+      student.scalar_type(),
+      teacher.scalar_type(),
+      student.stride(0),
+      teacher.stride(0),
+      num_rows,
+      student.size(1),
+      labels.has_value() ? labels->data_ptr<int64_t>() : nullptr,
+      ignore_index,
+      alpha_rows.has_value() ? alpha_rows->data_ptr<float>() : nullptr,
+      static_cast<float>(alpha),
+      static_cast<float>(1.0 / inv_temperature),
+      static_cast<float>(inv_temperature),
+      reverse,
+      reverse && detach,
+  };
+}
+
+void check_output(const char* name, const at::Tensor& out, at::ScalarType dtype, at::IntArrayRef shape) {
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == dtype && out.sizes() == shape && out.is_contiguous(),
+              name, " must be a contiguous ", dtype, " CPU tensor of shape ", shape, ", got ", out.scalar_type(),
+              " ", out.sizes());
+}
+
+void skew_forward(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+                  const std::optional<at::Tensor>& alpha_rows, double alpha, int64_t ignore_index,
+                  double inv_temperature, bool reverse, bool detach, at::Tensor& loss, at::Tensor& stats) {
+  const SkewProblem problem =
+      make_problem(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature, reverse, detach);
+  check_output("loss", loss, at::kFloat, {problem.num_rows});
+  check_output("stats", stats, at::kFloat, {problem.num_rows, kStats});
+  float* loss_ptr = loss.data_ptr<float>();
+  float* stats_ptr = stats.data_ptr<float>();
+  switch (selected_isa()) {
+#ifdef DISTILLM2_X86_KERNELS
+    case Isa::Avx512:
+      return AVX512::skew_forward_rows(problem, loss_ptr, stats_ptr);
+    case Isa::Avx2:
+      return AVX2::skew_forward_rows(problem, loss_ptr, stats_ptr);
+#endif
+    default:
+      return DEFAULT::skew_forward_rows(problem, loss_ptr, stats_ptr);
+  }
+}
+
+void skew_backward(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+                   const std::optional<at::Tensor>& alpha_rows, double alpha, int64_t ignore_index,
+                   double inv_temperature, bool reverse, bool detach, const at::Tensor& stats,
+                   const at::Tensor& grad_loss, at::Tensor& grad) {
+  const SkewProblem problem =
+      make_problem(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature, reverse, detach);
+  check_output("stats", stats, at::kFloat, {problem.num_rows, kStats});
+  check_row_vector("grad_loss", grad_loss, at::kFloat, problem.num_rows);
+  check_output("grad", grad, student.scalar_type(), {problem.num_rows, problem.vocab_size});
+  const float* stats_ptr = stats.data_ptr<float>();
+  const float* grad_loss_ptr = grad_loss.data_ptr<float>();
+  const int64_t grad_loss_stride = grad_loss.stride(0);
+  void* grad_ptr = grad.data_ptr();
+  switch (selected_isa()) {
+#ifdef DISTILLM2_X86_KERNELS
+    case Isa::Avx512:
+      return AVX512::skew_backward_rows(problem, stats_ptr, grad_loss_ptr, grad_loss_stride, grad_ptr);
+    case Isa::Avx2:
+      return AVX2::skew_backward_rows(problem, stats_ptr, grad_loss_ptr, grad_loss_stride, grad_ptr);
+#endif
+    default:
+      return DEFAULT::skew_backward_rows(problem, stats_ptr, grad_loss_ptr, grad_loss_stride, grad_ptr);
+  }
+}
+
+}  // namespace
+}  // namespace distillm2
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "distillm2_kernels CPU kernels: skew KL / skew reverse KL over [N, V] logits";
+  m.def("skew_forward", &distillm2::skew_forward, py::call_guard<py::gil_scoped_release>(),
+        "Writes the per-row loss [N] and stats [N, num_stats]", py::arg("student"), py::arg("teacher"),
+        py::arg("labels"), py::arg("alpha_rows"), py::arg("alpha"), py::arg("ignore_index"),
+        py::arg("inv_temperature"), py::arg("reverse"), py::arg("detach"), py::arg("loss"), py::arg("stats"));
+  m.def("skew_backward", &distillm2::skew_backward, py::call_guard<py::gil_scoped_release>(),
+        "Writes the gradient w.r.t. the student logits, [N, V] contiguous in the student dtype",
+        py::arg("student"), py::arg("teacher"), py::arg("labels"), py::arg("alpha_rows"), py::arg("alpha"),
+        py::arg("ignore_index"), py::arg("inv_temperature"), py::arg("reverse"), py::arg("detach"),
+        py::arg("stats"), py::arg("grad_loss"), py::arg("grad"));
+  m.def("kernel_isa", &distillm2::isa_name, "The instruction set the kernels run with: AVX512, AVX2 or DEFAULT");
+  m.attr("built_with_torch") = DISTILLM2_TORCH_VERSION;
+  m.attr("num_stats") = distillm2::kStats;
+}

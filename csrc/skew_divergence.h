@@ -1,0 +1,45 @@
+// The problem one call of the CPU kernels solves, and the entry points each instruction-set build provides.
+//
+// Rows are [N, V] logits with unit column stride and any row stride; see skew_divergence_kernel.h for the math.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+namespace distillm2 {
+
+struct SkewProblem {
+  const void* student;  // [N, V] student logits (float, bfloat16 or half)
+  const void* teacher;  // [N, V] teacher logits (float, bfloat16 or half)
+  c10::ScalarType student_dtype;
+  c10::ScalarType teacher_dtype;
+  int64_t student_row_stride;  // elements between consecutive student rows
+  int64_t teacher_row_stride;  // elements between consecutive teacher rows
+  int64_t num_rows;            // N
+  int64_t vocab_size;          // V
+  const int64_t* labels;       // [N], or nullptr when every row counts
+  int64_t ignore_index;        // rows whose label equals this are skipped (loss, stats and gradient 0)
+  const float* alpha_rows;     // [N] per-row α, or nullptr to use `alpha`
+  float alpha;                 // the scalar α
+  float temperature;           // T: the logits are divided by it
+  float inv_temperature;       // 1 / T: scales the gradient
+  bool reverse;                // false: SKL, true: SRKL
+  bool detach;                 // SRKL only: the q inside the mixture r is a constant
+};
+
+// Per-row statistics kept between forward and backward: the student's and the teacher's log-sum-exp, each as
+// max and log Σ exp(x − max), and the row constant C.
+constexpr int64_t kStats = 5;
+
+// Each instruction-set build (namespaces DEFAULT, AVX2, AVX512) defines:
+//   void skew_forward_rows(const SkewProblem&, float* loss /*[N]*/, float* stats /*[N, kStats]*/);
+//   void skew_backward_rows(const SkewProblem&, const float* stats /*[N, kStats]*/, const float* grad_loss,
+//                           int64_t grad_loss_stride, void* grad /*[N, V] contiguous, student dtype*/);
+#define DISTILLM2_DECLARE_KERNELS                                                                        \
+  void skew_forward_rows(const SkewProblem& problem, float* loss, float* stats);                         \
+  void skew_backward_rows(                                                                               \
+      const SkewProblem& problem, const float* stats, const float* grad_loss, int64_t grad_loss_stride, \
+      void* grad);
+
+}  // namespace distillm2
