@@ -5,7 +5,13 @@ import torch
 from conftest import kernel_device
 
 from distillm2_kernels import fused_skl, fused_srkl
-from distillm2_kernels.backends import available_backends, resolve_backend, torch_backend, triton_backend
+from distillm2_kernels.backends import (
+    available_backends,
+    cpu_backend,
+    resolve_backend,
+    torch_backend,
+    triton_backend,
+)
 
 DEVICE = kernel_device()
 
@@ -64,15 +70,18 @@ def test_mixed_dtypes_are_accepted():
 
 
 def test_backend_selection(monkeypatch):
+    """auto: the C++ backend for CPU tensors where it is built (else torch, see test_cpu_backend's fallback
+    test); triton only with the interpreter on CPU tensors."""
     assert resolve_backend("torch", torch.device("cpu")) is torch_backend
-    assert resolve_backend("auto", torch.device("cpu")) is torch_backend
+    expected = cpu_backend if cpu_backend.unavailable_reason() is None else torch_backend
+    assert resolve_backend("auto", torch.device("cpu")) is expected
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_backend("triton", torch.device("cpu")) is triton_backend
     assert "triton" in available_backends(torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         resolve_backend("triton", torch.device("cpu"))
-    assert available_backends(torch.device("cpu")) == ["torch"]
+    assert "triton" not in available_backends(torch.device("cpu"))
 
 
 def test_triton_rejects_float64():
