@@ -3,7 +3,8 @@
 from .functional import fused_skl, fused_srkl
 from .fused_linear import FusedLinearSKLFunction, FusedLinearSRKLFunction, fused_linear_skl, fused_linear_srkl
 from .modules import SkewKLLoss, SkewReverseKLLoss
-from .skew_divergence import FusedSKLFunction, FusedSRKLFunction
+from .objective import DistiLLM2Loss, distillm2_loss
+from .skew_divergence import FusedSKLFunction, FusedSRKLFunction, TokenStatistics, token_statistics
 
 __version__ = "0.1.0"
 
@@ -18,5 +19,9 @@ __all__ = [
     "FusedLinearSRKLFunction",
     "SkewKLLoss",
     "SkewReverseKLLoss",
+    "distillm2_loss",
+    "DistiLLM2Loss",
+    "token_statistics",
+    "TokenStatistics",
     "__version__",
 ]

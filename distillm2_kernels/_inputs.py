@@ -211,3 +211,15 @@ def check_reduction(
             f"reduction='seqmean' needs {expected_input} (a token mean within each sequence), "
             f"got leading shape {tuple(leading_shape)}"
         )
+
+
+def check_label_range(rows: SkewRows) -> None:
+    """Labels must be token ids in [0, V) or `ignore_index` (checked without a host sync on the GPU)."""
+    if rows.labels is None:
+        return
+    ok = ((rows.labels == rows.ignore_index) | ((rows.labels >= 0) & (rows.labels < rows.vocab_size))).all()
+    message = f"labels must be token ids in [0, {rows.vocab_size}) or ignore_index ({rows.ignore_index})"
+    if rows.labels.is_cuda:
+        torch._assert_async(ok, message)
+    elif not bool(ok):
+        raise ValueError(message)

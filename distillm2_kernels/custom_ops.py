@@ -1,14 +1,17 @@
 """The backends' kernels as PyTorch custom ops, so that `torch.compile` traces the fused losses without graph breaks.
 
+    distillm2::skew_statistics(student, teacher, labels, ignore_index, inv_temperature, backend)
+        -> stats [N, 7]                                                     (sweep 1)
     distillm2::skew_forward(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature,
-                            reverse, detach, backend) -> (loss [N], stats [N, STATS of the backend])
+                            reverse, detach, backend, stats?) -> (loss [N], stats [N, 7])   (sweeps 1 and 2)
     distillm2::skew_backward(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature,
-                             reverse, detach, backend, stats, grad_loss [N]) -> grad_student [N, V]
+                             reverse, detach, backend, stats, grad_loss [N]) -> grad_student [N, V]   (sweep 3)
 
 The arguments are the fields of `_inputs.SkewRows` (already validated); `backend` is a concrete backend name
-("triton", "cpu" or "torch", see `backends.resolve_backend_name`). The fake implementations give the output
-shapes and dtypes: float32 loss and stats (float64 for float64 logits; as many stats per row as the backend's
-`STATS`) and a contiguous gradient in the student's dtype. The autograd formulas live in `skew_divergence` (the autograd Functions call these ops).
+("triton", "cpu" or "torch", see `backends.resolve_backend_name`). `skew_forward` given `stats` from
+`skew_statistics` skips sweep 1. The fake implementations give the output shapes and dtypes: float32 loss
+and stats (float64 for float64 logits) and a contiguous gradient in the student's dtype. The autograd
+formulas live in `skew_divergence` (the autograd Functions call these ops).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Optional
 import torch
 
 from ._inputs import SkewRows
-from .backends import BACKEND_MODULES
+from .backends import BACKEND_MODULES, STATS
 
 
 def _rows(
@@ -47,6 +50,25 @@ def _result_dtype(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
     return torch.float64 if float64 else torch.float32
 
 
+@torch.library.custom_op("distillm2::skew_statistics", mutates_args=())
+def skew_statistics(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    ignore_index: int,
+    inv_temperature: float,
+    backend: str,
+) -> torch.Tensor:
+    """Sweep 1: the row statistics `[N, 7]`, with the label tokens' log-probabilities."""
+    rows = _rows(student, teacher, labels, None, 0.0, ignore_index, inv_temperature)
+    return BACKEND_MODULES[backend].skew_statistics(rows)
+
+
+@skew_statistics.register_fake
+def _skew_statistics_fake(student, teacher, labels, ignore_index, inv_temperature, backend):
+    return student.new_empty((student.shape[0], STATS), dtype=_result_dtype(student, teacher))
+
+
 @torch.library.custom_op("distillm2::skew_forward", mutates_args=())
 def skew_forward(
     student: torch.Tensor,
@@ -59,17 +81,20 @@ def skew_forward(
     reverse: bool,
     detach: bool,
     backend: str,
+    stats: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sweeps 1 and 2: per-row loss `[N]` and the backend's per-row statistics `[N, STATS]`."""
+    """Sweeps 1 and 2 (sweep 2 only when `stats` is given): per-row loss `[N]` and statistics `[N, 7]`."""
     rows = _rows(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature)
-    return BACKEND_MODULES[backend].skew_forward(rows, reverse, detach)
+    return BACKEND_MODULES[backend].skew_forward(rows, reverse, detach, stats)
 
 
 @skew_forward.register_fake
-def _skew_forward_fake(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature, reverse, detach, backend):
+def _skew_forward_fake(
+    student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature, reverse, detach, backend, stats=None
+):
     dtype = _result_dtype(student, teacher)
-    num_rows, num_stats = student.shape[0], BACKEND_MODULES[backend].STATS
-    return student.new_empty((num_rows,), dtype=dtype), student.new_empty((num_rows, num_stats), dtype=dtype)
+    num_rows = student.shape[0]
+    return student.new_empty((num_rows,), dtype=dtype), student.new_empty((num_rows, STATS), dtype=dtype)
 
 
 @torch.library.custom_op("distillm2::skew_backward", mutates_args=())

@@ -1,30 +1,92 @@
-"""The autograd ops `FusedSKLFunction` and `FusedSRKLFunction`.
+"""The autograd ops `FusedSKLFunction` and `FusedSRKLFunction`, and the row statistics they share.
 
 Both take logits `[..., V]` (student first) and return the per-token loss `[...]` in float32 (reduction
 "none"); the public `fused_skl` / `fused_srkl` add the reductions. The forward runs a backend's first two
-sweeps and keeps three floats per row; the backward runs the third sweep and writes the gradient of the
+sweeps and keeps seven floats per row; the backward runs the third sweep and writes the gradient of the
 student logits, and only when that gradient is needed. The teacher and α get no gradient.
 
-The sweeps run as the custom ops `distillm2::skew_forward` / `distillm2::skew_backward` (`custom_ops`), so
-`torch.compile` traces a step through these Functions without graph breaks.
+Sweep 1 can run on its own (`token_statistics`): it gives the label tokens' log-probabilities
+log q(y_k), log p(y_k) as a by-product, and passing its result as `statistics` to an op on the same
+logits skips sweep 1 there. The DistiLLM-2 objective uses this to pick α from sequence probabilities
+without an extra pass over the vocabulary.
+
+The sweeps run as the custom ops `distillm2::skew_statistics` / `skew_forward` / `skew_backward`
+(`custom_ops`), so `torch.compile` traces a step through these Functions without graph breaks.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-from ._inputs import Alpha, prepare_rows
 from . import custom_ops
-from .backends import resolve_backend_name
+from ._inputs import Alpha, check_label_range, prepare_rows
+from .backends import STATS, resolve_backend_name
 
 
-def _forward(ctx, student, teacher, alpha, labels, ignore_index, temperature, backend, reverse, detach):
+class TokenStatistics(NamedTuple):
+    """Sweep 1's row statistics for one pair of logits `[..., V]`: `stats` is `[N, 7]` (see `backends`)."""
+
+    stats: torch.Tensor
+    leading_shape: torch.Size
+
+    @property
+    def student_label_logprobs(self) -> torch.Tensor:
+        """log q(label) per token, the logits' leading shape (0 at ignored tokens)."""
+        return self.stats[:, 5].view(self.leading_shape)
+
+    @property
+    def teacher_label_logprobs(self) -> torch.Tensor:
+        """log p(label) per token, the logits' leading shape (0 at ignored tokens)."""
+        return self.stats[:, 6].view(self.leading_shape)
+
+
+def token_statistics(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    backend: str = "auto",
+) -> TokenStatistics:
+    """Sweep 1 over `[..., V]` logits (student first): the label tokens' log-probabilities under student
+    and teacher, at temperature T, and the statistics that let `fused_skl` / `fused_srkl` skip sweep 1."""
+    if labels is None:
+        raise ValueError("token_statistics needs labels: the label tokens' log-probabilities are its output")
+    rows = prepare_rows(student_logits, teacher_logits, 0.0, labels, ignore_index, temperature)
+    check_label_range(rows)
+    name = resolve_backend_name(backend, rows.student.device)
+    stats = custom_ops.skew_statistics(
+        rows.student, rows.teacher, rows.labels, rows.ignore_index, rows.inv_temperature, name
+    )
+    return TokenStatistics(stats, rows.leading_shape)
+
+
+def _check_statistics(statistics: Optional[TokenStatistics], rows) -> Optional[torch.Tensor]:
+    if statistics is None:
+        return None
+    if not isinstance(statistics, TokenStatistics):
+        raise TypeError(f"statistics must come from token_statistics(), got {type(statistics).__name__}")
+    if statistics.leading_shape != rows.leading_shape or statistics.stats.shape != (rows.num_rows, STATS):
+        raise ValueError(
+            f"statistics were computed for logits of leading shape {tuple(statistics.leading_shape)}, "
+            f"these have {tuple(rows.leading_shape)}"
+        )
+    if statistics.stats.device != rows.student.device:
+        raise ValueError(f"statistics are on {statistics.stats.device}, the logits on {rows.student.device}")
+    return statistics.stats
+
+
+def _forward(ctx, student, teacher, alpha, labels, ignore_index, temperature, backend, reverse, detach, statistics):
     rows = prepare_rows(student, teacher, alpha, labels, ignore_index, temperature)
+    given_stats = _check_statistics(statistics, rows)
     backend = resolve_backend_name(backend, rows.student.device)
     scalars = (rows.alpha, rows.ignore_index, rows.inv_temperature, reverse, detach, backend)
-    loss, stats = custom_ops.skew_forward(rows.student, rows.teacher, rows.labels, rows.alpha_rows, *scalars)
+    loss, stats = custom_ops.skew_forward(
+        rows.student, rows.teacher, rows.labels, rows.alpha_rows, *scalars, given_stats
+    )
     ctx.set_materialize_grads(False)
     ctx.scalars = scalars
     ctx.student_shape = student.shape
@@ -47,7 +109,8 @@ class FusedSKLFunction(torch.autograd.Function):
     """SKL_α = KL(p ‖ αp + (1−α)q) per token, with q = softmax(z_s/T), p = softmax(z_t/T).
 
     `FusedSKLFunction.apply(student_logits, teacher_logits, alpha, labels, ignore_index, temperature,
-    backend)` -> float32 loss of shape `student_logits.shape[:-1]`; ignored tokens give 0.
+    backend, statistics=None)` -> float32 loss of shape `student_logits.shape[:-1]`; ignored tokens give 0.
+    `statistics`: `token_statistics` of the same logits, labels and temperature, to skip sweep 1.
     """
 
     @staticmethod
@@ -60,21 +123,32 @@ class FusedSKLFunction(torch.autograd.Function):
         ignore_index: int = -100,
         temperature: float = 1.0,
         backend: str = "auto",
+        statistics: Optional[TokenStatistics] = None,
     ) -> torch.Tensor:
         return _forward(
-            ctx, student_logits, teacher_logits, alpha, labels, ignore_index, temperature, backend, False, False
+            ctx,
+            student_logits,
+            teacher_logits,
+            alpha,
+            labels,
+            ignore_index,
+            temperature,
+            backend,
+            False,
+            False,
+            statistics,
         )
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return _backward(ctx, grad_loss), None, None, None, None, None, None
+        return _backward(ctx, grad_loss), None, None, None, None, None, None, None
 
 
 class FusedSRKLFunction(torch.autograd.Function):
     """SRKL_α = KL(q ‖ (1−α)p + αq) per token; `detach_mixture` treats the q inside r as a constant.
 
     `FusedSRKLFunction.apply(student_logits, teacher_logits, alpha, labels, ignore_index, temperature,
-    backend, detach_mixture)` -> float32 loss of shape `student_logits.shape[:-1]`.
+    backend, detach_mixture, statistics=None)` -> float32 loss of shape `student_logits.shape[:-1]`.
     """
 
     @staticmethod
@@ -88,6 +162,7 @@ class FusedSRKLFunction(torch.autograd.Function):
         temperature: float = 1.0,
         backend: str = "auto",
         detach_mixture: bool = False,
+        statistics: Optional[TokenStatistics] = None,
     ) -> torch.Tensor:
         return _forward(
             ctx,
@@ -100,8 +175,32 @@ class FusedSRKLFunction(torch.autograd.Function):
             backend,
             True,
             bool(detach_mixture),
+            statistics,
         )
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return _backward(ctx, grad_loss), None, None, None, None, None, None, None
+        return _backward(ctx, grad_loss), None, None, None, None, None, None, None, None
+
+
+def skew_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    alpha: Alpha,
+    labels: Optional[torch.Tensor],
+    *,
+    reverse: bool,
+    detach_mixture: bool = False,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    statistics: Optional[TokenStatistics] = None,
+) -> torch.Tensor:
+    """Per-token SKL (`reverse=False`) or SRKL (`reverse=True`), reusing `statistics` when given."""
+    if reverse:
+        return FusedSRKLFunction.apply(
+            student_logits, teacher_logits, alpha, labels, ignore_index, temperature, backend, detach_mixture, statistics
+        )
+    return FusedSKLFunction.apply(
+        student_logits, teacher_logits, alpha, labels, ignore_index, temperature, backend, statistics
+    )

@@ -1,11 +1,16 @@
 """The implementations behind the public ops, and how one is chosen.
 
-Each backend module provides the same two functions over flattened rows (`_inputs.SkewRows`)::
+Each backend module provides the same three functions over flattened rows (`_inputs.SkewRows`)::
 
-    skew_forward(rows, reverse, detach) -> (loss [N], stats [N, STATS])
-    skew_backward(rows, reverse, detach, stats, grad_loss [N]) -> grad_student [N, V]
+    skew_statistics(rows) -> stats [N, STATS]                                     sweep 1
+    skew_forward(rows, reverse, detach, stats=None) -> (loss [N], stats [N, STATS])   sweeps 1 (unless
+                                                                                  given stats) and 2
+    skew_backward(rows, reverse, detach, stats, grad_loss [N]) -> grad_student [N, V]   sweep 3
 
-and `STATS`, the number of per-row statistics its forward keeps for its backward.
+with the same STATS = 7 row statistics: max z_s, log Σ exp((z_s − max z_s)/T), the same two for z_t, the
+row constant C of the gradient, and the label tokens' log q(label), log p(label) (0 without labels; every
+column 0 on ignored rows). `ROW_TEMPORARIES` says how many `[rows, V]` float32 temporaries a backend holds
+(for callers that size their own row blocks).
 
 | name     | runs on                                             | module           |
 | -------- | --------------------------------------------------- | ---------------- |
@@ -27,6 +32,7 @@ import torch
 from . import cpu_backend, torch_backend, triton_backend
 
 BACKENDS = ("auto", "triton", "cpu", "torch")
+STATS = 7
 BACKEND_MODULES = {"triton": triton_backend, "cpu": cpu_backend, "torch": torch_backend}
 
 _warned_cpu_fallback = False
