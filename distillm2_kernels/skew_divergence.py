@@ -5,8 +5,8 @@ Both take logits `[..., V]` (student first) and return the per-token loss `[...]
 sweeps and keeps three floats per row; the backward runs the third sweep and writes the gradient of the
 student logits, and only when that gradient is needed. The teacher and α get no gradient.
 
-The sweeps run as the custom ops `distillm2::skew_forward` / `distillm2::skew_backward` (`custom_ops`), so
-`torch.compile` traces a step through these Functions without graph breaks.
+Under torch.compile the sweeps run as the custom ops `distillm2::skew_forward` / `distillm2::skew_backward`
+(`custom_ops`), so a step through these Functions traces without graph breaks; eager calls skip the dispatcher.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _forward(ctx, student, teacher, alpha, labels, ignore_index, temperature, ba
     rows = prepare_rows(student, teacher, alpha, labels, ignore_index, temperature)
     backend = resolve_backend_name(backend, rows.student.device)
     scalars = (rows.alpha, rows.ignore_index, rows.inv_temperature, reverse, detach, backend)
-    loss, stats = custom_ops.skew_forward(rows.student, rows.teacher, rows.labels, rows.alpha_rows, *scalars)
+    loss, stats = custom_ops.forward(rows.student, rows.teacher, rows.labels, rows.alpha_rows, *scalars)
     ctx.set_materialize_grads(False)
     ctx.scalars = scalars
     ctx.student_shape = student.shape
@@ -37,7 +37,7 @@ def _backward(ctx, grad_loss):
     if grad_loss is None or not ctx.needs_input_grad[0]:
         return None
     student, teacher, labels, alpha_rows, stats = ctx.saved_tensors
-    grad = custom_ops.skew_backward(
+    grad = custom_ops.backward(
         student, teacher, labels, alpha_rows, *ctx.scalars, stats, grad_loss.reshape(-1)
     )
     return grad.view(ctx.student_shape)
