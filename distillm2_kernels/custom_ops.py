@@ -11,7 +11,8 @@ The arguments are the fields of `_inputs.SkewRows` (already validated); `backend
 ("triton", "cpu" or "torch", see `backends.resolve_backend_name`). `skew_forward` given `stats` from
 `skew_statistics` skips sweep 1. The fake implementations give the output shapes and dtypes: float32 loss
 and stats (float64 for float64 logits) and a contiguous gradient in the student's dtype. The autograd
-formulas live in `skew_divergence` (the autograd Functions call these ops).
+formulas live in `skew_divergence`; its Functions call `statistics` / `forward` / `backward`, which use the
+ops only while torch.compile traces.
 """
 
 from __future__ import annotations
@@ -50,8 +51,7 @@ def _result_dtype(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
     return torch.float64 if float64 else torch.float32
 
 
-@torch.library.custom_op("distillm2::skew_statistics", mutates_args=())
-def skew_statistics(
+def skew_statistics_eager(
     student: torch.Tensor,
     teacher: torch.Tensor,
     labels: Optional[torch.Tensor],
@@ -64,13 +64,15 @@ def skew_statistics(
     return BACKEND_MODULES[backend].skew_statistics(rows)
 
 
+skew_statistics = torch.library.custom_op("distillm2::skew_statistics", mutates_args=())(skew_statistics_eager)
+
+
 @skew_statistics.register_fake
 def _skew_statistics_fake(student, teacher, labels, ignore_index, inv_temperature, backend):
     return student.new_empty((student.shape[0], STATS), dtype=_result_dtype(student, teacher))
 
 
-@torch.library.custom_op("distillm2::skew_forward", mutates_args=())
-def skew_forward(
+def skew_forward_eager(
     student: torch.Tensor,
     teacher: torch.Tensor,
     labels: Optional[torch.Tensor],
@@ -88,6 +90,9 @@ def skew_forward(
     return BACKEND_MODULES[backend].skew_forward(rows, reverse, detach, stats)
 
 
+skew_forward = torch.library.custom_op("distillm2::skew_forward", mutates_args=())(skew_forward_eager)
+
+
 @skew_forward.register_fake
 def _skew_forward_fake(
     student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature, reverse, detach, backend, stats=None
@@ -97,8 +102,7 @@ def _skew_forward_fake(
     return student.new_empty((num_rows,), dtype=dtype), student.new_empty((num_rows, STATS), dtype=dtype)
 
 
-@torch.library.custom_op("distillm2::skew_backward", mutates_args=())
-def skew_backward(
+def skew_backward_eager(
     student: torch.Tensor,
     teacher: torch.Tensor,
     labels: Optional[torch.Tensor],
@@ -117,8 +121,27 @@ def skew_backward(
     return BACKEND_MODULES[backend].skew_backward(rows, reverse, detach, stats, grad_loss)
 
 
+skew_backward = torch.library.custom_op("distillm2::skew_backward", mutates_args=())(skew_backward_eager)
+
+
 @skew_backward.register_fake
 def _skew_backward_fake(
     student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature, reverse, detach, backend, stats, grad_loss
 ):
     return student.new_empty(student.shape, dtype=student.dtype).contiguous()
+
+
+def _eager_or_op(op, eager):
+    """The custom op while torch.compile traces, its implementation directly in eager mode: the first call
+    through the dispatcher imports the compiler stack (~800 modules, ~75 MB resident)."""
+
+    def call(*args):
+        return op(*args) if torch.compiler.is_compiling() else eager(*args)
+
+    call.__doc__ = eager.__doc__
+    return call
+
+
+statistics = _eager_or_op(skew_statistics, skew_statistics_eager)
+forward = _eager_or_op(skew_forward, skew_forward_eager)
+backward = _eager_or_op(skew_backward, skew_backward_eager)

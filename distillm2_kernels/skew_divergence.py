@@ -10,8 +10,9 @@ log q(y_k), log p(y_k) as a by-product, and passing its result as `statistics` t
 logits skips sweep 1 there. The DistiLLM-2 objective uses this to pick α from sequence probabilities
 without an extra pass over the vocabulary.
 
-The sweeps run as the custom ops `distillm2::skew_statistics` / `skew_forward` / `skew_backward`
-(`custom_ops`), so `torch.compile` traces a step through these Functions without graph breaks.
+Under torch.compile the sweeps run as the custom ops `distillm2::skew_statistics` / `skew_forward` /
+`skew_backward` (`custom_ops`), so a step through these Functions traces without graph breaks; eager calls
+skip the dispatcher.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def token_statistics(
     rows = prepare_rows(student_logits, teacher_logits, 0.0, labels, ignore_index, temperature)
     check_label_range(rows)
     name = resolve_backend_name(backend, rows.student.device)
-    stats = custom_ops.skew_statistics(
+    stats = custom_ops.statistics(
         rows.student, rows.teacher, rows.labels, rows.ignore_index, rows.inv_temperature, name
     )
     return TokenStatistics(stats, rows.leading_shape)
@@ -84,7 +85,7 @@ def _forward(ctx, student, teacher, alpha, labels, ignore_index, temperature, ba
     given_stats = _check_statistics(statistics, rows)
     backend = resolve_backend_name(backend, rows.student.device)
     scalars = (rows.alpha, rows.ignore_index, rows.inv_temperature, reverse, detach, backend)
-    loss, stats = custom_ops.skew_forward(
+    loss, stats = custom_ops.forward(
         rows.student, rows.teacher, rows.labels, rows.alpha_rows, *scalars, given_stats
     )
     ctx.set_materialize_grads(False)
@@ -99,7 +100,7 @@ def _backward(ctx, grad_loss):
     if grad_loss is None or not ctx.needs_input_grad[0]:
         return None
     student, teacher, labels, alpha_rows, stats = ctx.saved_tensors
-    grad = custom_ops.skew_backward(
+    grad = custom_ops.backward(
         student, teacher, labels, alpha_rows, *ctx.scalars, stats, grad_loss.reshape(-1)
     )
     return grad.view(ctx.student_shape)
