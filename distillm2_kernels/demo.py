@@ -15,7 +15,7 @@ import torch
 
 from . import fused_skl, fused_srkl, reference
 from ._measure import median_seconds, peak_rss_in_subprocess
-from .backends import resolve_backend
+from .backends import resolve_backend_name
 
 
 def make_batch(batch: int, seq: int, vocab: int, seed: int = 0):
@@ -101,7 +101,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     student, teacher, labels = make_batch(args.batch, args.seq, args.vocab)
-    backend = resolve_backend("auto", student.device).__name__.rsplit(".", 1)[-1]
+    backend = resolve_backend_name("auto", student.device)
     tokens = args.batch * args.seq
     input_mb = 2 * student.numel() * student.element_size() / 2**20
     print(
