@@ -1,7 +1,14 @@
 """Fused skew KL / skew reverse KL losses for LLM distillation with the DistiLLM-2 objective."""
 
 from .functional import fused_skl, fused_srkl
-from .fused_linear import FusedLinearSKLFunction, FusedLinearSRKLFunction, fused_linear_skl, fused_linear_srkl
+from .fused_linear import (
+    FusedLinearSKLFunction,
+    FusedLinearSRKLFunction,
+    FusedLinearTokenOutputs,
+    fused_linear_skl,
+    fused_linear_srkl,
+    fused_linear_token_statistics,
+)
 from .modules import SkewKLLoss, SkewReverseKLLoss
 from .objective import DistiLLM2Loss, distillm2_loss
 from .skew_divergence import FusedSKLFunction, FusedSRKLFunction, TokenStatistics, token_statistics
@@ -13,6 +20,8 @@ __all__ = [
     "fused_srkl",
     "fused_linear_skl",
     "fused_linear_srkl",
+    "fused_linear_token_statistics",
+    "FusedLinearTokenOutputs",
     "FusedSKLFunction",
     "FusedSRKLFunction",
     "FusedLinearSKLFunction",

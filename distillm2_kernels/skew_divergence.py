@@ -26,7 +26,9 @@ from .backends import STATS, resolve_backend_name
 
 
 class TokenStatistics(NamedTuple):
-    """Sweep 1's row statistics for one pair of logits `[..., V]`: `stats` is `[N, 7]` (see `backends`)."""
+    """Sweep 1's row statistics for one pair of logits `[..., V]` (`token_statistics`, or
+    `fused_linear_token_statistics` for the logits a fused-linear op builds): `stats` is `[N, 7]` (see
+    `backends`)."""
 
     stats: torch.Tensor
     leading_shape: torch.Size
@@ -40,6 +42,11 @@ class TokenStatistics(NamedTuple):
     def teacher_label_logprobs(self) -> torch.Tensor:
         """log p(label) per token, the logits' leading shape (0 at ignored tokens)."""
         return self.stats[:, 6].view(self.leading_shape)
+
+    @property
+    def label_logprobs(self) -> torch.Tensor:
+        """(log q(label), log p(label)) per token, `[..., 2]` (0 at ignored tokens)."""
+        return self.stats[:, 5:7].view(*self.leading_shape, 2)
 
 
 def token_statistics(

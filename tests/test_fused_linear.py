@@ -358,6 +358,79 @@ def test_alpha_and_labels_on_all_leading_shapes():
 
 
 # ----------------------------------------------------------------------------------------------------
+# By-products for the objective: per-token losses, label log-probabilities, the statistics-only pass
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["none", "seqmean"])
+@pytest.mark.parametrize(
+    "backend, dtype", [("torch", torch.float64), ("torch", torch.float32), pytest.param("triton", torch.float32, marks=needs_interpreter)]
+)
+def test_token_outputs_and_statistics(backend, dtype, reduction):
+    """The label log-probabilities (from sweep 1, with and without the statistics-only pass) and the
+    per-token losses against the float64 oracle; statistics passed back leave the loss and gradients as
+    they are; nothing of it carries a gradient."""
+    case = Case("srkl_detached", reduction, dtype, softcap=(5.0, 2.5), bias=True, temperature=0.7, backend=backend)
+    tensors, labels, alpha, grad_out = make_inputs(case)
+    inputs = {k: v.to(dtype) for k, v in tensors.items()}
+    student = {k: inputs[k].clone().requires_grad_() for k in ("student_hidden", "student_weight")}
+    args = (student["student_hidden"], student["student_weight"], inputs["teacher_hidden"], inputs["teacher_weight"])
+    options = dict(
+        student_bias=inputs["student_bias"], teacher_bias=inputs["teacher_bias"], labels=labels, temperature=0.7,
+        softcap=(5.0, 2.5), backend=backend, memory_budget_bytes=_budget_for_rows(3, V, backend, dtype),
+    )
+    statistics = dk.fused_linear_token_statistics(*args, **options)
+    plain = dk.fused_linear_srkl(*args, alpha, reduction=reduction, detach_mixture=True, **options)
+    results = [
+        dk.fused_linear_srkl(*args, alpha, reduction=reduction, detach_mixture=True, return_token_outputs=True, **options),
+        dk.fused_linear_srkl(
+            *args, alpha, reduction=reduction, detach_mixture=True, return_token_outputs=True, statistics=statistics,
+            **options,
+        ),
+    ]
+
+    z = {}
+    for side, cap in (("student", 5.0), ("teacher", 2.5)):
+        raw = tensors[f"{side}_hidden"].double() @ tensors[f"{side}_weight"].double().T + tensors[f"{side}_bias"].double()
+        z[side] = cap * torch.tanh(raw / cap)
+    valid = labels != -100
+    expected_logprobs = torch.stack(
+        [torch.log_softmax(z[side] / 0.7, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) for side in z],
+        dim=-1,
+    ) * valid.unsqueeze(-1)
+    expected_losses = reference.srkl_reference(z["student"], z["teacher"], alpha, labels=labels, temperature=0.7, reduction="none")
+    # float rounding in log space grows with the logits' magnitude (oracle.py's allowance)
+    tolerance = 16 * torch.finfo(dtype).eps * (1 + max(z["student"].abs().max(), z["teacher"].abs().max()).item() / 0.7)
+    assert statistics.label_logprobs.shape == (B, T, 2)
+    assert (statistics.label_logprobs.double() - expected_logprobs).abs().max() <= tolerance
+    torch.testing.assert_close(statistics.student_label_logprobs, statistics.label_logprobs[..., 0])
+    plain_grads = torch.autograd.grad(plain, tuple(student.values()), grad_out.to(plain.dtype))
+    for loss, outputs in results:
+        assert not outputs.losses.requires_grad and not outputs.label_logprobs.requires_grad
+        assert (outputs.label_logprobs.double() - expected_logprobs).abs().max() <= tolerance
+        assert (outputs.losses.double() - expected_losses).abs().max() <= tolerance
+        assert torch.equal(outputs.label_logprobs[~valid], torch.zeros_like(outputs.label_logprobs[~valid]))
+        torch.testing.assert_close(loss, plain, rtol=4 * torch.finfo(dtype).eps, atol=0)
+        grads = torch.autograd.grad(loss, tuple(student.values()), grad_out.to(loss.dtype))
+        for ours, theirs in zip(grads, plain_grads):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=4 * torch.finfo(dtype).eps * theirs.abs().max().item())
+
+
+def test_token_outputs_without_labels_and_bad_labels():
+    args = _valid_args()
+    loss, outputs = dk.fused_linear_skl(**args, reduction="sum", return_token_outputs=True)
+    assert outputs.label_logprobs is None and outputs.losses.shape == (2, 3)
+    torch.testing.assert_close(loss, outputs.losses.sum())
+    with pytest.raises(ValueError, match="needs labels"):
+        dk.fused_linear_token_statistics(**args, labels=None)
+    with pytest.raises(ValueError, match=r"labels must be token ids in \[0, 11\)"):
+        dk.fused_linear_token_statistics(**args, labels=torch.full((2, 3), 11))
+    with pytest.raises(ValueError, match="statistics were computed for hidden states of leading shape"):
+        statistics = dk.fused_linear_token_statistics(**args, labels=torch.zeros(2, 3, dtype=torch.long))
+        dk.fused_linear_skl(**{**args, "student_hidden": torch.randn(3, 2, 8), "teacher_hidden": torch.randn(3, 2, 6)}, statistics=statistics)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------------
 
