@@ -10,7 +10,7 @@ from .fused_linear import (
     fused_linear_token_statistics,
 )
 from .modules import SkewKLLoss, SkewReverseKLLoss
-from .objective import DistiLLM2Loss, distillm2_loss
+from .objective import DistiLLM2Loss, distillm2_loss, distillm2_loss_from_hidden
 from .skew_divergence import FusedSKLFunction, FusedSRKLFunction, TokenStatistics, token_statistics
 
 __version__ = "0.1.0"
@@ -29,6 +29,7 @@ __all__ = [
     "SkewKLLoss",
     "SkewReverseKLLoss",
     "distillm2_loss",
+    "distillm2_loss_from_hidden",
     "DistiLLM2Loss",
     "token_statistics",
     "TokenStatistics",
