@@ -59,7 +59,8 @@ def token_statistics(
     backend: str = "auto",
 ) -> TokenStatistics:
     """Sweep 1 over `[..., V]` logits (student first): the label tokens' log-probabilities under student
-    and teacher, at temperature T, and the statistics that let `fused_skl` / `fused_srkl` skip sweep 1."""
+    and teacher, at temperature T, and the statistics that let `fused_skl` / `fused_srkl` skip sweep 1.
+    No gradient flows through them."""
     if labels is None:
         raise ValueError("token_statistics needs labels: the label tokens' log-probabilities are its output")
     rows = prepare_rows(student_logits, teacher_logits, 0.0, labels, ignore_index, temperature)
@@ -68,7 +69,9 @@ def token_statistics(
     stats = custom_ops.skew_statistics(
         rows.student, rows.teacher, rows.labels, rows.ignore_index, rows.inv_temperature, name
     )
-    return TokenStatistics(stats, rows.leading_shape)
+    # Not differentiable: logits that require grad would otherwise pass requires_grad on (to an α
+    # computed from the label log-probabilities, say) with a backward that cannot run.
+    return TokenStatistics(stats.detach(), rows.leading_shape)
 
 
 def _check_statistics(statistics: Optional[TokenStatistics], rows) -> Optional[torch.Tensor]:

@@ -183,6 +183,20 @@ def test_paper_preset(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_paper_preset_with_student_logits_that_require_grad(backend):
+    """The adaptive α comes from sweep 1's statistics, which carry no gradient: it is a constant of the
+    loss even when the student logits require grad (it used to inherit requires_grad and be refused)."""
+    (s_t, t_t, l_t), (s_s, t_s, l_s) = make_pairs(seed=4)
+    s_t, s_s = s_t.requires_grad_(), s_s.requires_grad_()
+    objective = DistiLLM2Loss("paper", num_epochs=2, total_steps=10, backend=backend)
+    objective(s_t, t_t, l_t, s_s, t_s, l_s)
+    objective.set_epoch(1)
+    loss, metrics = objective(s_t, t_t, l_t, s_s, t_s, l_s)
+    loss.backward()
+    assert not metrics["alpha_t"].requires_grad and torch.isfinite(s_t.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_metrics(backend):
     halves = make_pairs(seed=6)
     (s_t, t_t, l_t), (s_s, t_s, l_s) = halves
