@@ -73,7 +73,9 @@ __all__ = [
     "fused_linear_skl",
     "fused_linear_srkl",
     "fused_linear_token_statistics",
+    "fused_linear_skl_plus_srkl",
     "FusedLinearTokenOutputs",
+    "SKLPlusSRKL",
     "FusedLinearSKLFunction",
     "FusedLinearSRKLFunction",
     "DEFAULT_MEMORY_BUDGET_BYTES",
@@ -238,6 +240,12 @@ class _LMHead:
         self.softcap = softcap
         self.compute_dtype = compute_dtype
 
+    def with_hidden(self, hidden_rows: torch.Tensor) -> "_LMHead":
+        """The same lm_head (and its converted weight) over other hidden rows."""
+        head = object.__new__(_LMHead)
+        head.__dict__.update(self.__dict__, hidden=hidden_rows)
+        return head
+
     def rows(self, start: int, end: int, kept: Optional[torch.Tensor]) -> torch.Tensor:
         if kept is None:
             return self.hidden[start:end]
@@ -322,13 +330,16 @@ def _chunked_pass(
     want: tuple[bool, bool, bool],
     statistics: Optional[torch.Tensor] = None,
     label_logprobs_out: Optional[torch.Tensor] = None,
+    grad_weight: Optional[torch.Tensor] = None,
+    grad_bias: Optional[torch.Tensor] = None,
 ):
     """Run the chunks. Returns (row losses [N] or None, grad hidden [N, H_s] or None, grad weight [V, H_s]
     float accumulator or None, grad bias [V] or None). Gradients are computed when `row_weights`
     (∂loss/∂row loss, [N]) is given, for the (hidden, weight, bias) flags set in `want`.
 
     `statistics` `[N, STATS]` from `_statistics_pass` on the same inputs skips the backend's sweep 1.
-    `label_logprobs_out` `[N, 2]` (needs labels) receives the kept rows' (log q(label), log p(label))."""
+    `label_logprobs_out` `[N, 2]` (needs labels) receives the kept rows' (log q(label), log p(label)).
+    `grad_weight` / `grad_bias`: accumulators to add this pass's gradients to (else zeros are allocated)."""
     n = student.hidden.shape[0]
     vocab = student.weight.shape[0]
     device, cd = student.hidden.device, student.compute_dtype
@@ -337,8 +348,10 @@ def _chunked_pass(
 
     row_losses = torch.zeros(n, dtype=cd, device=device) if want_loss else None
     grad_hidden = torch.zeros_like(student.hidden, memory_format=torch.contiguous_format) if want_hidden else None
-    grad_weight = torch.zeros((vocab, student.hidden.shape[1]), dtype=cd, device=device) if want_weight else None
-    grad_bias = torch.zeros(vocab, dtype=cd, device=device) if want_bias else None
+    if want_weight and grad_weight is None:
+        grad_weight = torch.zeros((vocab, student.hidden.shape[1]), dtype=cd, device=device)
+    if want_bias and grad_bias is None:
+        grad_bias = torch.zeros(vocab, dtype=cd, device=device)
 
     total = n if kept is None else kept.numel()
     backend_temporaries = getattr(impl, "ROW_TEMPORARIES", UNDECLARED_BACKEND_TEMPORARIES)
@@ -871,3 +884,150 @@ def fused_linear_token_statistics(
     with torch.no_grad():
         stats = _statistics_pass(student, teacher, options, _kept_rows(options), impl, budget)
     return TokenStatistics(stats, leading)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The DistiLLM-2 pair: SKL on one set of rows plus SRKL on another, one lm_head
+# ----------------------------------------------------------------------------------------------------
+
+
+class SKLPlusSRKL(NamedTuple):
+    """`fused_linear_skl_plus_srkl`'s result: the combined loss and each half's by-products."""
+
+    loss: torch.Tensor
+    skl: FusedLinearTokenOutputs  # of the _t rows
+    srkl: FusedLinearTokenOutputs  # of the _s rows
+
+
+class _FusedLinearSKLPlusSRKLFunction(torch.autograd.Function):
+    """c_t · SKL(_t rows) + c_s · SRKL(_s rows) with one student lm_head: both halves' weight and bias
+    gradients go into one float32 accumulator, rounded to the parameter's dtype once (two separate ops
+    would each round theirs and leave autograd to add them: two roundings, two saved `[V, H_s]` gradients).
+
+    `apply(student_hidden_t, student_hidden_s, student_weight, student_bias, teacher_hidden_t,
+    teacher_hidden_s, teacher_weight, teacher_bias, alpha_t, alpha_s, labels_t, labels_s, statistics_t,
+    statistics_s, coefficients, detach_mixture, ignore_index, temperature, softcap, reduction, backend,
+    memory_budget_bytes)` -> (loss, token losses _t, label log-probabilities _t, the same two of _s).
+    """
+
+    @staticmethod
+    def forward(
+        ctx, student_hidden_t, student_hidden_s, student_weight, student_bias, teacher_hidden_t,
+        teacher_hidden_s, teacher_weight, teacher_bias, alpha_t, alpha_s, labels_t, labels_s, statistics_t,
+        statistics_s, coefficients, detach_mixture, ignore_index, temperature, softcap, reduction, backend,
+        memory_budget_bytes,
+    ):
+        if reduction not in ("sum", "mean", "seqmean"):
+            raise ValueError(f"reduction must be 'sum', 'mean' or 'seqmean' (a scalar loss), got {reduction!r}")
+        for hidden, teacher_hidden in ((student_hidden_t, teacher_hidden_t), (student_hidden_s, teacher_hidden_s)):
+            _check_inputs(hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias)
+            check_reduction(reduction, hidden.shape[:-1], "hidden states of shape [B, T, H]")
+        device = student_hidden_t.device
+        student_cap, teacher_cap = _check_softcap(softcap)
+        budget = _check_memory_budget(memory_budget_bytes, device)
+        impl = resolve_backend(backend, device)
+        cd = _compute_dtype(student_hidden_t, student_hidden_s, student_weight, teacher_hidden_t, teacher_hidden_s, teacher_weight)
+        student_head = _LMHead(student_hidden_t.reshape(-1, student_hidden_t.shape[-1]), student_weight, student_bias, student_cap, cd)
+        teacher_head = _LMHead(teacher_hidden_t.reshape(-1, teacher_hidden_t.shape[-1]), teacher_weight, teacher_bias, teacher_cap, cd)
+        want_weight = ctx.needs_input_grad[2]
+        want_bias = student_bias is not None and ctx.needs_input_grad[3]
+        vocab = student_weight.shape[0]
+        grad_weight = torch.zeros((vocab, student_weight.shape[1]), dtype=cd, device=device) if want_weight else None
+        grad_bias = torch.zeros(vocab, dtype=cd, device=device) if want_bias else None
+
+        loss = 0.0
+        grad_hiddens, by_products = [], []
+        halves = (
+            (student_hidden_t, teacher_hidden_t, alpha_t, labels_t, statistics_t, False, False, ctx.needs_input_grad[0]),
+            (student_hidden_s, teacher_hidden_s, alpha_s, labels_s, statistics_s, True, bool(detach_mixture), ctx.needs_input_grad[1]),
+        )
+        for (hidden, teacher_hidden, alpha, labels, statistics, reverse, detach, want_hidden), coefficient in zip(
+            halves, coefficients
+        ):
+            leading = hidden.shape[:-1]
+            options = prepare_token_options(leading, device, alpha, labels, ignore_index, temperature, "the hidden states")
+            given_stats = _check_statistics(statistics, leading, device)
+            label_logprobs = None
+            if options.labels is not None:
+                _check_label_ids(options, vocab)
+                label_logprobs = torch.zeros((*leading, 2), dtype=cd, device=device)
+            # A term weighted 0 (β = 1 in the paper's schedule) still gives its losses, but no gradient.
+            want = (want_hidden, want_weight, want_bias) if coefficient != 0 else (False, False, False)
+            row_weights = None
+            if any(want):
+                row_weights = _reduction_row_weights(reduction, options, device, cd) * coefficient
+            row_losses, grad_hidden, _, _ = _chunked_pass(
+                student_head.with_hidden(hidden.reshape(-1, hidden.shape[-1])),
+                teacher_head.with_hidden(teacher_hidden.reshape(-1, teacher_hidden.shape[-1])),
+                options, _kept_rows(options), impl, reverse, detach, budget, row_weights, True, want,
+                statistics=given_stats,
+                label_logprobs_out=None if label_logprobs is None else label_logprobs.view(-1, 2),
+                grad_weight=grad_weight, grad_bias=grad_bias,
+            )
+            labels_shaped = None if options.labels is None else options.labels.view(leading)
+            loss = loss + coefficient * reduce_token_losses(row_losses.view(leading), labels_shaped, ignore_index, reduction)
+            grad_hiddens.append(None if grad_hidden is None else grad_hidden.view(hidden.shape))
+            by_products += [row_losses.view(leading), label_logprobs]
+
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(
+            *grad_hiddens,
+            None if grad_weight is None else grad_weight.to(student_weight.dtype),
+            None if grad_bias is None else grad_bias.to(student_bias.dtype),
+        )
+        ctx.mark_non_differentiable(*(t for t in by_products if t is not None))
+        return (loss, *by_products)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, *_grad_by_products):
+        if grad_loss is None:
+            return (None,) * 22
+        grads = tuple(None if g is None else g * grad_loss for g in ctx.saved_tensors)
+        return grads + (None,) * 18
+
+
+def fused_linear_skl_plus_srkl(
+    student_hidden_t: torch.Tensor,
+    teacher_hidden_t: torch.Tensor,
+    labels_t: Optional[torch.Tensor],
+    student_hidden_s: torch.Tensor,
+    teacher_hidden_s: torch.Tensor,
+    labels_s: Optional[torch.Tensor],
+    *,
+    student_weight: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    alpha_t: Alpha = 0.1,
+    alpha_s: Alpha = 0.1,
+    coefficients: tuple[float, float] = (1.0, 1.0),
+    detach_mixture: bool = False,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: Softcap = None,
+    reduction: str = "seqmean",
+    backend: str = "auto",
+    memory_budget_bytes: Optional[int] = None,
+    statistics_t: Optional[TokenStatistics] = None,
+    statistics_s: Optional[TokenStatistics] = None,
+) -> SKLPlusSRKL:
+    """c_t · SKL_{α_t}(_t rows) + c_s · SRKL_{α_s}(_s rows), each reduced by `reduction` ("sum", "mean",
+    "seqmean"), from hidden states `[..., H]` of the two sets of rows and one lm_head per model (the
+    DistiLLM-2 objective's two terms). Equal to `c_t · fused_linear_skl(...) + c_s · fused_linear_srkl(...)`
+    on the two halves, with `(c_t, c_s) = coefficients`, and with each half's per-token losses and label
+    log-probabilities (`return_token_outputs`); but the weight and bias gradients of both halves share one
+    float32 accumulator and are rounded to the parameter's dtype once, and only one `[V, H_s]` gradient
+    is held until the backward. `statistics_t` / `statistics_s`: `fused_linear_token_statistics` of each
+    half, to skip sweep 1. Other arguments as in `fused_linear_skl`.
+    """
+    outputs = _FusedLinearSKLPlusSRKLFunction.apply(
+        student_hidden_t, student_hidden_s, student_weight, student_bias, teacher_hidden_t, teacher_hidden_s,
+        teacher_weight, teacher_bias, alpha_t, alpha_s, labels_t, labels_s, statistics_t, statistics_s,
+        tuple(float(c) for c in coefficients), detach_mixture, ignore_index, temperature, softcap, reduction,
+        backend, memory_budget_bytes,
+    )
+    loss, losses_t, label_logprobs_t, losses_s, label_logprobs_s = outputs
+    return SKLPlusSRKL(
+        loss, FusedLinearTokenOutputs(losses_t, label_logprobs_t), FusedLinearTokenOutputs(losses_s, label_logprobs_s)
+    )

@@ -27,7 +27,12 @@ import distillm2_kernels as dk
 from distillm2_kernels import reference
 from distillm2_kernels.backends import triton_backend
 from distillm2_kernels.backends import resolve_backend
-from distillm2_kernels.fused_linear import LIVE_ROW_TENSORS, UNDECLARED_BACKEND_TEMPORARIES, chunk_rows
+from distillm2_kernels.fused_linear import (
+    LIVE_ROW_TENSORS,
+    UNDECLARED_BACKEND_TEMPORARIES,
+    chunk_rows,
+    fused_linear_skl_plus_srkl,
+)
 
 ALLOWANCE_ULPS = 2
 
@@ -414,6 +419,55 @@ def test_token_outputs_and_statistics(backend, dtype, reduction):
         grads = torch.autograd.grad(loss, tuple(student.values()), grad_out.to(loss.dtype))
         for ours, theirs in zip(grads, plain_grads):
             torch.testing.assert_close(ours, theirs, rtol=0, atol=4 * torch.finfo(dtype).eps * theirs.abs().max().item())
+
+
+@pytest.mark.parametrize("coefficients", [(1.0, 1.0), (0.0, 0.7)])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_interpreter)])
+def test_skl_plus_srkl_equals_the_two_ops(backend, coefficients):
+    """c_t · SKL(_t) + c_s · SRKL(_s) in one op equals the two ops on their halves (float64 on the torch
+    backend, to ~1e-12; float32 on triton) — loss, by-products, gradients of both hidden states, the shared
+    weight and bias; a term weighted 0 still reports its losses."""
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    halves = []
+    for seed in (0, 1):
+        tensors, labels, _, _ = make_inputs(Case("skl", "seqmean", dtype, bias=True), seed=seed)
+        halves.append(({k: v.to(dtype) for k, v in tensors.items()}, labels))
+    (t_half, labels_t), (s_half, labels_s) = halves
+    weight = t_half["student_weight"].clone().requires_grad_()
+    bias = t_half["student_bias"].clone().requires_grad_()
+    hidden_t = t_half["student_hidden"].clone().requires_grad_()
+    hidden_s = s_half["student_hidden"].clone().requires_grad_()
+    alpha_t, alpha_s = torch.tensor([0.05, 0.1]), torch.tensor([0.1, 0.01])
+    common = dict(
+        student_bias=bias, teacher_bias=t_half["teacher_bias"], softcap=(5.0, 2.5), temperature=0.7,
+        reduction="seqmean", backend=backend, memory_budget_bytes=_budget_for_rows(3, V, backend, dtype),
+        return_token_outputs=True,
+    )
+    skl, skl_outputs = dk.fused_linear_skl(
+        hidden_t, weight, t_half["teacher_hidden"], t_half["teacher_weight"], alpha_t, labels=labels_t, **common
+    )
+    srkl, srkl_outputs = dk.fused_linear_srkl(
+        hidden_s, weight, s_half["teacher_hidden"], t_half["teacher_weight"], alpha_s, labels=labels_s,
+        detach_mixture=True, **common,
+    )
+    two_ops = coefficients[0] * skl + coefficients[1] * srkl
+    expected_grads = torch.autograd.grad(two_ops, (hidden_t, hidden_s, weight, bias))
+    common.pop("return_token_outputs")
+    pair = fused_linear_skl_plus_srkl(
+        hidden_t, t_half["teacher_hidden"], labels_t, hidden_s, s_half["teacher_hidden"], labels_s,
+        student_weight=weight, teacher_weight=t_half["teacher_weight"], alpha_t=alpha_t, alpha_s=alpha_s,
+        coefficients=coefficients, detach_mixture=True, **common,
+    )
+    # a term weighted 0 gives no gradient (None, materialised here as zeros)
+    grads = torch.autograd.grad(pair.loss, (hidden_t, hidden_s, weight, bias), materialize_grads=True)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(pair.loss, two_ops, rtol=tolerance, atol=tolerance)
+    for ours, theirs in zip((*pair.skl, *pair.srkl), (*skl_outputs, *srkl_outputs)):
+        torch.testing.assert_close(ours, theirs, rtol=tolerance, atol=tolerance)
+    for ours, theirs in zip(grads, expected_grads):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=tolerance * max(1.0, theirs.abs().max().item()))
+    if coefficients[0] == 0:
+        assert torch.equal(grads[0], torch.zeros_like(grads[0]))
 
 
 def test_token_outputs_without_labels_and_bad_labels():
