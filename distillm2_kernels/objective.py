@@ -50,7 +50,7 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 
 from ._inputs import Alpha
-from .fused_linear import Softcap, fused_linear_skl, fused_linear_srkl, fused_linear_token_statistics
+from .fused_linear import Softcap, fused_linear_skl_plus_srkl, fused_linear_token_statistics
 from .skew_divergence import TokenStatistics, skew_divergence, token_statistics
 
 __all__ = [
@@ -179,11 +179,10 @@ def _check_halves(kind: str, last: str, student_t, labels_t, student_s, labels_s
         )
 
 
-class _Term(NamedTuple):
-    """One half's divergence: the term of the loss and its by-products (no gradient)."""
+class _HalfOutputs(NamedTuple):
+    """One half's by-products of the loss (no gradient)."""
 
-    loss: torch.Tensor  # SKL or SRKL reduced over the half (config.reduction), differentiable
-    token_losses: torch.Tensor  # [B, T], 0 at ignored tokens
+    token_losses: torch.Tensor  # [B, T] SKL (_t) or SRKL (_s) per token, 0 at ignored tokens
     label_logprobs: torch.Tensor  # [B, T, 2]: log q(y_k), log p(y_k), 0 at ignored tokens
 
 
@@ -200,13 +199,15 @@ def _objective(
     labels_t: torch.Tensor,
     labels_s: torch.Tensor,
     statistics: Callable[[str, bool], Optional[TokenStatistics]],
-    divergence: Callable[[str, Alpha, bool, Optional[TokenStatistics]], _Term],
+    terms: Callable[..., tuple[torch.Tensor, _HalfOutputs, _HalfOutputs]],
 ) -> tuple[torch.Tensor, dict]:
     """The objective over either form of the inputs: α, β, the weighting and the metrics.
 
     `statistics(half, needed)` gives sweep 1's `TokenStatistics` of half "t" or "s" (it may return None
     when not `needed`, i.e. when nothing reads the label log-probabilities before the loss);
-    `divergence(half, alpha, reverse, statistics)` the half's `_Term`, reusing the statistics if given.
+    `terms(alpha_t, alpha_s, statistics_t, statistics_s, (c_t, c_s))` gives
+    `c_t · SKL(_t rows) + c_s · SRKL(_s rows)`, each reduced by `config.reduction`, and both halves'
+    `_HalfOutputs`, reusing the statistics where given.
     """
     valid_t = (labels_t != config.ignore_index).to(torch.float32)
     valid_s = (labels_s != config.ignore_index).to(torch.float32)
@@ -232,12 +233,8 @@ def _objective(
             alpha_s = adaptive_alpha(gap_s, state.anchor_s.to(gap_s.device), config)
     beta = beta_schedule(config, state)
 
-    skl = divergence("t", alpha_t, False, stats_t)
-    srkl = divergence("s", alpha_s, True, stats_s)
-    if config.weighting == "sum":
-        loss = skl.loss + srkl.loss
-    else:
-        loss = 0.5 * ((1.0 - beta) * skl.loss + beta * srkl.loss)
+    coefficients = (1.0, 1.0) if config.weighting == "sum" else (0.5 * (1.0 - beta), 0.5 * beta)
+    loss, skl, srkl = terms(alpha_t, alpha_s, stats_t, stats_s, coefficients)
 
     def per_row(alpha):
         if isinstance(alpha, torch.Tensor):
@@ -294,16 +291,21 @@ def distillm2_loss(
     def statistics(half: str, needed: bool) -> TokenStatistics:
         return token_statistics(*halves[half], **common)  # needed or not: the loss sweep reuses it
 
-    def divergence(half: str, alpha: Alpha, reverse: bool, stats: TokenStatistics) -> _Term:
-        student, teacher, labels = halves[half]
-        token_losses = skew_divergence(
-            student, teacher, alpha, labels, reverse=reverse, detach_mixture=reverse and config.detach_mixture,
-            statistics=stats, **common,
-        )
-        valid = (labels != config.ignore_index).to(torch.float32)
-        return _Term(_reduce(token_losses, valid, config.reduction), token_losses.detach(), stats.label_logprobs)
+    def terms(alpha_t, alpha_s, stats_t, stats_s, coefficients):
+        loss, outputs = 0.0, []
+        for half, alpha, stats, coefficient in (("t", alpha_t, stats_t, coefficients[0]), ("s", alpha_s, stats_s, coefficients[1])):
+            student, teacher, labels = halves[half]
+            reverse = half == "s"
+            token_losses = skew_divergence(
+                student, teacher, alpha, labels, reverse=reverse, detach_mixture=reverse and config.detach_mixture,
+                statistics=stats, **common,
+            )
+            valid = (labels != config.ignore_index).to(torch.float32)
+            loss = loss + coefficient * _reduce(token_losses, valid, config.reduction)
+            outputs.append(_HalfOutputs(token_losses.detach(), stats.label_logprobs))
+        return loss, *outputs
 
-    return _objective(config, state, labels_t, labels_s, statistics, divergence)
+    return _objective(config, state, labels_t, labels_s, statistics, terms)
 
 
 def distillm2_loss_from_hidden(
@@ -335,13 +337,14 @@ def distillm2_loss_from_hidden(
     requires grad). preset, state, backend, overrides and the returned `(loss, metrics)`: as in
     `distillm2_loss`.
 
-    Cost per half: the fused-linear op's four GEMMs (two logits, the hidden and weight gradients, done in
-    the forward) and its label log-probabilities as a by-product of sweep 1. When the adaptive α reads the
-    label log-probabilities before the loss (the "paper" preset from the curriculum's start epoch, and on
-    the first batch to fix the anchors), `fused_linear_token_statistics` first runs the two logits GEMMs
-    and sweep 1 alone, and the loss op reuses its statistics: two GEMMs more per half, no extra sweep over
-    the vocabulary. A constant α ("distillm2", "distillm") costs no extra pass. Until the backward, each
-    half holds its finished gradients: the hidden states' and a `[V, H_s]` weight gradient.
+    Both halves go through one op, `fused_linear_skl_plus_srkl`. Cost per half: four GEMMs (two logits,
+    the hidden and weight gradients, done in the forward; a term weighted 0, SKL at β = 1, skips its two
+    gradient GEMMs), with the label log-probabilities a by-product of sweep 1. When the adaptive α reads
+    them before the loss (the "paper" preset from the curriculum's start epoch, and on the first batch to
+    fix the anchors), `fused_linear_token_statistics` first runs the two logits GEMMs and sweep 1 alone,
+    and the loss op reuses its statistics: two GEMMs more per half, no extra sweep over the vocabulary.
+    A constant α ("distillm2", "distillm") costs no extra pass. Until the backward the op holds the
+    finished gradients: the hidden states' and one `[V, H_s]` weight gradient for both halves.
     """
     config = resolve_config(preset, **overrides)
     state = CurriculumState() if state is None else state
@@ -358,17 +361,15 @@ def distillm2_loss_from_hidden(
         student, teacher, labels = halves[half]
         return fused_linear_token_statistics(student, student_weight, teacher, teacher_weight, labels, **common)
 
-    def divergence(half: str, alpha: Alpha, reverse: bool, stats: Optional[TokenStatistics]) -> _Term:
-        student, teacher, labels = halves[half]
-        args = (student, student_weight, teacher, teacher_weight, alpha)
-        options = dict(labels=labels, reduction=config.reduction, statistics=stats, return_token_outputs=True, **common)
-        if reverse:
-            loss, outputs = fused_linear_srkl(*args, detach_mixture=config.detach_mixture, **options)
-        else:
-            loss, outputs = fused_linear_skl(*args, **options)
-        return _Term(loss, outputs.losses, outputs.label_logprobs)
+    def terms(alpha_t, alpha_s, stats_t, stats_s, coefficients):
+        result = fused_linear_skl_plus_srkl(
+            *halves["t"], *halves["s"], student_weight=student_weight, teacher_weight=teacher_weight,
+            alpha_t=alpha_t, alpha_s=alpha_s, coefficients=coefficients, detach_mixture=config.detach_mixture,
+            reduction=config.reduction, statistics_t=stats_t, statistics_s=stats_s, **common,
+        )
+        return result.loss, _HalfOutputs(*result.skl), _HalfOutputs(*result.srkl)
 
-    return _objective(config, state, labels_t, labels_s, statistics, divergence)
+    return _objective(config, state, labels_t, labels_s, statistics, terms)
 
 
 class DistiLLM2Loss:
