@@ -47,6 +47,11 @@ sweep 1, so the adaptive α costs two extra GEMMs over the kept rows and no extr
 The loss op recomputes the same logits from the same inputs; the statistics (row maxima and log-sum-exps)
 only need to match them to rounding.
 
+`fused_linear_skl_plus_srkl` runs the DistiLLM-2 pair, `c_t · SKL` on one set of rows plus `c_s · SRKL` on
+another with the same lm_heads, as one op: both terms' weight (and bias) gradients share one float32
+accumulator and are rounded to the parameter's dtype once, and one `[V, H_s]` gradient waits for the
+backward instead of two.
+
 Memory, beyond inputs and outputs: at most about `memory_budget_bytes` of per-chunk `[rows, V]`
 temporaries (default `DEFAULT_MEMORY_BUDGET_BYTES`: 512 MiB for CUDA tensors, 64 MiB otherwise; a chunk
 has at least one row); a float32 `[V, H_s]`

@@ -37,9 +37,9 @@ the same statistics: no extra pass over the vocabulary and no `[N, V]` log_softm
 Two forms share the α, β, reduction, weighting and metrics (`_objective`):
 - `distillm2_loss` / `DistiLLM2Loss.__call__` on logits `[B, T, V]`;
 - `distillm2_loss_from_hidden` / `DistiLLM2Loss.from_hidden` on the last hidden states `[B, T, H]` and
-  the lm_head weights, through `fused_linear_skl` / `fused_linear_srkl`; the label log-probabilities
-  are a by-product of their sweep 1, and only the adaptive α adds a statistics-only pass (two GEMMs per
-  half, see `distillm2_loss_from_hidden`).
+  the lm_head weights, through `fused_linear.fused_linear_skl_plus_srkl` (the fused-linear SKL and SRKL
+  in one op); the label log-probabilities are a by-product of its sweep 1, and only the adaptive α adds
+  a statistics-only pass (two GEMMs per half, see `distillm2_loss_from_hidden`).
 """
 
 from __future__ import annotations
