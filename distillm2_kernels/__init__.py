@@ -1,9 +1,16 @@
 """Fused skew KL / skew reverse KL losses for LLM distillation with the DistiLLM-2 objective."""
 
 from .functional import fused_skl, fused_srkl
-from .fused_linear import FusedLinearSKLFunction, FusedLinearSRKLFunction, fused_linear_skl, fused_linear_srkl
+from .fused_linear import (
+    FusedLinearSKLFunction,
+    FusedLinearSRKLFunction,
+    FusedLinearTokenOutputs,
+    fused_linear_skl,
+    fused_linear_srkl,
+    fused_linear_token_statistics,
+)
 from .modules import SkewKLLoss, SkewReverseKLLoss
-from .objective import DistiLLM2Loss, distillm2_loss
+from .objective import DistiLLM2Loss, distillm2_loss, distillm2_loss_from_hidden
 from .skew_divergence import FusedSKLFunction, FusedSRKLFunction, TokenStatistics, token_statistics
 
 __version__ = "0.1.0"
@@ -13,6 +20,8 @@ __all__ = [
     "fused_srkl",
     "fused_linear_skl",
     "fused_linear_srkl",
+    "fused_linear_token_statistics",
+    "FusedLinearTokenOutputs",
     "FusedSKLFunction",
     "FusedSRKLFunction",
     "FusedLinearSKLFunction",
@@ -20,6 +29,7 @@ __all__ = [
     "SkewKLLoss",
     "SkewReverseKLLoss",
     "distillm2_loss",
+    "distillm2_loss_from_hidden",
     "DistiLLM2Loss",
     "token_statistics",
     "TokenStatistics",

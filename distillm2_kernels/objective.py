@@ -33,16 +33,25 @@ Presets (`PRESETS`; every field of `ObjectiveConfig` can also be set directly):
 The objective reads the label-token log-probabilities `log p(y_k)`, `log q(y_k)` from the kernels' first
 sweep over the vocabulary (`token_statistics`), computes α from them, and then runs the loss sweep on
 the same statistics: no extra pass over the vocabulary and no `[N, V]` log_softmax.
+
+Two forms share the α, β, reduction, weighting and metrics (`_objective`):
+- `distillm2_loss` / `DistiLLM2Loss.__call__` on logits `[B, T, V]`;
+- `distillm2_loss_from_hidden` / `DistiLLM2Loss.from_hidden` on the last hidden states `[B, T, H]` and
+  the lm_head weights, through `fused_linear.fused_linear_skl_plus_srkl` (the fused-linear SKL and SRKL
+  in one op); the label log-probabilities are a by-product of its sweep 1, and only the adaptive α adds
+  a statistics-only pass (two GEMMs per half, see `distillm2_loss_from_hidden`).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
-from .skew_divergence import skew_divergence, token_statistics
+from ._inputs import Alpha
+from .fused_linear import Softcap, fused_linear_skl_plus_srkl, fused_linear_token_statistics
+from .skew_divergence import TokenStatistics, skew_divergence, token_statistics
 
 __all__ = [
     "ObjectiveConfig",
@@ -50,6 +59,7 @@ __all__ = [
     "CurriculumState",
     "DistiLLM2Loss",
     "distillm2_loss",
+    "distillm2_loss_from_hidden",
     "adaptive_alpha",
     "beta_schedule",
 ]
@@ -151,14 +161,98 @@ def _sequence_mean(per_token: torch.Tensor, valid: torch.Tensor) -> torch.Tensor
     return (per_token * valid).sum(-1) / valid.sum(-1).clamp(min=1)
 
 
-def _check_half(name: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
-        raise ValueError(f"student_logits_{name} / teacher_logits_{name} must be [B, T, V] tensors")
-    if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:2]:
+def _check_halves(kind: str, last: str, student_t, labels_t, student_s, labels_s) -> None:
+    """Shapes of both halves: `[B, T, <last>]` student `kind` ("logits", "hidden") with `[B, T]` labels,
+    the same B in both halves."""
+    for half, inputs, labels in (("t", student_t, labels_t), ("s", student_s, labels_s)):
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 3:
+            raise ValueError(f"student_{kind}_{half} / teacher_{kind}_{half} must be [B, T, {last}] tensors")
+        if not isinstance(labels, torch.Tensor) or labels.shape != inputs.shape[:2]:
+            raise ValueError(
+                f"labels_{half} must have shape [B, T] = {tuple(inputs.shape[:2])} (aligned with the {kind}: "
+                f"the caller does the causal shift), got "
+                f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else labels}"
+            )
+    if labels_t.shape[0] != labels_s.shape[0]:
         raise ValueError(
-            f"labels_{name} must have shape [B, T] = {tuple(logits.shape[:2])} (aligned with the logits: the "
-            f"caller does the causal shift), got {tuple(labels.shape) if isinstance(labels, torch.Tensor) else labels}"
+            f"the _t and _s halves must hold the same B prompts, got B = {labels_t.shape[0]} and {labels_s.shape[0]}"
         )
+
+
+class _HalfOutputs(NamedTuple):
+    """One half's by-products of the loss (no gradient)."""
+
+    token_losses: torch.Tensor  # [B, T] SKL (_t) or SRKL (_s) per token, 0 at ignored tokens
+    label_logprobs: torch.Tensor  # [B, T, 2]: log q(y_k), log p(y_k), 0 at ignored tokens
+
+
+def _reduce(token_losses: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """"seqmean": token mean per sequence, mean over the sequences with a token; "mean": one token mean."""
+    if reduction == "seqmean":
+        return _sequence_mean(token_losses, valid).sum() / (valid.sum(-1) > 0).sum().clamp(min=1)
+    return token_losses.sum() / valid.sum().clamp(min=1)
+
+
+def _objective(
+    config: ObjectiveConfig,
+    state: CurriculumState,
+    labels_t: torch.Tensor,
+    labels_s: torch.Tensor,
+    statistics: Callable[[str, bool], Optional[TokenStatistics]],
+    terms: Callable[..., tuple[torch.Tensor, _HalfOutputs, _HalfOutputs]],
+) -> tuple[torch.Tensor, dict]:
+    """The objective over either form of the inputs: α, β, the weighting and the metrics.
+
+    `statistics(half, needed)` gives sweep 1's `TokenStatistics` of half "t" or "s" (it may return None
+    when not `needed`, i.e. when nothing reads the label log-probabilities before the loss);
+    `terms(alpha_t, alpha_s, statistics_t, statistics_s, (c_t, c_s))` gives
+    `c_t · SKL(_t rows) + c_s · SRKL(_s rows)`, each reduced by `config.reduction`, and both halves'
+    `_HalfOutputs`, reusing the statistics where given.
+    """
+    valid_t = (labels_t != config.ignore_index).to(torch.float32)
+    valid_s = (labels_s != config.ignore_index).to(torch.float32)
+    batch = labels_t.shape[0]
+
+    # The adaptive α reads the sequence probabilities before the loss: to fix the anchors on the first
+    # batch, and from the curriculum's first epoch on.
+    needed = config.adaptive_alpha and (state.anchor_t is None or state.epoch >= config.curriculum_start_epoch)
+    stats_t, stats_s = statistics("t", needed), statistics("s", needed)
+    alpha_t: Alpha = config.alpha
+    alpha_s: Alpha = config.alpha
+    if needed:
+        gap_t = _sequence_mean(stats_t.teacher_label_logprobs, valid_t).exp() - _sequence_mean(
+            stats_t.student_label_logprobs, valid_t
+        ).exp()  # p̃ − q̃ on the teacher's responses
+        gap_s = _sequence_mean(stats_s.student_label_logprobs, valid_s).exp() - _sequence_mean(
+            stats_s.teacher_label_logprobs, valid_s
+        ).exp()  # q̃ − p̃ on the student's responses
+        if state.anchor_t is None:
+            state.anchor_t, state.anchor_s = gap_t.mean().detach(), gap_s.mean().detach()
+        if state.epoch >= config.curriculum_start_epoch:
+            alpha_t = adaptive_alpha(gap_t, state.anchor_t.to(gap_t.device), config)
+            alpha_s = adaptive_alpha(gap_s, state.anchor_s.to(gap_s.device), config)
+    beta = beta_schedule(config, state)
+
+    coefficients = (1.0, 1.0) if config.weighting == "sum" else (0.5 * (1.0 - beta), 0.5 * beta)
+    loss, skl, srkl = terms(alpha_t, alpha_s, stats_t, stats_s, coefficients)
+
+    def per_row(alpha):
+        if isinstance(alpha, torch.Tensor):
+            return alpha.detach()
+        return torch.full((batch,), alpha, device=labels_t.device)
+
+    metrics = {
+        "skl": _sequence_mean(skl.token_losses, valid_t),
+        "srkl": _sequence_mean(srkl.token_losses, valid_s),
+        "teacher_logprob_t": _sequence_mean(skl.label_logprobs[..., 1], valid_t),
+        "student_logprob_t": _sequence_mean(skl.label_logprobs[..., 0], valid_t),
+        "teacher_logprob_s": _sequence_mean(srkl.label_logprobs[..., 1], valid_s),
+        "student_logprob_s": _sequence_mean(srkl.label_logprobs[..., 0], valid_s),
+        "alpha_t": per_row(alpha_t),
+        "alpha_s": per_row(alpha_s),
+        "beta": torch.tensor(beta),
+    }
+    return loss, metrics
 
 
 def distillm2_loss(
@@ -184,82 +278,98 @@ def distillm2_loss(
     `skl` (_t rows), `srkl` (_s rows), the mean label log-probabilities `teacher_logprob_t`,
     `student_logprob_t`, `teacher_logprob_s`, `student_logprob_s`, the α of each row `alpha_t`,
     `alpha_s`, and the scalar `beta`.
+
+    Sweep 1 (`token_statistics`) runs on both halves first, whatever the preset: its label
+    log-probabilities give the adaptive α and the metrics, and the loss sweep reuses it.
     """
     config = resolve_config(preset, **overrides)
     state = CurriculumState() if state is None else state
-    _check_half("t", student_logits_t, labels_t)
-    _check_half("s", student_logits_s, labels_s)
-    if labels_t.shape[0] != labels_s.shape[0]:
-        raise ValueError(
-            f"the _t and _s halves must hold the same B prompts, got B = {labels_t.shape[0]} and {labels_s.shape[0]}"
-        )
+    _check_halves("logits", "V", student_logits_t, labels_t, student_logits_s, labels_s)
+    halves = {"t": (student_logits_t, teacher_logits_t, labels_t), "s": (student_logits_s, teacher_logits_s, labels_s)}
     common = dict(ignore_index=config.ignore_index, temperature=config.temperature, backend=backend)
 
-    stats_t = token_statistics(student_logits_t, teacher_logits_t, labels_t, **common)
-    stats_s = token_statistics(student_logits_s, teacher_logits_s, labels_s, **common)
-    valid_t = (labels_t != config.ignore_index).to(torch.float32)
-    valid_s = (labels_s != config.ignore_index).to(torch.float32)
-    teacher_lp_t = _sequence_mean(stats_t.teacher_label_logprobs, valid_t)
-    student_lp_t = _sequence_mean(stats_t.student_label_logprobs, valid_t)
-    teacher_lp_s = _sequence_mean(stats_s.teacher_label_logprobs, valid_s)
-    student_lp_s = _sequence_mean(stats_s.student_label_logprobs, valid_s)
+    def statistics(half: str, needed: bool) -> TokenStatistics:
+        return token_statistics(*halves[half], **common)  # needed or not: the loss sweep reuses it
 
-    batch = labels_t.shape[0]
-    alpha_t: Union[float, torch.Tensor] = config.alpha
-    alpha_s: Union[float, torch.Tensor] = config.alpha
-    if config.adaptive_alpha:
-        gap_t = teacher_lp_t.exp() - student_lp_t.exp()  # p̃ − q̃ on the teacher's responses
-        gap_s = student_lp_s.exp() - teacher_lp_s.exp()  # q̃ − p̃ on the student's responses
-        if state.anchor_t is None:
-            state.anchor_t, state.anchor_s = gap_t.mean().detach(), gap_s.mean().detach()
-        if state.epoch >= config.curriculum_start_epoch:
-            alpha_t = adaptive_alpha(gap_t, state.anchor_t.to(gap_t.device), config)
-            alpha_s = adaptive_alpha(gap_s, state.anchor_s.to(gap_s.device), config)
-    beta = beta_schedule(config, state)
+    def terms(alpha_t, alpha_s, stats_t, stats_s, coefficients):
+        loss, outputs = 0.0, []
+        for half, alpha, stats, coefficient in (("t", alpha_t, stats_t, coefficients[0]), ("s", alpha_s, stats_s, coefficients[1])):
+            student, teacher, labels = halves[half]
+            reverse = half == "s"
+            token_losses = skew_divergence(
+                student, teacher, alpha, labels, reverse=reverse, detach_mixture=reverse and config.detach_mixture,
+                statistics=stats, **common,
+            )
+            valid = (labels != config.ignore_index).to(torch.float32)
+            loss = loss + coefficient * _reduce(token_losses, valid, config.reduction)
+            outputs.append(_HalfOutputs(token_losses.detach(), stats.label_logprobs))
+        return loss, *outputs
 
-    skl_tokens = skew_divergence(
-        student_logits_t, teacher_logits_t, alpha_t, labels_t, reverse=False, statistics=stats_t, **common
+    return _objective(config, state, labels_t, labels_s, statistics, terms)
+
+
+def distillm2_loss_from_hidden(
+    student_hidden_t: torch.Tensor,
+    teacher_hidden_t: torch.Tensor,
+    labels_t: torch.Tensor,
+    student_hidden_s: torch.Tensor,
+    teacher_hidden_s: torch.Tensor,
+    labels_s: torch.Tensor,
+    *,
+    student_weight: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    softcap: Softcap = None,
+    preset: Union[str, ObjectiveConfig] = "distillm2",
+    state: Optional[CurriculumState] = None,
+    backend: str = "auto",
+    memory_budget_bytes: Optional[int] = None,
+    **overrides,
+) -> tuple[torch.Tensor, dict]:
+    """`distillm2_loss` from the models' last hidden states and lm_head weights, through the fused-linear
+    ops: the logits `softcap(h Wᵀ + b)` are never built in full.
+
+    Hidden states `[B, T, H_s]` (student) and `[B, T, H_t]` (teacher) in place of the logits, labels
+    `[B, T]` aligned with them; `student_weight` `[V, H_s]`, `teacher_weight` `[V, H_t]` and the biases
+    serve both halves; softcap, memory_budget_bytes: as in `fused_linear_skl`. The teacher must not
+    require grad; gradients reach the student's hidden states, weight and bias (the weight's only if it
+    requires grad). preset, state, backend, overrides and the returned `(loss, metrics)`: as in
+    `distillm2_loss`.
+
+    Both halves go through one op, `fused_linear_skl_plus_srkl`. Cost per half: four GEMMs (two logits,
+    the hidden and weight gradients, done in the forward; a term weighted 0, SKL at β = 1, skips its two
+    gradient GEMMs), with the label log-probabilities a by-product of sweep 1. When the adaptive α reads
+    them before the loss (the "paper" preset from the curriculum's start epoch, and on the first batch to
+    fix the anchors), `fused_linear_token_statistics` first runs the two logits GEMMs and sweep 1 alone,
+    and the loss op reuses its statistics: two GEMMs more per half, no extra sweep over the vocabulary.
+    A constant α ("distillm2", "distillm") costs no extra pass. Until the backward the op holds the
+    finished gradients: the hidden states' and one `[V, H_s]` weight gradient for both halves.
+    """
+    config = resolve_config(preset, **overrides)
+    state = CurriculumState() if state is None else state
+    _check_halves("hidden", "H", student_hidden_t, labels_t, student_hidden_s, labels_s)
+    halves = {"t": (student_hidden_t, teacher_hidden_t, labels_t), "s": (student_hidden_s, teacher_hidden_s, labels_s)}
+    common = dict(
+        student_bias=student_bias, teacher_bias=teacher_bias, ignore_index=config.ignore_index,
+        temperature=config.temperature, softcap=softcap, backend=backend, memory_budget_bytes=memory_budget_bytes,
     )
-    srkl_tokens = skew_divergence(
-        student_logits_s,
-        teacher_logits_s,
-        alpha_s,
-        labels_s,
-        reverse=True,
-        detach_mixture=config.detach_mixture,
-        statistics=stats_s,
-        **common,
-    )
-    skl_seq = _sequence_mean(skl_tokens, valid_t)
-    srkl_seq = _sequence_mean(srkl_tokens, valid_s)
-    if config.reduction == "seqmean":
-        skl = skl_seq.sum() / (valid_t.sum(-1) > 0).sum().clamp(min=1)
-        srkl = srkl_seq.sum() / (valid_s.sum(-1) > 0).sum().clamp(min=1)
-    else:
-        skl = skl_tokens.sum() / valid_t.sum().clamp(min=1)
-        srkl = srkl_tokens.sum() / valid_s.sum().clamp(min=1)
-    if config.weighting == "sum":
-        loss = skl + srkl
-    else:
-        loss = 0.5 * ((1.0 - beta) * skl + beta * srkl)
 
-    def per_row(alpha):
-        if isinstance(alpha, torch.Tensor):
-            return alpha.detach()
-        return torch.full((batch,), alpha, device=labels_t.device)
+    def statistics(half: str, needed: bool) -> Optional[TokenStatistics]:
+        if not needed:  # the loss op's sweep 1 gives the label log-probabilities
+            return None
+        student, teacher, labels = halves[half]
+        return fused_linear_token_statistics(student, student_weight, teacher, teacher_weight, labels, **common)
 
-    metrics = {
-        "skl": skl_seq.detach(),
-        "srkl": srkl_seq.detach(),
-        "teacher_logprob_t": teacher_lp_t.detach(),
-        "student_logprob_t": student_lp_t.detach(),
-        "teacher_logprob_s": teacher_lp_s.detach(),
-        "student_logprob_s": student_lp_s.detach(),
-        "alpha_t": per_row(alpha_t),
-        "alpha_s": per_row(alpha_s),
-        "beta": torch.tensor(beta),
-    }
-    return loss, metrics
+    def terms(alpha_t, alpha_s, stats_t, stats_s, coefficients):
+        result = fused_linear_skl_plus_srkl(
+            *halves["t"], *halves["s"], student_weight=student_weight, teacher_weight=teacher_weight,
+            alpha_t=alpha_t, alpha_s=alpha_s, coefficients=coefficients, detach_mixture=config.detach_mixture,
+            reduction=config.reduction, statistics_t=stats_t, statistics_s=stats_s, **common,
+        )
+        return result.loss, _HalfOutputs(*result.skl), _HalfOutputs(*result.srkl)
+
+    return _objective(config, state, labels_t, labels_s, statistics, terms)
 
 
 class DistiLLM2Loss:
@@ -269,6 +379,11 @@ class DistiLLM2Loss:
         loss, metrics = objective(s_t, t_t, labels_t, s_s, t_s, labels_s)
         loss.backward(); optimizer.step(); objective.step()      # once per optimizer step
         objective.set_epoch(epoch)                                # at the start of each epoch
+
+    or from hidden states and lm_head weights, never building the logits:
+
+        loss, metrics = objective.from_hidden(h_s_t, h_t_t, labels_t, h_s_s, h_t_s, labels_s,
+                                              student_weight=W_s, teacher_weight=W_t)
 
     `state_dict()` / `load_state_dict()` carry the anchors and counters, so a resumed run continues exactly.
     """
@@ -297,6 +412,42 @@ class DistiLLM2Loss:
             preset=self.config,
             state=self.state,
             backend=self.backend,
+        )
+
+    def from_hidden(
+        self,
+        student_hidden_t: torch.Tensor,
+        teacher_hidden_t: torch.Tensor,
+        labels_t: torch.Tensor,
+        student_hidden_s: torch.Tensor,
+        teacher_hidden_s: torch.Tensor,
+        labels_s: torch.Tensor,
+        *,
+        student_weight: torch.Tensor,
+        teacher_weight: torch.Tensor,
+        student_bias: Optional[torch.Tensor] = None,
+        teacher_bias: Optional[torch.Tensor] = None,
+        softcap: Softcap = None,
+        memory_budget_bytes: Optional[int] = None,
+    ) -> tuple[torch.Tensor, dict]:
+        """The objective from hidden states and lm_head weights (`distillm2_loss_from_hidden`), on this
+        object's config and curriculum state, like `__call__` on logits."""
+        return distillm2_loss_from_hidden(
+            student_hidden_t,
+            teacher_hidden_t,
+            labels_t,
+            student_hidden_s,
+            teacher_hidden_s,
+            labels_s,
+            student_weight=student_weight,
+            teacher_weight=teacher_weight,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            softcap=softcap,
+            preset=self.config,
+            state=self.state,
+            backend=self.backend,
+            memory_budget_bytes=memory_budget_bytes,
         )
 
     def step(self) -> None:

@@ -27,7 +27,9 @@ from .backends import STATS, resolve_backend_name
 
 
 class TokenStatistics(NamedTuple):
-    """Sweep 1's row statistics for one pair of logits `[..., V]`: `stats` is `[N, 7]` (see `backends`)."""
+    """Sweep 1's row statistics for one pair of logits `[..., V]` (`token_statistics`, or
+    `fused_linear_token_statistics` for the logits a fused-linear op builds): `stats` is `[N, 7]` (see
+    `backends`)."""
 
     stats: torch.Tensor
     leading_shape: torch.Size
@@ -42,6 +44,11 @@ class TokenStatistics(NamedTuple):
         """log p(label) per token, the logits' leading shape (0 at ignored tokens)."""
         return self.stats[:, 6].view(self.leading_shape)
 
+    @property
+    def label_logprobs(self) -> torch.Tensor:
+        """(log q(label), log p(label)) per token, `[..., 2]` (0 at ignored tokens)."""
+        return self.stats[:, 5:7].view(*self.leading_shape, 2)
+
 
 def token_statistics(
     student_logits: torch.Tensor,
@@ -53,7 +60,8 @@ def token_statistics(
     backend: str = "auto",
 ) -> TokenStatistics:
     """Sweep 1 over `[..., V]` logits (student first): the label tokens' log-probabilities under student
-    and teacher, at temperature T, and the statistics that let `fused_skl` / `fused_srkl` skip sweep 1."""
+    and teacher, at temperature T, and the statistics that let `fused_skl` / `fused_srkl` skip sweep 1.
+    No gradient flows through them."""
     if labels is None:
         raise ValueError("token_statistics needs labels: the label tokens' log-probabilities are its output")
     rows = prepare_rows(student_logits, teacher_logits, 0.0, labels, ignore_index, temperature)
@@ -62,7 +70,9 @@ def token_statistics(
     stats = custom_ops.statistics(
         rows.student, rows.teacher, rows.labels, rows.ignore_index, rows.inv_temperature, name
     )
-    return TokenStatistics(stats, rows.leading_shape)
+    # Not differentiable: logits that require grad would otherwise pass requires_grad on (to an α
+    # computed from the label log-probabilities, say) with a backward that cannot run.
+    return TokenStatistics(stats.detach(), rows.leading_shape)
 
 
 def _check_statistics(statistics: Optional[TokenStatistics], rows) -> Optional[torch.Tensor]:

@@ -27,7 +27,12 @@ import distillm2_kernels as dk
 from distillm2_kernels import reference
 from distillm2_kernels.backends import triton_backend
 from distillm2_kernels.backends import resolve_backend
-from distillm2_kernels.fused_linear import LIVE_ROW_TENSORS, UNDECLARED_BACKEND_TEMPORARIES, chunk_rows
+from distillm2_kernels.fused_linear import (
+    LIVE_ROW_TENSORS,
+    UNDECLARED_BACKEND_TEMPORARIES,
+    chunk_rows,
+    fused_linear_skl_plus_srkl,
+)
 
 ALLOWANCE_ULPS = 2
 
@@ -355,6 +360,128 @@ def test_alpha_and_labels_on_all_leading_shapes():
     assert torch.allclose(per_token, logits_api, atol=1e-6)
     one = dk.fused_linear_skl(hidden[0, 0, 0], weight, teacher_hidden[0, 0, 0], teacher_weight, reduction="none")
     assert one.shape == () and torch.allclose(one, per_token[0, 0, 0], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# By-products for the objective: per-token losses, label log-probabilities, the statistics-only pass
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["none", "seqmean"])
+@pytest.mark.parametrize(
+    "backend, dtype", [("torch", torch.float64), ("torch", torch.float32), pytest.param("triton", torch.float32, marks=needs_interpreter)]
+)
+def test_token_outputs_and_statistics(backend, dtype, reduction):
+    """The label log-probabilities (from sweep 1, with and without the statistics-only pass) and the
+    per-token losses against the float64 oracle; statistics passed back leave the loss and gradients as
+    they are; nothing of it carries a gradient."""
+    case = Case("srkl_detached", reduction, dtype, softcap=(5.0, 2.5), bias=True, temperature=0.7, backend=backend)
+    tensors, labels, alpha, grad_out = make_inputs(case)
+    inputs = {k: v.to(dtype) for k, v in tensors.items()}
+    student = {k: inputs[k].clone().requires_grad_() for k in ("student_hidden", "student_weight")}
+    args = (student["student_hidden"], student["student_weight"], inputs["teacher_hidden"], inputs["teacher_weight"])
+    options = dict(
+        student_bias=inputs["student_bias"], teacher_bias=inputs["teacher_bias"], labels=labels, temperature=0.7,
+        softcap=(5.0, 2.5), backend=backend, memory_budget_bytes=_budget_for_rows(3, V, backend, dtype),
+    )
+    statistics = dk.fused_linear_token_statistics(*args, **options)
+    plain = dk.fused_linear_srkl(*args, alpha, reduction=reduction, detach_mixture=True, **options)
+    results = [
+        dk.fused_linear_srkl(*args, alpha, reduction=reduction, detach_mixture=True, return_token_outputs=True, **options),
+        dk.fused_linear_srkl(
+            *args, alpha, reduction=reduction, detach_mixture=True, return_token_outputs=True, statistics=statistics,
+            **options,
+        ),
+    ]
+
+    z = {}
+    for side, cap in (("student", 5.0), ("teacher", 2.5)):
+        raw = tensors[f"{side}_hidden"].double() @ tensors[f"{side}_weight"].double().T + tensors[f"{side}_bias"].double()
+        z[side] = cap * torch.tanh(raw / cap)
+    valid = labels != -100
+    expected_logprobs = torch.stack(
+        [torch.log_softmax(z[side] / 0.7, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) for side in z],
+        dim=-1,
+    ) * valid.unsqueeze(-1)
+    expected_losses = reference.srkl_reference(z["student"], z["teacher"], alpha, labels=labels, temperature=0.7, reduction="none")
+    # float rounding in log space grows with the logits' magnitude (oracle.py's allowance)
+    tolerance = 16 * torch.finfo(dtype).eps * (1 + max(z["student"].abs().max(), z["teacher"].abs().max()).item() / 0.7)
+    assert statistics.label_logprobs.shape == (B, T, 2)
+    assert (statistics.label_logprobs.double() - expected_logprobs).abs().max() <= tolerance
+    torch.testing.assert_close(statistics.student_label_logprobs, statistics.label_logprobs[..., 0])
+    plain_grads = torch.autograd.grad(plain, tuple(student.values()), grad_out.to(plain.dtype))
+    for loss, outputs in results:
+        assert not outputs.losses.requires_grad and not outputs.label_logprobs.requires_grad
+        assert (outputs.label_logprobs.double() - expected_logprobs).abs().max() <= tolerance
+        assert (outputs.losses.double() - expected_losses).abs().max() <= tolerance
+        assert torch.equal(outputs.label_logprobs[~valid], torch.zeros_like(outputs.label_logprobs[~valid]))
+        torch.testing.assert_close(loss, plain, rtol=4 * torch.finfo(dtype).eps, atol=0)
+        grads = torch.autograd.grad(loss, tuple(student.values()), grad_out.to(loss.dtype))
+        for ours, theirs in zip(grads, plain_grads):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=4 * torch.finfo(dtype).eps * theirs.abs().max().item())
+
+
+@pytest.mark.parametrize("coefficients", [(1.0, 1.0), (0.0, 0.7)])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_interpreter)])
+def test_skl_plus_srkl_equals_the_two_ops(backend, coefficients):
+    """c_t · SKL(_t) + c_s · SRKL(_s) in one op equals the two ops on their halves (float64 on the torch
+    backend, to ~1e-12; float32 on triton) — loss, by-products, gradients of both hidden states, the shared
+    weight and bias; a term weighted 0 still reports its losses."""
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    halves = []
+    for seed in (0, 1):
+        tensors, labels, _, _ = make_inputs(Case("skl", "seqmean", dtype, bias=True), seed=seed)
+        halves.append(({k: v.to(dtype) for k, v in tensors.items()}, labels))
+    (t_half, labels_t), (s_half, labels_s) = halves
+    weight = t_half["student_weight"].clone().requires_grad_()
+    bias = t_half["student_bias"].clone().requires_grad_()
+    hidden_t = t_half["student_hidden"].clone().requires_grad_()
+    hidden_s = s_half["student_hidden"].clone().requires_grad_()
+    alpha_t, alpha_s = torch.tensor([0.05, 0.1]), torch.tensor([0.1, 0.01])
+    common = dict(
+        student_bias=bias, teacher_bias=t_half["teacher_bias"], softcap=(5.0, 2.5), temperature=0.7,
+        reduction="seqmean", backend=backend, memory_budget_bytes=_budget_for_rows(3, V, backend, dtype),
+        return_token_outputs=True,
+    )
+    skl, skl_outputs = dk.fused_linear_skl(
+        hidden_t, weight, t_half["teacher_hidden"], t_half["teacher_weight"], alpha_t, labels=labels_t, **common
+    )
+    srkl, srkl_outputs = dk.fused_linear_srkl(
+        hidden_s, weight, s_half["teacher_hidden"], t_half["teacher_weight"], alpha_s, labels=labels_s,
+        detach_mixture=True, **common,
+    )
+    two_ops = coefficients[0] * skl + coefficients[1] * srkl
+    expected_grads = torch.autograd.grad(two_ops, (hidden_t, hidden_s, weight, bias))
+    common.pop("return_token_outputs")
+    pair = fused_linear_skl_plus_srkl(
+        hidden_t, t_half["teacher_hidden"], labels_t, hidden_s, s_half["teacher_hidden"], labels_s,
+        student_weight=weight, teacher_weight=t_half["teacher_weight"], alpha_t=alpha_t, alpha_s=alpha_s,
+        coefficients=coefficients, detach_mixture=True, **common,
+    )
+    # a term weighted 0 gives no gradient (None, materialised here as zeros)
+    grads = torch.autograd.grad(pair.loss, (hidden_t, hidden_s, weight, bias), materialize_grads=True)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(pair.loss, two_ops, rtol=tolerance, atol=tolerance)
+    for ours, theirs in zip((*pair.skl, *pair.srkl), (*skl_outputs, *srkl_outputs)):
+        torch.testing.assert_close(ours, theirs, rtol=tolerance, atol=tolerance)
+    for ours, theirs in zip(grads, expected_grads):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=tolerance * max(1.0, theirs.abs().max().item()))
+    if coefficients[0] == 0:
+        assert torch.equal(grads[0], torch.zeros_like(grads[0]))
+
+
+def test_token_outputs_without_labels_and_bad_labels():
+    args = _valid_args()
+    loss, outputs = dk.fused_linear_skl(**args, reduction="sum", return_token_outputs=True)
+    assert outputs.label_logprobs is None and outputs.losses.shape == (2, 3)
+    torch.testing.assert_close(loss, outputs.losses.sum())
+    with pytest.raises(ValueError, match="needs labels"):
+        dk.fused_linear_token_statistics(**args, labels=None)
+    with pytest.raises(ValueError, match=r"labels must be token ids in \[0, 11\)"):
+        dk.fused_linear_token_statistics(**args, labels=torch.full((2, 3), 11))
+    with pytest.raises(ValueError, match="statistics were computed for hidden states of leading shape"):
+        statistics = dk.fused_linear_token_statistics(**args, labels=torch.zeros(2, 3, dtype=torch.long))
+        dk.fused_linear_skl(**{**args, "student_hidden": torch.randn(3, 2, 8), "teacher_hidden": torch.randn(3, 2, 6)}, statistics=statistics)
 
 
 # ----------------------------------------------------------------------------------------------------
