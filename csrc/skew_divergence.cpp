@@ -1,11 +1,16 @@
-// Python bindings of the CPU skew-divergence kernels: argument checks, output allocation, and the choice of
-// instruction set at run time (ATen's own choice, `torch.backends.cpu.get_cpu_capability()`, which honours
-// the ATEN_CPU_CAPABILITY environment variable).
+// Python bindings of the CPU skew-divergence kernels: argument checks and the choice of instruction set at run
+// time (ATen's own choice, `torch.backends.cpu.get_cpu_capability()`, which honours the ATEN_CPU_CAPABILITY
+// environment variable).
 //
+//   skew_statistics(student, teacher, labels, ignore_index, inv_temperature, stats)
+//       sweep 1: writes stats [N, 7] float32 (C = 0; see RowStat in skew_divergence_kernel.h)
 //   skew_forward(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature, reverse, detach,
-//                loss, stats)              writes loss [N] float32 and stats [N, 5] float32 (see kStats)
+//                compute_statistics, loss, stats)
+//       writes loss [N] float32; with compute_statistics runs sweep 1 into stats first, otherwise reads the
+//       statistics in stats (from skew_statistics on the same rows); writes C into stats[:, 4] either way
 //   skew_backward(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature, reverse, detach,
-//                 stats, grad_loss, grad)  writes grad [N, V] contiguous, student dtype
+//                 stats, grad_loss, grad)
+//       sweep 3: writes grad [N, V] contiguous, student dtype
 //
 // The caller allocates the outputs (so that tests can poison them) and every element is written.
 // student and teacher are [N, V] CPU tensors with unit column stride; labels is an optional int64 [N] tensor,
@@ -129,9 +134,28 @@ void check_output(const char* name, const at::Tensor& out, at::ScalarType dtype,
               " ", out.sizes());
 }
 
+void skew_statistics(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+                     int64_t ignore_index, double inv_temperature, at::Tensor& stats) {
+  const SkewProblem problem = make_problem(student, teacher, labels, std::nullopt, /*alpha=*/0.0, ignore_index,
+                                           inv_temperature, /*reverse=*/false, /*detach=*/false);
+  check_output("stats", stats, at::kFloat, {problem.num_rows, kStats});
+  float* stats_ptr = stats.data_ptr<float>();
+  switch (selected_isa()) {
+#ifdef DISTILLM2_X86_KERNELS
+    case Isa::Avx512:
+      return AVX512::skew_statistics_rows(problem, stats_ptr);
+    case Isa::Avx2:
+      return AVX2::skew_statistics_rows(problem, stats_ptr);
+#endif
+    default:
+      return DEFAULT::skew_statistics_rows(problem, stats_ptr);
+  }
+}
+
 void skew_forward(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
                   const std::optional<at::Tensor>& alpha_rows, double alpha, int64_t ignore_index,
-                  double inv_temperature, bool reverse, bool detach, at::Tensor& loss, at::Tensor& stats) {
+                  double inv_temperature, bool reverse, bool detach, bool compute_statistics, at::Tensor& loss,
+                  at::Tensor& stats) {
   const SkewProblem problem =
       make_problem(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature, reverse, detach);
   check_output("loss", loss, at::kFloat, {problem.num_rows});
@@ -141,12 +165,12 @@ void skew_forward(const at::Tensor& student, const at::Tensor& teacher, const st
   switch (selected_isa()) {
 #ifdef DISTILLM2_X86_KERNELS
     case Isa::Avx512:
-      return AVX512::skew_forward_rows(problem, loss_ptr, stats_ptr);
+      return AVX512::skew_forward_rows(problem, compute_statistics, loss_ptr, stats_ptr);
     case Isa::Avx2:
-      return AVX2::skew_forward_rows(problem, loss_ptr, stats_ptr);
+      return AVX2::skew_forward_rows(problem, compute_statistics, loss_ptr, stats_ptr);
 #endif
     default:
-      return DEFAULT::skew_forward_rows(problem, loss_ptr, stats_ptr);
+      return DEFAULT::skew_forward_rows(problem, compute_statistics, loss_ptr, stats_ptr);
   }
 }
 
@@ -180,10 +204,15 @@ void skew_backward(const at::Tensor& student, const at::Tensor& teacher, const s
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "distillm2_kernels CPU kernels: skew KL / skew reverse KL over [N, V] logits";
+  m.def("skew_statistics", &distillm2::skew_statistics, py::call_guard<py::gil_scoped_release>(),
+        "Sweep 1: writes the per-row statistics [N, num_stats] (C = 0)", py::arg("student"), py::arg("teacher"),
+        py::arg("labels"), py::arg("ignore_index"), py::arg("inv_temperature"), py::arg("stats"));
   m.def("skew_forward", &distillm2::skew_forward, py::call_guard<py::gil_scoped_release>(),
-        "Writes the per-row loss [N] and stats [N, num_stats]", py::arg("student"), py::arg("teacher"),
-        py::arg("labels"), py::arg("alpha_rows"), py::arg("alpha"), py::arg("ignore_index"),
-        py::arg("inv_temperature"), py::arg("reverse"), py::arg("detach"), py::arg("loss"), py::arg("stats"));
+        "Writes the per-row loss [N] and C into stats [N, num_stats]; computes the rest of stats first when "
+        "compute_statistics, else reads it",
+        py::arg("student"), py::arg("teacher"), py::arg("labels"), py::arg("alpha_rows"), py::arg("alpha"),
+        py::arg("ignore_index"), py::arg("inv_temperature"), py::arg("reverse"), py::arg("detach"),
+        py::arg("compute_statistics"), py::arg("loss"), py::arg("stats"));
   m.def("skew_backward", &distillm2::skew_backward, py::call_guard<py::gil_scoped_release>(),
         "Writes the gradient w.r.t. the student logits, [N, V] contiguous in the student dtype",
         py::arg("student"), py::arg("teacher"), py::arg("labels"), py::arg("alpha_rows"), py::arg("alpha"),

@@ -28,16 +28,19 @@ struct SkewProblem {
   bool detach;                 // SRKL only: the q inside the mixture r is a constant
 };
 
-// Per-row statistics kept between forward and backward: the student's and the teacher's log-sum-exp, each as
-// max and log Σ exp(x − max), and the row constant C.
-constexpr int64_t kStats = 5;
+// Per-row statistics (the columns of RowStat in skew_divergence_kernel.h): max z_s, log Σ exp((z_s − max)/T),
+// the same for z_t, the row constant C, and the label tokens' log q(label), log p(label).
+constexpr int64_t kStats = 7;
 
 // Each instruction-set build (namespaces DEFAULT, AVX2, AVX512) defines:
-//   void skew_forward_rows(const SkewProblem&, float* loss /*[N]*/, float* stats /*[N, kStats]*/);
+//   void skew_statistics_rows(const SkewProblem&, float* stats /*[N, kStats] out, C = 0*/);
+//   void skew_forward_rows(const SkewProblem&, bool compute_statistics, float* loss /*[N]*/,
+//                          float* stats /*[N, kStats]: written when compute_statistics, else read; C written*/);
 //   void skew_backward_rows(const SkewProblem&, const float* stats /*[N, kStats]*/, const float* grad_loss,
 //                           int64_t grad_loss_stride, void* grad /*[N, V] contiguous, student dtype*/);
 #define DISTILLM2_DECLARE_KERNELS                                                                        \
-  void skew_forward_rows(const SkewProblem& problem, float* loss, float* stats);                         \
+  void skew_statistics_rows(const SkewProblem& problem, float* stats);                                   \
+  void skew_forward_rows(const SkewProblem& problem, bool compute_statistics, float* loss, float* stats); \
   void skew_backward_rows(                                                                               \
       const SkewProblem& problem, const float* stats, const float* grad_loss, int64_t grad_loss_stride, \
       void* grad);

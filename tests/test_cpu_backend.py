@@ -1,5 +1,5 @@
 """The C++ CPU backend (`backend="cpu"`, csrc/) against the float64 oracle, plus what is specific to it:
-thread-count determinism, every instruction-set build, large rows, the fallback when the extension is missing,
+the backend interface (row statistics, precomputed statistics, exact zero at α = 1), thread-count determinism, every instruction-set build, large rows, the fallback when the extension is missing,
 and the custom ops under torch.compile.
 
 Tolerance rule (DESIGN.md section 6): a result passes when its max error against the float64 reference is no
@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from distillm2_kernels import fused_skl, fused_srkl, reference
-from distillm2_kernels.backends import BACKENDS, available_backends, cpu_backend
+from distillm2_kernels._inputs import prepare_rows
+from distillm2_kernels.backends import BACKENDS, available_backends, cpu_backend, torch_backend
 
 pytestmark = pytest.mark.skipif(
     cpu_backend.unavailable_reason() is not None,
@@ -239,6 +240,121 @@ def test_float64_runs_in_float64(op):
 def test_large_vocabulary(op):
     student, teacher = make_logits((3, 262144), torch.bfloat16, scale=4.0, seed=10)
     check_against_oracle(op, student, teacher, 0.1, labels=torch.tensor([0, -100, 2]), what="V = 262144")
+
+
+# --- the backend interface: row statistics, forward on precomputed statistics, α = 1 ---------------------
+
+REVERSE_DETACH = {"skl": (False, False), "srkl": (True, False), "srkl_detach": (True, True)}
+IGNORE_INDEX = -100
+
+
+def statistics_inputs(dtype, *, vocab=1031, seed=20):
+    """Rows with in-vocabulary labels (first and last token), ignored rows, labels outside [0, V), a row with
+    masked student entries, and a row with large logits."""
+    student, teacher = make_logits((9, vocab), torch.float32, seed=seed)
+    student[6, ::3] = -math.inf
+    student[7], teacher[7] = student[7] * 30.0, teacher[7] * 30.0
+    labels = torch.tensor([0, vocab - 1, IGNORE_INDEX, 17, -1, vocab, IGNORE_INDEX, 5, 6])
+    return student.to(dtype), teacher.to(dtype), labels
+
+
+def assert_identical(actual, expected, what):
+    """Equal to the last bit, NaN where the other has NaN."""
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_statistics_match_torch_backend_and_log_softmax(dtype, temperature):
+    student, teacher, labels = statistics_inputs(dtype)
+    rows = prepare_rows(student, teacher, 0.3, labels, IGNORE_INDEX, temperature)
+    stats = cpu_backend.skew_statistics(rows)
+    expected = torch_backend.skew_statistics(rows)
+    assert stats.shape == (9, cpu_backend.STATS) == (9, 7) and stats.dtype == torch.float32
+
+    ignored = labels == IGNORE_INDEX
+    assert torch.equal(stats[ignored], torch.zeros_like(stats[ignored]))
+    counted = ~ignored
+    assert torch.equal(stats[counted][:, [0, 2]], expected[counted][:, [0, 2]])  # max z: same float32 values
+    log_sums, expected_log_sums = stats[counted][:, [1, 3]].double(), expected[counted][:, [1, 3]].double()
+    assert (log_sums - expected_log_sums).abs().max() <= ALLOWANCE_ULPS * EPS[torch.float32] * (
+        1.0 + expected_log_sums.abs().max()
+    )
+    assert torch.equal(stats[:, 4], torch.zeros(9))
+
+    in_vocab = counted & (labels >= 0) & (labels < student.shape[-1])
+    assert torch.isnan(stats[counted & ~in_vocab][:, 5:]).all()
+    for column, logits in ((5, student), (6, teacher)):
+        log_probs = torch.log_softmax(logits[in_vocab].double() / temperature, -1)
+        oracle = log_probs.gather(-1, labels[in_vocab].unsqueeze(-1)).squeeze(-1)
+        magnitude = logits[in_vocab].double().nan_to_num(0.0, 0.0, 0.0).abs().amax(-1) / temperature
+        error = (stats[in_vocab, column].double() - oracle).abs()
+        assert (error <= ALLOWANCE_ULPS * EPS[torch.float32] * (1.0 + magnitude)).all(), (column, error)
+
+
+def test_statistics_without_labels_have_zero_label_columns():
+    student, teacher, _ = statistics_inputs(torch.bfloat16)
+    rows = prepare_rows(student, teacher, 0.3, None, IGNORE_INDEX, 1.0)
+    stats = cpu_backend.skew_statistics(rows)
+    assert torch.equal(stats[:, 4:], torch.zeros(9, 3))
+    assert torch.equal(stats[:, [0, 2]], torch_backend.skew_statistics(rows)[:, [0, 2]])
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_on_precomputed_statistics_is_identical(op, dtype):
+    """`skew_forward(rows, stats=skew_statistics(rows))` gives exactly what `skew_forward(rows)` gives, and
+    leaves the given statistics as they were (also when they are not contiguous)."""
+    reverse, detach = REVERSE_DETACH[op]
+    student, teacher, labels = statistics_inputs(dtype)
+    alpha = torch.linspace(0.0, 1.0, 9)
+    rows = prepare_rows(student, teacher, alpha, labels, IGNORE_INDEX, 1.3)
+    loss, stats = cpu_backend.skew_forward(rows, reverse, detach)
+    precomputed = cpu_backend.skew_statistics(rows)
+    assert_identical(precomputed[:, [0, 1, 2, 3, 5, 6]], stats[:, [0, 1, 2, 3, 5, 6]], "statistics")
+    for given in (precomputed, precomputed.t().contiguous().t()):
+        before = given.clone()
+        loss_reused, stats_reused = cpu_backend.skew_forward(rows, reverse, detach, stats=given)
+        assert_identical(given, before, "the given statistics")
+        assert stats_reused.data_ptr() != given.data_ptr()
+        assert_identical(loss_reused, loss, "loss")
+        assert_identical(stats_reused, stats, "statistics with C")
+    grad_loss = torch.rand(9, generator=torch.Generator().manual_seed(2))
+    grad = cpu_backend.skew_backward(rows, reverse, detach, stats, grad_loss)
+    assert torch.equal(cpu_backend.skew_backward(rows, reverse, detach, stats_reused, grad_loss), grad)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_float64_statistics_are_the_torch_backends(op):
+    reverse, detach = REVERSE_DETACH[op]
+    student, teacher, labels = statistics_inputs(torch.float64)
+    rows = prepare_rows(student, teacher, 0.3, labels, IGNORE_INDEX, 0.8)
+    stats = cpu_backend.skew_statistics(rows)
+    assert stats.dtype == torch.float64 and stats.shape == (9, 7)
+    assert_identical(stats, torch_backend.skew_statistics(rows), "float64 statistics")
+    before = stats.clone()
+    loss, stats_with_c = cpu_backend.skew_forward(rows, reverse, detach, stats=stats)
+    assert_identical(stats, before, "the given statistics")
+    expected_loss, expected_stats = torch_backend.skew_forward(rows, reverse, detach)
+    assert_identical(loss, expected_loss, "loss")
+    assert_identical(stats_with_c, expected_stats, "statistics with C")
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_alpha_one_gives_exactly_zero_loss_and_gradient(op, dtype):
+    """At α = 1 the mixture is the distribution itself: ā = e = d = 0, so loss, C and gradient are exactly 0
+    (also with masked entries), and a row with α = 1 among others gets exactly zero."""
+    student, teacher, labels = statistics_inputs(dtype)
+    teacher[3, 1::2] = -math.inf
+    per_row = torch.tensor([1.0, 0.2, 1.0, 1.0, 0.5, 1.0, 1.0, 1.0, 0.0])
+    for alpha, at_one in ((1.0, torch.ones(9, dtype=torch.bool)), (per_row, per_row == 1.0)):
+        loss, grad, _ = fused_loss_and_grad(op, student, teacher, alpha, labels=labels, temperature=0.9)
+        assert torch.equal(loss[at_one], torch.zeros_like(loss[at_one]))
+        assert torch.equal(grad[at_one], torch.zeros_like(grad[at_one]))
+    rows = prepare_rows(student, teacher, 1.0, labels, IGNORE_INDEX, 0.9)
+    _, stats = cpu_backend.skew_forward(rows, *REVERSE_DETACH[op])
+    assert torch.equal(stats[:, 4], torch.zeros(9))
 
 
 # --- layouts, reductions, determinism ---------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The C++ CPU backend: `distillm2_kernels._C`, built from csrc/ by setup.py (see csrc/skew_divergence_kernel.h).
 
-Same math and interface as the Triton kernels (see `triton_backend`): one thread per row, three sweeps per row
-(online log-sum-exp; loss and the row constant C; gradient), the vocabulary loop vectorised with ATen's
-`at::vec` at the instruction set ATen itself selects, float32 accumulation, the gradient in the student dtype.
+Same math, interface and row statistics as the Triton kernels (see `triton_backend`): one thread per row, three
+sweeps per row (online log-sum-exp with the label tokens' log-probabilities; loss and the row constant C;
+gradient), the vocabulary loop vectorised with ATen's `at::vec` at the instruction set ATen itself selects,
+float32 accumulation, the gradient in the student dtype. `skew_forward` without precomputed statistics runs
+sweeps 1 and 2 back to back on each row, while the row is still in cache.
 Rows run in parallel on `torch.get_num_threads()` threads; each row is computed by one thread in a fixed order,
 so results do not depend on the thread count.
 
@@ -24,10 +26,10 @@ import torch
 from .._inputs import SkewRows
 from . import torch_backend
 
-# Per-row statistics kept between forward and backward: each log-sum-exp as max and log Σ exp(x − max)
-# (an lse held as one float loses ~1e-5 absolute when it is near 100), then C.
-STATS = 5  # shift_s, log_sum_s, shift_t, log_sum_t, C
-
+# Row statistics kept between forward and backward, [N, STATS] float32, as in triton_backend: max z_s,
+# log Σ exp((z_s − max)/T), the same for z_t, the row constant C, and log q(label), log p(label).
+STATS = 7
+ROW_TEMPORARIES = 0  # [rows, V] temporaries the kernels allocate besides their output (see torch_backend)
 
 def _load_extension() -> tuple[Optional[ModuleType], Optional[str]]:
     """(the compiled module, None), or (None, why it cannot be used)."""
@@ -67,16 +69,23 @@ def _runs_in_float64(rows: SkewRows) -> bool:
     return rows.student.dtype == torch.float64 or rows.teacher.dtype == torch.float64
 
 
-def _extension_args(rows: SkewRows) -> tuple:
+def _check_runnable(rows: SkewRows) -> None:
     if _extension is None:
         raise ValueError(f"backend='cpu' cannot run here: {_unavailable_reason}")
     if rows.student.device.type != "cpu":
         raise ValueError(f"the cpu backend runs on CPU tensors, got tensors on {rows.student.device}")
-    labels = None if rows.labels is None else rows.labels.to(torch.int64).contiguous()
+
+
+def _labels(rows: SkewRows) -> Optional[torch.Tensor]:
+    return None if rows.labels is None else rows.labels.to(torch.int64).contiguous()
+
+
+def _extension_args(rows: SkewRows) -> tuple:
+    _check_runnable(rows)
     return (
         rows.student,
         rows.teacher,
-        labels,
+        _labels(rows),
         rows.alpha_rows,
         rows.alpha,
         rows.ignore_index,
@@ -84,15 +93,33 @@ def _extension_args(rows: SkewRows) -> tuple:
     )
 
 
-def skew_forward(rows: SkewRows, reverse: bool, detach: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss `[N]` float32 and the statistics `[N, STATS]` the backward needs."""
-    if _runs_in_float64(rows):  # torch_backend's statistics, padded to this backend's STATS columns
-        loss, stats = torch_backend.skew_forward(rows, reverse, detach)
-        return loss, torch.nn.functional.pad(stats, (0, STATS - torch_backend.STATS))
+def skew_statistics(rows: SkewRows) -> torch.Tensor:
+    """Sweep 1: the row statistics `[N, 7]` (column 4, C, is 0 until `skew_forward` fills it)."""
+    if _runs_in_float64(rows):
+        return torch_backend.skew_statistics(rows)
+    _check_runnable(rows)
+    stats = torch.empty((rows.num_rows, STATS), dtype=torch.float32)
+    _extension.skew_statistics(
+        rows.student, rows.teacher, _labels(rows), rows.ignore_index, rows.inv_temperature, stats
+    )
+    return stats
+
+
+def skew_forward(
+    rows: SkewRows, reverse: bool, detach: bool, stats: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss `[N]` float32 and the statistics `[N, 7]` the backward needs. `stats` from
+    `skew_statistics` on the same rows skips sweep 1 (it is not modified)."""
+    if _runs_in_float64(rows):
+        return torch_backend.skew_forward(rows, reverse, detach, stats)
     args = _extension_args(rows)
     loss = torch.empty(rows.num_rows, dtype=torch.float32)
-    stats = torch.empty((rows.num_rows, STATS), dtype=torch.float32)
-    _extension.skew_forward(*args, reverse, detach, loss, stats)
+    compute_statistics = stats is None
+    if compute_statistics:
+        stats = torch.empty((rows.num_rows, STATS), dtype=torch.float32)
+    else:
+        stats = stats.clone(memory_format=torch.contiguous_format)
+    _extension.skew_forward(*args, reverse, detach, compute_statistics, loss, stats)
     return loss, stats
 
 
@@ -101,7 +128,7 @@ def skew_backward(
 ) -> torch.Tensor:
     """Gradient w.r.t. the student logits, `[N, V]` contiguous in the student's dtype."""
     if _runs_in_float64(rows):
-        return torch_backend.skew_backward(rows, reverse, detach, stats[:, : torch_backend.STATS], grad_loss)
+        return torch_backend.skew_backward(rows, reverse, detach, stats, grad_loss)
     args = _extension_args(rows)
     grad = torch.empty((rows.num_rows, rows.vocab_size), dtype=rows.student.dtype)
     _extension.skew_backward(*args, reverse, detach, stats.contiguous(), grad_loss.to(torch.float32), grad)
