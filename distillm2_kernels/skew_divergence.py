@@ -67,12 +67,11 @@ def token_statistics(
     rows = prepare_rows(student_logits, teacher_logits, 0.0, labels, ignore_index, temperature)
     check_label_range(rows)
     name = resolve_backend_name(backend, rows.student.device)
-    stats = custom_ops.statistics(
-        rows.student, rows.teacher, rows.labels, rows.ignore_index, rows.inv_temperature, name
-    )
-    # Not differentiable: logits that require grad would otherwise pass requires_grad on (to an α
-    # computed from the label log-probabilities, say) with a backward that cannot run.
-    return TokenStatistics(stats.detach(), rows.leading_shape)
+    with torch.no_grad():  # statistics carry no gradient (an α computed from them must not require grad)
+        stats = custom_ops.statistics(
+            rows.student, rows.teacher, rows.labels, rows.ignore_index, rows.inv_temperature, name
+        )
+    return TokenStatistics(stats, rows.leading_shape)
 
 
 def _check_statistics(statistics: Optional[TokenStatistics], rows) -> Optional[torch.Tensor]:
