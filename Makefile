@@ -17,6 +17,9 @@ $(STAMP): setup.py requirements-test.txt $(CSRC)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -r requirements-test.txt
 	$(PY) -m pip install --quiet --no-build-isolation -e .
+	# pip's editable install does not compile extensions here: build the C++ backend in place explicitly
+	$(PY) setup.py --quiet build_ext --inplace
+	$(PY) -c "from distillm2_kernels.backends import cpu_backend as c; print('C++ CPU backend:', c.unavailable_reason() or 'built (' + c.kernel_isa() + ')')"
 	touch $(STAMP)
 
 demo: install
