@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ._inputs import REDUCTIONS, Alpha, check_reduction
-from .skew_divergence import FusedSKLFunction, FusedSRKLFunction
+from .skew_divergence import skew_divergence
 
 __all__ = ["fused_skl", "fused_srkl", "reduce_token_losses"]
 
@@ -70,8 +70,15 @@ def fused_skl(
     float32; the gradient flows to `student_logits` only. backend: "auto", "triton" or "torch".
     """
     _check_reduction_name(reduction)
-    per_token = FusedSKLFunction.apply(
-        student_logits, teacher_logits, alpha, labels, ignore_index, temperature, backend
+    per_token = skew_divergence(
+        student_logits,
+        teacher_logits,
+        alpha,
+        labels,
+        reverse=False,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        backend=backend,
     )
     return reduce_token_losses(per_token, labels, ignore_index, reduction)
 
@@ -94,7 +101,15 @@ def fused_srkl(
     code does; the forward value is the same. Other arguments as in `fused_skl`.
     """
     _check_reduction_name(reduction)
-    per_token = FusedSRKLFunction.apply(
-        student_logits, teacher_logits, alpha, labels, ignore_index, temperature, backend, detach_mixture
+    per_token = skew_divergence(
+        student_logits,
+        teacher_logits,
+        alpha,
+        labels,
+        reverse=True,
+        detach_mixture=detach_mixture,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        backend=backend,
     )
     return reduce_token_losses(per_token, labels, ignore_index, reduction)

@@ -24,6 +24,7 @@ import torch
 from distillm2_kernels import fused_skl, fused_srkl, reference
 from distillm2_kernels._inputs import prepare_rows
 from distillm2_kernels.backends import BACKENDS, available_backends, cpu_backend, torch_backend
+from oracle import oracle_loss_and_grad
 
 pytestmark = pytest.mark.skipif(
     cpu_backend.unavailable_reason() is not None,
@@ -61,21 +62,6 @@ def make_logits(shape, dtype, *, scale=3.0, seed=0):
     student = (torch.randn(shape, generator=gen) * scale).to(dtype)
     teacher = (torch.randn(shape, generator=gen) * scale + 0.5 * student.float()).to(dtype)
     return student, teacher
-
-
-def oracle_loss_and_grad(op, student, teacher, alpha, *, dtype, labels, ignore_index, temperature, upstream):
-    """`reference` in `dtype`: per-token loss (ignored tokens 0) and the gradient of Σ loss·upstream."""
-    s = student.detach().to(dtype).requires_grad_(True)
-    t = teacher.detach().to(dtype)
-    a = alpha.to(dtype) if isinstance(alpha, torch.Tensor) else alpha
-    if op == "skl":
-        per_token = reference.skew_kl_rows(s, t, a, temperature)
-    else:
-        per_token = reference.skew_reverse_kl_rows(s, t, a, temperature, detach_mixture=op == "srkl_detach")
-    if labels is not None:
-        per_token = torch.where(labels != ignore_index, per_token, torch.zeros_like(per_token))
-    (grad,) = torch.autograd.grad((per_token * upstream.to(dtype)).sum(), s)
-    return per_token.detach(), grad
 
 
 def assert_matches_oracle(actual, oracle, baseline, *, out_dtype, magnitude, scale, what):
