@@ -97,12 +97,7 @@ def _alpha_rows(alpha: torch.Tensor, leading: torch.Size, device: torch.device, 
             "use a float, [B] or [B, 1] per sequence, or [B, T] per token"
         ) from None
     rows = alpha.to(device=device, dtype=torch.float32).expand(leading).reshape(-1).contiguous()
-    in_range = ((rows >= 0) & (rows <= 1)).all()
-    if rows.is_cuda or torch.compiler.is_compiling():
-        # No host sync on the GPU, and no data-dependent branch (a graph break) under torch.compile.
-        torch._assert_async(in_range, "alpha must lie in [0, 1]")
-    elif not bool(in_range):
-        raise ValueError("alpha must lie in [0, 1]; the alpha tensor has entries outside it (or NaN)")
+    require(((rows >= 0) & (rows <= 1)).all(), "alpha must lie in [0, 1]; the alpha tensor has entries outside it (or NaN)")
     return rows
 
 
@@ -213,13 +208,18 @@ def check_reduction(
         )
 
 
-def check_label_range(rows: SkewRows) -> None:
-    """Labels must be token ids in [0, V) or `ignore_index` (checked without a host sync on the GPU)."""
-    if rows.labels is None:
-        return
-    ok = ((rows.labels == rows.ignore_index) | ((rows.labels >= 0) & (rows.labels < rows.vocab_size))).all()
-    message = f"labels must be token ids in [0, {rows.vocab_size}) or ignore_index ({rows.ignore_index})"
-    if rows.labels.is_cuda:
+def require(ok: torch.Tensor, message: str) -> None:
+    """ValueError(message) unless the 0-d bool tensor `ok` holds. On the GPU, and under torch.compile, an
+    asynchronous assert instead: no host sync, and no data-dependent branch (a graph break)."""
+    if ok.is_cuda or torch.compiler.is_compiling():
         torch._assert_async(ok, message)
     elif not bool(ok):
         raise ValueError(message)
+
+
+def check_label_ids(labels: Optional[torch.Tensor], vocab_size: int, ignore_index: int) -> None:
+    """Labels must be token ids in [0, V) or `ignore_index` where their log-probabilities are read."""
+    if labels is None:
+        return
+    ok = ((labels == ignore_index) | ((labels >= 0) & (labels < vocab_size))).all()
+    require(ok, f"labels must be token ids in [0, {vocab_size}) or ignore_index ({ignore_index})")

@@ -69,7 +69,15 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._inputs import LOGIT_DTYPES, Alpha, SkewRows, TokenOptions, check_reduction, prepare_token_options
+from ._inputs import (
+    LOGIT_DTYPES,
+    Alpha,
+    SkewRows,
+    TokenOptions,
+    check_label_ids,
+    check_reduction,
+    prepare_token_options,
+)
 from .backends import STATS, resolve_backend
 from .functional import reduce_token_losses
 from .skew_divergence import TokenStatistics
@@ -499,17 +507,6 @@ def _check_statistics(statistics: Optional[TokenStatistics], leading: torch.Size
     return statistics.stats
 
 
-def _check_label_ids(options: TokenOptions, vocab_size: int) -> None:
-    """Labels must be token ids in [0, V) or ignore_index where their log-probabilities are read."""
-    labels = options.labels
-    ok = ((labels == options.ignore_index) | ((labels >= 0) & (labels < vocab_size))).all()
-    message = f"labels must be token ids in [0, {vocab_size}) or ignore_index ({options.ignore_index})"
-    if labels.is_cuda:
-        torch._assert_async(ok, message)
-    elif not bool(ok):
-        raise ValueError(message)
-
-
 def _forward(
     ctx,
     student_hidden,
@@ -563,7 +560,7 @@ def _forward(
 
     label_logprobs = None
     if want_token_outputs and options.labels is not None:
-        _check_label_ids(options, student_weight.shape[0])
+        check_label_ids(options.labels, student_weight.shape[0], options.ignore_index)
         label_logprobs = torch.zeros((*leading, 2), dtype=cd, device=device)
     chunk_options = dict(
         statistics=given_stats, label_logprobs_out=None if label_logprobs is None else label_logprobs.view(-1, 2)
@@ -879,7 +876,7 @@ def fused_linear_token_statistics(
     leading = student_hidden.shape[:-1]
     device = student_hidden.device
     options = prepare_token_options(leading, device, 0.0, labels, ignore_index, temperature, "the hidden states")
-    _check_label_ids(options, student_weight.shape[0])
+    check_label_ids(options.labels, student_weight.shape[0], options.ignore_index)
     student_cap, teacher_cap = _check_softcap(softcap)
     budget = _check_memory_budget(memory_budget_bytes, device)
     impl = resolve_backend(backend, device)
@@ -954,7 +951,7 @@ class _FusedLinearSKLPlusSRKLFunction(torch.autograd.Function):
             given_stats = _check_statistics(statistics, leading, device)
             label_logprobs = None
             if options.labels is not None:
-                _check_label_ids(options, vocab)
+                check_label_ids(options.labels, vocab, options.ignore_index)
                 label_logprobs = torch.zeros((*leading, 2), dtype=cd, device=device)
             # A term weighted 0 (β = 1 in the paper's schedule) still gives its losses, but no gradient.
             want = (want_hidden, want_weight, want_bias) if coefficient != 0 else (False, False, False)

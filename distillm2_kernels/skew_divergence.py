@@ -22,7 +22,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import custom_ops
-from ._inputs import Alpha, check_label_range, prepare_rows
+from ._inputs import Alpha, check_label_ids, prepare_rows
 from .backends import STATS, resolve_backend_name
 
 
@@ -65,7 +65,7 @@ def token_statistics(
     if labels is None:
         raise ValueError("token_statistics needs labels: the label tokens' log-probabilities are its output")
     rows = prepare_rows(student_logits, teacher_logits, 0.0, labels, ignore_index, temperature)
-    check_label_range(rows)
+    check_label_ids(rows.labels, rows.vocab_size, rows.ignore_index)
     name = resolve_backend_name(backend, rows.student.device)
     with torch.no_grad():  # statistics carry no gradient (an α computed from them must not require grad)
         stats = custom_ops.statistics(
