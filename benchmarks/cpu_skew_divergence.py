@@ -5,18 +5,19 @@
 Each variant (op × implementation × dtype × shape) runs in its own subprocess, so that its peak resident memory
 is its own: the process imports torch and the library and runs the variant once on a tiny input (one-time
 initialisation; then the resident size is the baseline), builds the inputs in place (bf16/fp32 logits [B, T, V]), resets
-the peak resident size (VmHWM, the quantity ru_maxrss reports, via /proc/self/clear_refs, so the inputs'
-set-up temporaries are not counted), runs fwd+bwd once (warm-up; this run sets the peak), then times
-`--repeats` more runs and reports the median. The loss is the released trainer's reduction ("seqmean" over
-labels, none ignored); the gradient lands in `student.grad`, reset before each run.
+the peak resident size (VmHWM, the quantity ru_maxrss reports, via /proc/self/clear_refs after handing freed heap
+memory back with malloc_trim, so the inputs' set-up temporaries are not counted; `distillm2_kernels._measure`),
+runs fwd+bwd once (warm-up; this run sets the peak), then times `--repeats` more runs and reports the median.
+The loss is the released trainer's reduction ("seqmean" over labels, none ignored); the gradient lands in
+`student.grad`, reset before each run.
 
 Memory columns (MB): baseline = resident after imports; inputs / grad = the logits' and gradient's bytes;
-peak = ru_maxrss (absolute); op increase = peak − resident after building the inputs; excess = peak −
-(baseline + inputs + grad), what the op needs beyond its output (the target is O(N)).
+peak = ru_maxrss (absolute); op increase = peak − resident after building the inputs (heap trimmed);
+excess = peak − (baseline + inputs + grad), what the op needs beyond its output (the target is O(N)).
 GB/s counts the minimum traffic, one read of both logits and one write of the gradient.
 
-Prints a table and writes benchmarks/results/cpu_skew_divergence.csv (with device, torch version, commit and
-date on every row).
+Prints a table and writes benchmarks/results/cpu_skew_divergence.csv, or the path given by --csv (with device,
+torch version, commit and date on every row).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+from distillm2_kernels._measure import peak_rss_bytes, reset_peak_rss, resident_bytes  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 SHAPES = [(8, 256, 32000), (2, 128, 151936)]  # [B, T, V]: N = 2048, V = 32000 and N = 256, V = 151936
 QUICK_SHAPES = [(2, 64, 32000)]
@@ -43,33 +45,6 @@ DTYPES = ["bfloat16", "float32"]
 OPS = ["skl", "srkl"]
 IMPLS = ["cpu", "torch", "naive"]
 ALPHA = 0.1
-
-
-def _resident_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _reset_peak() -> bool:
-    """Resets this process's peak resident size (VmHWM, what ru_maxrss reports) to the current one, so that
-    the peak excludes the set-up's temporaries (Linux >= 4.0). False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_mb() -> float:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def loss_function(op: str, impl: str):
@@ -101,7 +76,7 @@ def run_variant(op: str, impl: str, dtype_name: str, batch: int, seq: int, vocab
 
     dtype = getattr(torch, dtype_name)
     _run_once(op, impl, dtype, 1, 2, 64)  # one-time initialisation (autograd, thread pool) is not the op's
-    baseline = _resident_mb()
+    baseline = resident_bytes() / 2**20
     gen = torch.Generator().manual_seed(0)
     student = torch.empty((batch, seq, vocab), dtype=dtype)
     teacher = torch.empty((batch, seq, vocab), dtype=dtype)
@@ -110,7 +85,6 @@ def run_variant(op: str, impl: str, dtype_name: str, batch: int, seq: int, vocab
         torch.randn((seq, vocab), generator=gen, out=teacher[b]).mul_(3).add_(student[b], alpha=0.5)
     labels = torch.randint(0, vocab, (batch, seq), generator=gen)
     student.requires_grad_(True)
-    after_inputs = _resident_mb()
 
     def step() -> float:
         student.grad = None
@@ -118,9 +92,10 @@ def run_variant(op: str, impl: str, dtype_name: str, batch: int, seq: int, vocab
         loss_function(op, impl)(student, teacher, labels).backward()
         return time.perf_counter() - start
 
-    peak_was_reset = _reset_peak()
+    peak_was_reset = reset_peak_rss()  # trims the heap first: the resident size below excludes set-up garbage
+    after_inputs = resident_bytes() / 2**20
     step()  # warm-up; sets the memory peak
-    peak = _peak_mb()
+    peak = peak_rss_bytes() / 2**20
     times = [step() for _ in range(repeats)]
     n_rows = batch * seq
     grad_mb = student.nbytes / 2**20

@@ -9,10 +9,11 @@ reduction) from the student's and teacher's last hidden states `[B, T, H]` and l
     fused_linear   `fused_linear_skl` from the hidden states and weights (no full logits)
 
 Time: median of `--repeats` runs after one warm-up, in one process. Peak memory: each variant again in a
-fresh subprocess, as the peak RSS (CPU: VmHWM, which ru_maxrss reports, reset after the inputs are built
-so that start-up does not count) or torch.cuda.max_memory_allocated (CUDA): the absolute peak and the
-increase over the resident size once the inputs exist. Writes a CSV under benchmarks/results/ with the
-device, torch version, commit and date on every row, and prints a table.
+fresh subprocess, as the peak RSS (CPU: VmHWM, which ru_maxrss reports, reset after the inputs are built and
+freed heap memory is handed back, so that start-up does not count; `distillm2_kernels._measure`) or
+torch.cuda.max_memory_allocated (CUDA): the absolute peak and the increase over the resident size once the
+inputs exist. Writes a CSV under benchmarks/results/ (or to --out) with the device, torch version, commit
+and date on every row, and prints a table.
 
     PYTHONPATH=. python benchmarks/fused_linear.py                      # CPU: N=4096, H=512, V=32000
     PYTHONPATH=. python benchmarks/fused_linear.py --device cuda --batch 8 --seq 1024 --hidden 4096 \\
@@ -27,7 +28,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,8 +36,10 @@ from pathlib import Path
 
 import torch
 
-import distillm2_kernels as dk
-from distillm2_kernels import reference
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import distillm2_kernels as dk  # noqa: E402
+from distillm2_kernels import reference  # noqa: E402
+from distillm2_kernels._measure import peak_rss_bytes, reset_peak_rss, resident_bytes  # noqa: E402
 
 VARIANTS = ("naive", "logits+fused", "fused_linear")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -97,29 +99,6 @@ def time_variant(variant, inputs, repeats, device) -> float:
     return statistics.median(times) * 1e3
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (what ru_maxrss reports) so imports do not set the peak."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def measure_memory(args, variant: str, dtype_name: str) -> dict:
     """In this (fresh) process: peak memory of one forward + backward."""
     device = torch.device(args.device)
@@ -135,11 +114,11 @@ def measure_memory(args, variant: str, dtype_name: str) -> dict:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        before = _rss_bytes()
-        if not _reset_peak_rss():
+        if not reset_peak_rss():  # trims the heap first: the resident size below excludes set-up garbage
             print("warning: could not reset the peak RSS; the peak includes start-up", file=sys.stderr)
+        before = resident_bytes()
         run_variant(variant, inputs)
-        peak = _peak_rss_bytes()
+        peak = peak_rss_bytes()
     return {"peak_bytes": peak, "increase_bytes": peak - before}
 
 

@@ -2,15 +2,18 @@
 
 Peak resident memory on the CPU is measured in a fresh process per variant (a high-water mark only rises,
 so variants measured in one process would hide each other). The child builds its inputs, resets the
-kernel's high-water mark (`/proc/self/clear_refs`), runs the op once and reads `VmHWM`: its increase over
-the resident size before the op is the op's own peak. (`ru_maxrss` would not do: Linux carries it over
-from the parent across fork and exec.)
+kernel's high-water mark (`reset_peak_rss`: the heap is trimmed first, then `/proc/self/clear_refs`), reads
+the resident size, runs the op once and reads `VmHWM`: its increase over that resident size is the op's own
+peak. (`ru_maxrss` would not do for a child: Linux carries it over from the parent across fork and exec.)
+Linux only: the resident figures come from /proc.
 """
 
 from __future__ import annotations
 
 import ctypes
 import multiprocessing
+import os
+import resource
 import statistics
 import time
 from typing import Callable
@@ -28,31 +31,53 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
     return statistics.median(times), max(times) - min(times)
 
 
-def _status_bytes(field: str) -> int:
-    """A `/proc/self/status` memory field (VmRSS, VmHWM) in bytes."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field} (peak memory is measured on Linux only)")
+def resident_bytes() -> int:
+    """This process's current resident set size in bytes (from /proc/self/statm)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _reset_peak_rss() -> None:
-    try:  # hand freed heap memory back first, so the op cannot reuse set-up garbage unseen
+def reset_peak_rss() -> bool:
+    """Resets this process's peak resident size (VmHWM, what ru_maxrss reports) to the current one.
+
+    Freed heap memory is handed back first (glibc `malloc_trim(0)`), so that an op cannot reuse set-up
+    garbage unseen; read `resident_bytes()` after this call as the op's starting point. Returns False where
+    /proc/self/clear_refs cannot be written (not Linux >= 4.0, or not permitted): the peak then still
+    includes everything before."""
+    try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # resets VmHWM to the current resident size
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident size in bytes since start or the last `reset_peak_rss()` (VmHWM).
+
+    Falls back to ru_maxrss (never reset, and inherited across fork and exec) where /proc has no VmHWM."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _child(setup: Callable, run: Callable, args: tuple, connection) -> None:
     try:
         state = setup(*args)
-        _reset_peak_rss()
-        before = _status_bytes("VmRSS")
+        if not reset_peak_rss():
+            raise RuntimeError("cannot reset the peak resident size: /proc/self/clear_refs is not writable")
+        before = resident_bytes()
         run(state)
-        connection.send((before, _status_bytes("VmHWM"), None))
+        connection.send((before, peak_rss_bytes(), None))
     except Exception as error:  # report instead of hanging the parent
         connection.send((0, 0, repr(error)))
     finally:
