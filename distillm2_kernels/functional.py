@@ -66,7 +66,8 @@ def fused_skl(
     """Skew KL, KL(p ‖ αp + (1−α)q), of student logits against teacher logits `[..., V]`.
 
     alpha: a float in [0, 1], or a tensor broadcastable to the leading shape (`[B]` or `[B, 1]` per
-    sequence, `[B, T]` per token). labels: tokens whose label is `ignore_index` count 0. The loss is
+    sequence, `[B, T]` per token). α is applied in float32 like the rest of the arithmetic (float64 on the
+    torch backend with float64 logits): an α below float32's normal range (~1e-38) acts as 0. labels: tokens whose label is `ignore_index` count 0. The loss is
     float32; the gradient flows to `student_logits` only. backend: "auto", "triton" or "torch".
     """
     _check_reduction_name(reduction)
