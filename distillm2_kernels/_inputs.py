@@ -17,6 +17,11 @@ REDUCTIONS = ("none", "sum", "mean", "seqmean")
 
 Alpha = Union[float, torch.Tensor]
 
+# Row statistics every backend keeps between forward and backward, [N, STATS]: max z_s,
+# log Σ exp((z_s − max z_s)/T), the same two for z_t, the row constant C of the gradient, and the label
+# tokens' log q(label), log p(label) (0 without labels; the whole row 0 where the label is ignored).
+STATS = 7
+
 
 @dataclass
 class SkewRows:

@@ -29,10 +29,10 @@ from types import ModuleType
 
 import torch
 
+from .._inputs import STATS  # noqa: F401  (re-exported: the layout every backend shares)
 from . import cpu_backend, torch_backend, triton_backend
 
 BACKENDS = ("auto", "triton", "cpu", "torch")
-STATS = 7
 BACKEND_MODULES = {"triton": triton_backend, "cpu": cpu_backend, "torch": torch_backend}
 
 _warned_cpu_fallback = False

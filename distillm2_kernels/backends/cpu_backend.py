@@ -23,12 +23,9 @@ from typing import Optional
 
 import torch
 
-from .._inputs import SkewRows
+from .._inputs import STATS, SkewRows
 from . import torch_backend
 
-# Row statistics kept between forward and backward, [N, STATS] float32, as in triton_backend: max z_s,
-# log Σ exp((z_s − max)/T), the same for z_t, the row constant C, and log q(label), log p(label).
-STATS = 7
 ROW_TEMPORARIES = 0  # [rows, V] temporaries the kernels allocate besides their output (see torch_backend)
 
 def _load_extension() -> tuple[Optional[ModuleType], Optional[str]]:

@@ -13,10 +13,9 @@ from typing import Optional
 
 import torch
 
-from .._inputs import SkewRows
+from .._inputs import STATS, SkewRows
 
 CHUNK_BYTES = 8 * 1024 * 1024  # bytes of one float32 [rows, V] temporary per chunk
-STATS = 7  # max z_s, log-sum_s, max z_t, log-sum_t, C, log q(label), log p(label)
 # [rows, V] float32 temporaries alive at once while a block of rows is processed (measured peak, forward
 # and backward), for callers that size their own row blocks, such as the fused-linear op.
 ROW_TEMPORARIES = 18

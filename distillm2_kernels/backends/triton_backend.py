@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from .._inputs import SkewRows
+from .._inputs import STATS, SkewRows
 
 try:
     import triton
@@ -38,9 +38,6 @@ try:
 except ImportError:  # pragma: no cover - exercised only where triton is not installed
     TRITON_AVAILABLE = False
 
-# Row statistics kept between forward and backward, [N, STATS] float32: max z_s, log Σ exp((z_s − max)/T),
-# the same for z_t, the row constant C, and the label tokens' log q(label), log p(label).
-STATS = 7
 ROW_TEMPORARIES = 0  # [rows, V] temporaries the kernels allocate besides their output (see torch_backend)
 
 
