@@ -106,5 +106,13 @@ setup(
     cmdclass=cmdclass,
     # torch is not pinned here: users keep the build (CUDA or CPU) they have. The Makefile pins the CPU wheel.
     install_requires=["torch>=2.3", "triton>=3.0; platform_system == 'Linux'"],
-    extras_require={"test": ["pytest>=8", "hypothesis>=6.100", "numpy"]},
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100", "numpy"],
+        # the reference trainer and its `distillm2` command
+        "train": ["transformers>=4.46", "peft>=0.13", "accelerate>=1.0", "tqdm", "matplotlib"],
+        # generation with vLLM (GPU only); without it `distillm2 generate` uses transformers
+        "vllm": ["vllm"],
+        "bench": ["matplotlib", "tqdm"],
+    },
+    entry_points={"console_scripts": ["distillm2 = distillm2_kernels.trainer.cli:main"]},
 )
