@@ -74,7 +74,8 @@ def test_generate_pair_train_end_to_end(tiny_models, tmp_path):
     trained = AutoModelForCausalLM.from_pretrained(run / "final")
     initial = AutoModelForCausalLM.from_pretrained(student)
     assert type(trained).__name__ == "LlamaForCausalLM"
-    assert not torch.equal(trained.model.layers[0].self_attn.q_proj.weight, initial.model.layers[0].self_attn.q_proj.weight)
+    q_proj = [m.model.layers[0].self_attn.q_proj.weight for m in (trained, initial)]
+    assert not torch.equal(*q_proj)
     assert torch.equal(trained.model.embed_tokens.weight, initial.model.embed_tokens.weight)  # not LoRA-adapted
     assert AutoTokenizer.from_pretrained(run / "final").chat_template is not None
     adapter = json.loads((run / "final" / "adapter" / "adapter_config.json").read_text())
@@ -94,7 +95,8 @@ def test_pipeline_regenerates_student_responses_every_epoch_and_continues_when_r
     epoch0, epoch1 = _rows(out / "epoch-0" / "student.jsonl"), _rows(out / "epoch-1" / "student.jsonl")
     assert epoch0[0]["generation"]["model"] == str(student) and epoch0[0]["generation"]["seed"] == 42
     assert epoch1[0]["generation"]["model"] == str(out / "train" / "final") and epoch1[0]["generation"]["seed"] == 43
-    assert [r["rejected"][1]["content"] for r in _rows(out / "epoch-1" / "pairs.jsonl")] == [r["response"] for r in epoch1]
+    pairs = _rows(out / "epoch-1" / "pairs.jsonl")
+    assert [r["rejected"][1]["content"] for r in pairs] == [r["response"] for r in epoch1]
     rows = read_metrics(out / "train" / "metrics.csv")
     assert [(r["step"], r["epoch"]) for r in rows] == [("1", "0"), ("2", "0"), ("3", "1"), ("4", "1")]
     assert float(rows[1]["lr"]) > float(rows[3]["lr"]) > 0  # one cosine schedule over both epochs
@@ -140,7 +142,8 @@ def test_training_arguments_reproduce_the_config():
 
     assert dataclasses.asdict(_train_config(args)) == dataclasses.asdict(config)
     defaults = build_parser().parse_args(["train", "--teacher", "t", "--student", "s", "--data", "d", "--output", "o"])
-    assert (defaults.dora, defaults.use_lora, defaults.lora_r, defaults.lora_alpha, defaults.lr) == (True, True, 16, 128, 5e-5)
+    paper = (defaults.dora, defaults.use_lora, defaults.lora_r, defaults.lora_alpha, defaults.lora_dropout, defaults.lr)
+    assert paper == (True, True, 16, 128, 0.05, 5e-5)
 
 
 def test_bad_input_is_one_line_naming_the_file_and_the_line(tiny_models, tmp_path, capsys):
@@ -157,7 +160,7 @@ def test_bad_input_is_one_line_naming_the_file_and_the_line(tiny_models, tmp_pat
     assert main(["train", "--teacher", str(teacher), "--student", str(student), "--data", str(responses),
                  "--output", str(tmp_path / "run"), "--no-progress"]) == 2
     assert f"{responses}:1: missing field 'chosen'" in capsys.readouterr().err
-    assert main(["generate", "--model", str(student), "--prompts", str(bad), "--output", str(tmp_path / "g.jsonl")]) == 2
+    assert main(["generate", "--model", str(student), "--prompts", str(bad), "--output", str(tmp_path / "g")]) == 2
     assert f"{bad}:3: not valid JSON" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "nothing"), "--prompts", str(bad), "--output", "x"]) == 2
     assert "not a local directory" in capsys.readouterr().err

@@ -34,7 +34,8 @@ def test_pairs_join_on_the_prompt_in_the_released_format(tmp_path):
 
 
 def test_rows_missing_on_either_side_are_reported_not_silently_dropped(tmp_path):
-    teacher = _responses(tmp_path / "t.jsonl", [("a", "T-a"), ("b", "T-b"), ("x", "T-x"), ("dup", "T-1"), ("dup", "T-2")])
+    teacher = _responses(tmp_path / "t.jsonl",
+                         [("a", "T-a"), ("b", "T-b"), ("x", "T-x"), ("dup", "T-1"), ("dup", "T-2")])
     student = _responses(tmp_path / "s.jsonl", [("a", "S-a"), ("b", "S-b"), ("y", "S-y"), ("dup", "S-1")])
     report = pair(teacher, student, tmp_path / "pairs.jsonl")
     assert report.num_pairs == 3 and not report.complete

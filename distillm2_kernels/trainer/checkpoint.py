@@ -80,7 +80,9 @@ def latest_checkpoint(output: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def save_checkpoint(accelerator, output: Path, state: TrainerState, peft_model=None, total_limit: Optional[int] = None) -> Path:
+def save_checkpoint(
+    accelerator, output: Path, state: TrainerState, peft_model=None, total_limit: Optional[int] = None
+) -> Path:
     """Write `<output>/checkpoint-<global step>` (see the module docstring) from every process."""
     from accelerate.utils import DistributedType
 
@@ -91,7 +93,8 @@ def save_checkpoint(accelerator, output: Path, state: TrainerState, peft_model=N
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary))
     if accelerator.is_main_process:
-        if peft_model is not None and accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        if peft_model is not None and not sharded:
             peft_model.save_pretrained(temporary / "adapter")
         state.save(temporary)  # last: marks the checkpoint complete
     accelerator.wait_for_everyone()

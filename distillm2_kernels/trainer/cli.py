@@ -51,7 +51,8 @@ TRAINING_OPTIONS = {
     "resume": dict(help="continue from the latest checkpoint in --output (default off)"),
     "seed": dict(type=int, help="seed of the data order, LoRA init and dropout (default 42)"),
     "warmup_ratio": dict(type=float, help="linear warmup over this fraction of the steps (default 0.1)"),
-    "save_steps": dict(type=int, help="checkpoint every N steps, besides each epoch's end; 0: only those (default 500)"),
+    "save_steps": dict(type=int, help="checkpoint every N steps, besides each epoch's end; 0: only at those "
+                                      "(default 500)"),
     "logging_steps": dict(type=int, help="metrics CSV row every N steps (default 1)"),
     "backend": dict(choices=list(BACKENDS), help="fused kernels' backend (default auto)"),
     "progress": dict(help="progress bars (default on)"),
@@ -187,7 +188,11 @@ def _run(args: argparse.Namespace) -> None:
         print(report.summary())
     elif args.command == "train":
         result = train(_train_config(args))
-        print(f"step {result.global_step}/{result.total_steps}; model: {result.final_dir}; metrics: {result.metrics_csv}")
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            print(f"step {result.global_step}/{result.total_steps}; model: {result.final_dir}; "
+                  f"metrics: {result.metrics_csv}")
     else:
         training = _training_options(args, exclude=PIPELINE_EXCLUDED)
         result = run_pipeline(PipelineConfig(

@@ -72,7 +72,9 @@ class PairBatch:
         return self.input_ids.shape[0] == 2 * self.num_pairs
 
     def to(self, device) -> "PairBatch":
-        return PairBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.num_pairs)
+        return PairBatch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.num_pairs
+        )
 
 
 def _is_message(value) -> bool:

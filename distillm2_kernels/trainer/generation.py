@@ -22,7 +22,8 @@ final file is written atomically from the union of the rows of an existing `<out
 and of the new rows, and the partial file is then removed. Rerunning an interrupted command skips every
 prompt whose row is already there (rows are matched by `index`, and their `prompt` must match the prompt
 list, and their settings these settings), so no row is duplicated or lost. Running again with a larger `n`
-extends a finished file.
+extends a finished file; the output always holds exactly the rows of the prompts asked for (rows of prompts
+beyond `n` left by an earlier run are dropped).
 
 Engines: "auto" uses vLLM when it is installed and a CUDA GPU is present, otherwise transformers (batched
 `model.generate`, left padding); "vllm" and "hf" force one. vLLM is optional (`pip install vllm`).
@@ -108,6 +109,8 @@ class HFEngine:
         if dtype is None:
             dtype = "bfloat16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        if self.tokenizer.chat_template is None:
+            raise ValueError(f"the tokenizer of {model_path} has no chat template to render the prompts with")
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -264,7 +267,9 @@ def generate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     chosen_engine = select_engine(engine)
 
-    settings = dict(model=str(model_path), temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    settings = dict(
+        model=str(model_path), temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
+    )
     partial_path = _partial_path(output_path)
     done = _existing_rows(output_path, prompt_list, settings, torn_tail=False)
     done.update(_existing_rows(partial_path, prompt_list, settings, torn_tail=True))

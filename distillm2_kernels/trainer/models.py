@@ -18,6 +18,7 @@ then uses the first `min(V_s, V_t)` rows of both, which must cover the tokenizer
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -102,7 +103,9 @@ def add_lora(model: nn.Module, *, r: int = 16, alpha: int = 128, dropout: float 
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear", use_dora=dora, task_type="CAUSAL_LM"
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft asks transformers ≥ 5 a deprecated question; nothing for the user to do
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def load_student(
@@ -126,6 +129,8 @@ class HiddenStates(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        # what FSDP's transformer auto-wrap policy looks up on the module it wraps
+        self._no_split_modules = getattr(unwrap_peft(model), "_no_split_modules", None)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return lm_head_inputs(self.model, input_ids, attention_mask=attention_mask).hidden_states
@@ -146,7 +151,9 @@ def lm_head_operands(student: nn.Module, teacher: nn.Module, vocab_size: int) ->
     teacher_weight, teacher_bias, teacher_cap = lm_head_of(teacher)
     for role, weight in (("student", student_weight), ("teacher", teacher_weight)):
         if weight.shape[0] < vocab_size:
-            raise ValueError(f"the {role}'s lm_head has {weight.shape[0]} rows, fewer than the vocabulary ({vocab_size})")
+            raise ValueError(
+                f"the {role}'s lm_head has {weight.shape[0]} rows, fewer than the vocabulary ({vocab_size})"
+            )
     cut = slice(0, vocab_size)
     return (
         LMHead(student_weight[cut], None if student_bias is None else student_bias[cut], student_cap),
@@ -181,8 +188,9 @@ def gathered_parameters(accelerator, *tensors):
 
 
 def prepare_teacher(accelerator, teacher: nn.Module) -> nn.Module:
-    """The frozen teacher on the training device: partitioned by DeepSpeed ZeRO-3 like the student (an
-    inference engine, as TRL prepares reference models), else replicated on every process."""
+    """The frozen teacher on the training device: under DeepSpeed ZeRO-3 partitioned like the student (an
+    inference engine, as TRL prepares its reference models; the model returned is the engine's module, whose
+    layers gather their weights when called), else replicated on every process (DDP, FSDP)."""
     teacher.eval()
     teacher.requires_grad_(False)
     if accelerator.state.deepspeed_plugin is None:
@@ -208,7 +216,8 @@ def prepare_teacher(accelerator, teacher: nn.Module) -> nn.Module:
                 zero[key] = value
     engine, *_ = deepspeed.initialize(model=teacher, config=config)
     engine.eval()
-    return engine
+    object.__setattr__(teacher, "_deepspeed_engine", engine)  # keep it alive, unregistered as a submodule
+    return teacher
 
 
 def save_final_model(model: nn.Module, tokenizer, folder: Path) -> nn.Module:

@@ -57,7 +57,8 @@ class PipelineConfig:
     def __post_init__(self):
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        reserved = {"teacher", "student", "data", "output", "epochs", "max_steps", "resume", "stop_at_epoch"} & set(self.train)
+        reserved = {"teacher", "student", "data", "output", "epochs", "max_steps", "resume", "stop_at_epoch"}
+        reserved &= set(self.train)
         if reserved:
             raise ValueError(f"train options {sorted(reserved)} are set by the pipeline itself")
 

@@ -25,12 +25,14 @@ merged; the adapter itself is kept in `<output>/final/adapter`), with the tokeni
 `<output>/metrics.csv` (`metrics_log`).
 
 Precision: with `bf16` (or `accelerate launch --mixed_precision bf16`) the teacher is loaded in bfloat16, the
-student's base weights too when training LoRA (the adapter stays float32) and the forward runs under bfloat16
-autocast; a fully fine-tuned student keeps float32 weights. Otherwise everything is float32.
+student's base weights too when training LoRA (the adapter stays float32), and both forwards run under
+bfloat16 autocast; a fully fine-tuned student keeps float32 weights. The fused loss reads the bfloat16 hidden
+states and weights and accumulates in float32. Without it everything is float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -144,7 +146,9 @@ class TrainResult:
     total_steps: int
     epochs_completed: int
     last_checkpoint: Optional[Path]
-    model: nn.Module = field(repr=False)  # the trained student in memory (merged when LoRA), on every process
+    # the trained student in memory (a LoRA adapter merged into it); on every process under DDP, on the main
+    # process only under FSDP / DeepSpeed
+    model: Optional[nn.Module] = field(repr=False)
 
     @property
     def finished(self) -> bool:
@@ -159,23 +163,54 @@ def distillation_loss(
     batch: PairBatch,
     vocab_size: int,
     accelerator=None,
+    autocast_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, dict]:
     """The objective of one batch: `student_forward` (the prepared `HiddenStates`, through which DDP sees the
     forward) gives the student's hidden states, `student` (the unwrapped model) its lm_head; the teacher runs
-    under no_grad. No logits are built."""
-    hidden = student_forward(batch.input_ids, batch.attention_mask)
-    with torch.no_grad():
-        teacher_hidden = lm_head_inputs(teacher, batch.input_ids, attention_mask=batch.attention_mask).hidden_states
+    under no_grad. No logits are built. With `autocast_dtype` the two forwards run under autocast; the loss
+    never does (the fused ops accumulate in float32 themselves)."""
+    device_type = batch.input_ids.device.type
+    autocast = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with autocast:
+        hidden = student_forward(batch.input_ids, batch.attention_mask)
+        with torch.no_grad():
+            teacher_hidden = lm_head_inputs(teacher, batch.input_ids, attention_mask=batch.attention_mask).hidden_states
     student_weight, teacher_weight = lm_head_of(student)[0], lm_head_of(teacher)[0]
-    with gathered_parameters(accelerator, student_weight, teacher_weight) if accelerator else _null():
+    with gathered_parameters(accelerator, student_weight, teacher_weight) if accelerator else contextlib.nullcontext():
         student_head, teacher_head = lm_head_operands(student, teacher, vocab_size)
         return objective(hidden, teacher_hidden, batch.labels, batch.num_pairs, student_head, teacher_head)
 
 
-def _null():
-    import contextlib
+def _accumulate_gradients(
+    accelerator, student_forward, student, teacher, objective, pairs, micro_batches, pad_token_id, vocab_size,
+    autocast_dtype,
+) -> tuple[dict, torch.Tensor]:
+    """Forward and backward of one optimizer step's micro-batches (gradients accumulated, all-reduced on the
+    last one); returns the step's mean loss and metrics on this process, and its number of tokens."""
+    sums: dict[str, torch.Tensor] = {}
+    tokens = torch.zeros((), device=accelerator.device)
+    for indices in micro_batches:
+        batch = collate_pairs(
+            [pairs[i] for i in indices], pad_token_id, with_rejected=objective.uses_student_responses
+        ).to(accelerator.device)
+        with accelerator.accumulate(student_forward):
+            loss, metrics = distillation_loss(
+                student_forward, student, teacher, objective, batch, vocab_size, accelerator, autocast_dtype
+            )
+            accelerator.backward(loss)
+        for name, value in {"loss": loss, **metrics}.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float().to(accelerator.device) / len(micro_batches)
+        tokens += batch.attention_mask.sum()
+    return sums, tokens
 
-    return contextlib.nullcontext()
+
+def _metrics_row(accelerator, sums: dict, tokens: torch.Tensor, seconds: float) -> dict:
+    """The step's metrics averaged over the processes, and its tokens summed over them (a collective)."""
+    names = sorted(sums)
+    means = accelerator.reduce(torch.stack([sums[n] for n in names]), reduction="mean")
+    total_tokens = int(accelerator.reduce(tokens, reduction="sum").item())
+    row = dict(zip(names, means.tolist()))
+    return {**row, "tokens": total_tokens, "tokens_per_s": round(total_tokens / seconds, 1)}
 
 
 def _new_state(config: TrainConfig, plan: BatchPlan, world_size: int, sha256: str) -> TrainerState:
@@ -195,24 +230,45 @@ def read_final_state(final_dir) -> Optional[dict]:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _save_final(accelerator, model: nn.Module, tokenizer, output: Path, state: TrainerState) -> tuple[Path, nn.Module]:
-    """`<output>/final`, replaced as a whole (written to a temporary folder first); every process merges."""
+def _student_for_saving(accelerator, student_forward: nn.Module, config: TrainConfig) -> Optional[nn.Module]:
+    """The trained student with whole weights. Under FSDP or DeepSpeed the processes hold shards: the full state
+    dict is gathered (on the main process) into a fresh copy of the student on the CPU; None elsewhere."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return accelerator.unwrap_model(student_forward).model
+    state_dict = accelerator.get_state_dict(student_forward)  # collective: every process takes part
+    if not accelerator.is_main_process:
+        return None
+    copy = HiddenStates(load_student(
+        config.student, next(iter(state_dict.values())).dtype, use_lora=config.use_lora, lora_r=config.lora_r,
+        lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, dora=config.dora,
+    ))
+    copy.load_state_dict(state_dict)
+    return copy.model
+
+
+def _save_final(
+    accelerator, student: Optional[nn.Module], tokenizer, output: Path, state: TrainerState
+) -> tuple[Path, Optional[nn.Module]]:
+    """`<output>/final` from the main process, replaced as a whole (written to a temporary folder first).
+    Returns it and the student merged (a LoRA adapter folded in), on every process that holds one."""
     final = output / "final"
     temporary = output / ".final.tmp"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if temporary.exists():
             shutil.rmtree(temporary)
-        model = save_final_model(model, tokenizer, temporary)
+        student = save_final_model(student, tokenizer, temporary)
         marker = {"global_step": state.global_step, "epochs_completed": state.epoch, "total_steps": state.total_steps}
         (temporary / FINAL_STATE_FILE).write_text(json.dumps(marker) + "\n")
         if final.exists():
             shutil.rmtree(final)
         temporary.rename(final)
-    elif hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+    elif student is not None and hasattr(student, "merge_and_unload"):
+        student = student.merge_and_unload()
     accelerator.wait_for_everyone()
-    return final, model
+    return final, student
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -222,16 +278,17 @@ def train(config: TrainConfig) -> TrainResult:
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
+    # `bf16` autocasts the forwards here rather than through Accelerator(mixed_precision=...), whose process-wide
+    # state could not change between two train() calls in one process.
     accelerator = Accelerator(
         gradient_accumulation_steps=config.grad_accum,
-        mixed_precision="bf16" if config.bf16 else None,
         step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps; it is stepped once per step
     )
     main = accelerator.is_main_process
     output = Path(config.output)
     if main:
         output.mkdir(parents=True, exist_ok=True)
-    bf16 = accelerator.mixed_precision == "bf16"
+    bf16 = config.bf16 or accelerator.mixed_precision == "bf16"
     set_seed(config.seed)
 
     # data
@@ -251,7 +308,9 @@ def train(config: TrainConfig) -> TrainResult:
 
     # models
     if not config.use_lora and is_deepspeed_zero3(accelerator):
-        raise ValueError("full fine-tuning (use_lora=False) is not supported under DeepSpeed ZeRO-3: train a LoRA adapter")
+        raise ValueError(
+            "full fine-tuning (use_lora=False) is not supported under DeepSpeed ZeRO-3: train a LoRA adapter"
+        )
     student = load_student(
         config.student, torch.bfloat16 if bf16 and config.use_lora else torch.float32, use_lora=config.use_lora,
         lora_r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, dora=config.dora,
@@ -293,20 +352,11 @@ def train(config: TrainConfig) -> TrainResult:
         micro_batches = plan.micro_batches(state.epoch, accelerator.process_index, state.step_in_epoch)
         for first in range(0, len(micro_batches), plan.grad_accum):
             step_started = time.perf_counter()
-            sums: dict[str, torch.Tensor] = {}
-            tokens = torch.zeros((), device=accelerator.device)
-            for indices in micro_batches[first:first + plan.grad_accum]:
-                batch = collate_pairs(
-                    [pairs[i] for i in indices], tokenizer.pad_token_id, with_rejected=objective.uses_student_responses
-                ).to(accelerator.device)
-                with accelerator.accumulate(student_forward):
-                    loss, metrics = distillation_loss(
-                        student_forward, student, teacher, objective, batch, vocab_size, accelerator
-                    )
-                    accelerator.backward(loss)
-                for name, value in {"loss": loss.detach(), **metrics}.items():
-                    sums[name] = sums.get(name, 0.0) + value.detach().float().to(accelerator.device) / plan.grad_accum
-                tokens += batch.attention_mask.sum()
+            window = micro_batches[first:first + plan.grad_accum]
+            sums, tokens = _accumulate_gradients(
+                accelerator, student_forward, student, teacher, objective, pairs, window, tokenizer.pad_token_id,
+                vocab_size, torch.bfloat16 if config.bf16 else None,
+            )
             assert accelerator.sync_gradients, "an optimizer step must end an accumulation window"
             grad_norm = None
             if config.max_grad_norm:
@@ -322,16 +372,10 @@ def train(config: TrainConfig) -> TrainResult:
             finished = state.global_step >= state.total_steps
 
             if state.global_step % config.logging_steps == 0 or finished or epoch_done:
-                names = sorted(sums)
-                means = accelerator.reduce(torch.stack([sums[n] for n in names]), reduction="mean")
-                total_tokens = accelerator.reduce(tokens, reduction="sum")
-                seconds = time.perf_counter() - step_started
-                row = dict(zip(names, means.tolist()))
-                row.update(
-                    step=state.global_step, epoch=state.epoch, lr=lr, tokens=int(total_tokens.item()),
-                    grad_norm=None if grad_norm is None else float(grad_norm),
-                    tokens_per_s=round(total_tokens.item() / seconds, 1), elapsed_s=round(time.perf_counter() - started, 3),
-                )
+                row = _metrics_row(accelerator, sums, tokens, time.perf_counter() - step_started)
+                row.update(step=state.global_step, epoch=state.epoch, lr=lr,
+                           grad_norm=None if grad_norm is None else float(grad_norm),
+                           elapsed_s=round(time.perf_counter() - started, 3))
                 log.log(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
             bar.update(1)
@@ -347,7 +391,8 @@ def train(config: TrainConfig) -> TrainResult:
     log.close()
     if saved_at != state.global_step:
         last_checkpoint = save_checkpoint(accelerator, output, state, peft_model, config.save_total_limit)
-    final_dir, model = _save_final(accelerator, student, tokenizer, output, state)
+    final_dir, model = _save_final(accelerator, _student_for_saving(accelerator, student_forward, config), tokenizer,
+                                   output, state)
     return TrainResult(
         output_dir=output, final_dir=final_dir, metrics_csv=output / "metrics.csv", global_step=state.global_step,
         total_steps=state.total_steps, epochs_completed=state.epoch, last_checkpoint=last_checkpoint, model=model,
