@@ -196,6 +196,9 @@ def test_quick_experiment_writes_table_csv_and_plot(tmp_path, capsys):
     markdown = (output / "results.md").read_text()
     for name in models:
         assert f"| {name} |" in markdown
+    # held-out points during distillation: before (step 0), after the first epoch (2 steps of 16 of the 32
+    # pairs: the trainer stopped and resumed there) and at the end
+    assert "| method | step 0 | step 2 | step 4 |" in markdown
     png = (output / "training_curves.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     for method in ("distillm2", "kd", "skl"):

@@ -28,12 +28,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> ExperimentConfig:
     parser.add_argument("--teacher-steps", type=int, help=f"default {default.teacher_steps}")
     parser.add_argument("--student-steps", type=int, help=f"default {default.student_steps}")
     parser.add_argument("--num-prompts", type=int, help=f"distillation prompts (default {default.num_prompts})")
-    parser.add_argument("--distil-steps", type=int, help=f"optimizer steps per method (default {default.distil_steps})")
+    parser.add_argument(
+        "--distil-steps", type=int, help=f"optimizer steps per method (default {default.distil_steps})"
+    )
     parser.add_argument("--distil-lr", type=float, help=f"default {default.distil_lr}")
     parser.add_argument("--distil-batch-size", type=int, help=f"pairs per step (default {default.distil_batch_size})")
-    parser.add_argument("--temperature", type=float, help=f"sampling of the distillation data (default {default.temperature})")
-    parser.add_argument("--use-lora", action="store_true", help="LoRA/DoRA (the trainer's defaults) instead of full fine-tuning")
-    parser.add_argument("--eval-points", type=int, help=f"held-out evaluations per method (default {default.eval_points})")
+    parser.add_argument(
+        "--temperature", type=float, help=f"sampling of the distillation data (default {default.temperature})"
+    )
+    parser.add_argument(
+        "--use-lora", action="store_true", help="LoRA/DoRA (the trainer's defaults) instead of full fine-tuning"
+    )
+    parser.add_argument(
+        "--eval-points", type=int, help=f"held-out evaluations per method (default {default.eval_points})"
+    )
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="default: distillm2 kd skl")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)

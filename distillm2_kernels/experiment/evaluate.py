@@ -46,7 +46,9 @@ def greedy_answers(
     try:
         for begin in range(0, len(prompts), batch_size):
             texts = [
-                tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                )
                 for p in prompts[begin : begin + batch_size]
             ]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)

@@ -6,8 +6,13 @@ depth and width only:
 
 | model   | layers | hidden | heads | MLP | parameters (16-token vocabulary) |
 | ------- | ------ | ------ | ----- | --- | -------------------------------- |
-| teacher | 4      | 128    | 4     | 512 | ~0.8 M                           |
-| student | 2      | 64     | 4     | 256 | ~0.1 M                           |
+| teacher | 4      | 128    | 4     | 512 | 1.05 M                           |
+| student | 3      | 64     | 4     | 256 | 0.20 M                           |
+
+Why three student layers: on this task two-layer students (64 or 96 wide) often stayed on the loss plateau
+that precedes learning the carries (≈ 1 % held-out accuracy after 1000–2000 steps for two of three seeds),
+whereas three layers of 64 left it within 1000 steps for both seeds tried (56 % and 99 %). A student that
+cannot learn the task makes a distillation experiment about nothing.
 
 `save_model` writes the model and the tokenizer side by side (`config.json`, `model.safetensors`,
 `tokenizer.json`, ...), so the trainer and the evaluation load them with `AutoModelForCausalLM.from_pretrained`
@@ -38,10 +43,12 @@ class ModelSize:
 
 
 TEACHER = ModelSize(layers=4, hidden=128, heads=4, mlp=512)
-STUDENT = ModelSize(layers=2, hidden=64, heads=4, mlp=256)
+STUDENT = ModelSize(layers=3, hidden=64, heads=4, mlp=256)
 
 
-def build_model(size: ModelSize, tokenizer: PreTrainedTokenizerBase, *, seed: int, max_positions: int = 64) -> LlamaForCausalLM:
+def build_model(
+    size: ModelSize, tokenizer: PreTrainedTokenizerBase, *, seed: int, max_positions: int = 64
+) -> LlamaForCausalLM:
     """A freshly initialised model of `size` over `tokenizer`'s vocabulary (initialisation seeded)."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),

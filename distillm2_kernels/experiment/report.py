@@ -25,16 +25,23 @@ class Row:
 COLUMNS = ["model", "stage", "size", "parameters", "steps", "accuracy", "nll", "train_seconds"]
 
 
+def _parameters(count: int) -> str:
+    return f"{count / 1e6:.2f} M" if count >= 1e6 else f"{count / 1e3:.0f} k"
+
+
 def format_table(rows: Sequence[Row]) -> str:
     """A fixed-width text table (accuracy in %)."""
     header = ["model", "params", "steps", "accuracy", "NLL/token", "train time"]
     lines = [
-        [r.model, f"{r.parameters / 1e6:.2f} M", str(r.steps), f"{100 * r.accuracy:.1f} %", f"{r.nll:.3f}",
+        [r.model, _parameters(r.parameters), str(r.steps), f"{100 * r.accuracy:.1f} %", f"{r.nll:.3f}",
          f"{r.train_seconds:.1f} s"]
         for r in rows
     ]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+
+    def fmt(cells):  # the name column left-aligned, the numbers right-aligned
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([fmt(header), rule, *map(fmt, lines)])
 
@@ -55,7 +62,15 @@ def _cell(value):
     return f"{value:.6g}" if isinstance(value, float) else value
 
 
-def write_markdown(rows: Sequence[Row], path: Path, settings: Dict[str, object], notes: Sequence[str] = ()) -> Path:
+def write_markdown(
+    rows: Sequence[Row],
+    path: Path,
+    settings: Dict[str, object],
+    notes: Sequence[str] = (),
+    curves: Optional[Dict[str, List[tuple]]] = None,
+) -> Path:
+    """The table, the notes, the held-out accuracy / NLL at each evaluation point (`curves[method] =
+    [(step, accuracy, nll), ...]`, when given) and the settings."""
     lines = [
         "# Miniature DistiLLM-2 experiment",
         "",
@@ -64,10 +79,17 @@ def write_markdown(rows: Sequence[Row], path: Path, settings: Dict[str, object],
     ]
     for r in rows:
         lines.append(
-            f"| {r.model} | {r.parameters / 1e6:.2f} M | {r.steps} | {100 * r.accuracy:.1f} % | {r.nll:.3f} | "
+            f"| {r.model} | {_parameters(r.parameters)} | {r.steps} | {100 * r.accuracy:.1f} % | {r.nll:.3f} | "
             f"{r.train_seconds:.1f} s |"
         )
-    lines += ["", *notes, "", "Settings:", ""]
+    lines += ["", *notes]
+    if curves:
+        lines += ["", "Held-out accuracy / NLL during distillation:", "",
+                  "| method | " + " | ".join(f"step {p[0]}" for p in next(iter(curves.values()))) + " |",
+                  "| --- |" + " ---: |" * len(next(iter(curves.values())))]
+        for method, points in curves.items():
+            lines.append(f"| {method} | " + " | ".join(f"{100 * p[1]:.1f} % / {p[2]:.3f}" for p in points) + " |")
+    lines += ["", "Settings:", ""]
     lines += [f"- `{k}`: {settings[k]}" for k in sorted(settings)]
     path.write_text("\n".join(lines) + "\n")
     return path
