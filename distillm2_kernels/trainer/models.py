@@ -38,7 +38,10 @@ __all__ = [
     "HiddenStates",
     "LMHead",
     "lm_head_operands",
+    "shared_vocab_size",
+    "is_deepspeed_zero3",
     "gathered_parameters",
+    "prepare_teacher",
     "save_final_model",
 ]
 
@@ -117,7 +120,11 @@ def load_student(
     student = load_model(path, "student", dtype)
     if gradient_checkpointing:
         student.config.use_cache = False
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        options = {"use_reentrant": False}
+        if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     if use_lora:
         student = add_lora(student, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, dora=dora)
     return student
