@@ -272,6 +272,8 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tiny_models, tmp_path, 
     # a resumed run must keep the settings that shape the data order or the math
     with pytest.raises(ValueError, match=r"settings changed \(batch_size: 2 -> 3"):
         train(TrainConfig(output=str(tmp_path / "resumed"), resume=True, **{**options, "batch_size": 3}))
+    with pytest.raises(ValueError, match=r"settings changed \(epochs: 2 -> 3\)"):  # the schedule's length is fixed
+        train(TrainConfig(output=str(tmp_path / "resumed"), resume=True, **{**options, "epochs": 3}))
 
 
 def test_full_fine_tuning_in_bf16_with_gradient_checkpointing_resumes_exactly(tiny_models, tmp_path, monkeypatch):

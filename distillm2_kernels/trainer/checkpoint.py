@@ -24,7 +24,7 @@ PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 # fields of the run that a resumed run must share (a different value would change the data order or the math)
 RESUME_INVARIANTS = (
-    "loss", "preset", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "dora", "batch_size", "grad_accum",
+    "epochs", "max_steps", "loss", "preset", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "dora", "batch_size", "grad_accum",
     "seed", "max_length", "lr", "warmup_ratio", "weight_decay", "max_grad_norm",
 )
 
