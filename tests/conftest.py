@@ -55,3 +55,29 @@ def nan_poisoned_allocations():
 def kernel_device() -> torch.device:
     """Where the Triton backend runs in this session: CUDA when present, else CPU under the interpreter."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """`tiny_models(family)` -> (teacher folder, student folder) of tiny saved models ("llama" or "qwen2";
+    see tiny_models.py), built once per session."""
+    from tiny_models import save_teacher_and_student
+
+    built = {}
+
+    def get(family: str = "llama"):
+        if family not in built:
+            built[family] = save_teacher_and_student(tmp_path_factory.mktemp(f"tiny-{family}"), family)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test's torch work on one thread: the tiny models' operations are far too small to share, and
+    on a loaded machine OpenMP's waiting between threads makes them 10-30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

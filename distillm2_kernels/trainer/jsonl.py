@@ -1,0 +1,116 @@
+"""JSON Lines files: reading with errors that name the file and the line, atomic writes, durable appends.
+
+Every reader reports a malformed line as `DataError("<file>:<line>: ...")` (line numbers from 1); blank lines
+are skipped. Writers never leave a half-written file under the final name: `write_jsonl_atomic` writes a
+temporary file in the same folder and renames it over the target; `JsonlAppender` flushes and fsyncs each
+batch of rows, and `read_jsonl(..., allow_torn_tail=True)` drops the one incomplete last line a crash can leave.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Union
+
+__all__ = ["DataError", "read_jsonl", "write_jsonl_atomic", "JsonlAppender", "file_sha256"]
+
+PathLike = Union[str, os.PathLike]
+
+
+class DataError(ValueError):
+    """A data file that cannot be used as it is; the message names the file and, where it applies, the line."""
+
+
+def read_jsonl(path: PathLike, *, allow_torn_tail: bool = False) -> list[tuple[int, dict]]:
+    """`(line number, object)` for every non-blank line of a JSON Lines file.
+
+    Each line must hold one JSON object. `allow_torn_tail=True` drops a last line that has no newline and does
+    not parse (a write interrupted by a crash) instead of raising.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            if allow_torn_tail and number == len(lines) and not text.endswith("\n"):
+                break
+            raise DataError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(value, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(value).__name__}")
+        rows.append((number, value))
+    return rows
+
+
+def _dumps(row: dict) -> str:
+    return json.dumps(row, ensure_ascii=False)
+
+
+def write_jsonl_atomic(path: PathLike, rows: Iterable[dict]) -> None:
+    """Write `rows` to `path` as JSON Lines; readers see the old file or the complete new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(_dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class JsonlAppender:
+    """Appends rows to a JSON Lines file, each `append` call durable on return (flush + fsync)."""
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._repair_tail()
+        self._handle = open(self.path, "a", encoding="utf-8")
+
+    def _repair_tail(self) -> None:
+        """Cut an incomplete last line (no trailing newline) so that new rows start on a line of their own."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        data = self.path.read_bytes()
+        if not data.endswith(b"\n"):
+            with open(self.path, "r+b") as handle:
+                handle.truncate(data.rfind(b"\n") + 1)
+
+    def append(self, rows: Iterable[dict]) -> None:
+        for row in rows:
+            self._handle.write(_dumps(row) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "JsonlAppender":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def file_sha256(path: PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (identifies a data file in checkpoints)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

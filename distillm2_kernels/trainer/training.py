@@ -1,0 +1,400 @@
+"""The DistiLLM-2 training loop: LoRA (DoRA) on the student, the frozen teacher, the fused objective.
+
+    result = train(TrainConfig(teacher="T/", student="S/", data="pairs.jsonl", output="run/"))
+    AutoModelForCausalLM.from_pretrained(result.final_dir)        # the trained student
+
+One optimizer step, on every process (`accelerate launch` for several):
+1. for each of `grad_accum` micro-batches (the process's share of the step's pairs, `batching.BatchPlan`):
+   one student forward over the `[R, T]` rows of the batch (the teacher's responses, then the student's;
+   `data`) through the prepared module `models.HiddenStates`, which returns hidden states, not logits; one
+   teacher forward under `no_grad`; the objective (`objectives.TrainingObjective`: DistiLLM-2, SKL or KD) from
+   both hidden states and lm_head weights through the fused-linear ops; `accelerator.backward`;
+2. gradient clipping (max norm 1), AdamW, the cosine learning-rate schedule with linear warmup over
+   `warmup_ratio` of the steps, and the objective's curriculum step.
+
+Length of the run: `max_steps` optimizer steps when given, else `epochs × steps per epoch`; the curriculum's
+number of epochs E is the number the run spans. `stop_at_epoch=e` ends the call once e epochs are complete
+(the schedule still spans the whole run): the batched on-policy pipeline trains one epoch per call, each on
+freshly generated student responses, resuming optimizer, schedule and curriculum.
+
+Checkpoints (`checkpoint`) every `save_steps` steps, at the end of every epoch and at the end of the call;
+`resume=True` continues from the latest one exactly where the uninterrupted run would be (same batches, same
+RNG streams, same optimizer, schedule and curriculum state); with no checkpoint it starts afresh.
+The final student is saved to `<output>/final` for `AutoModelForCausalLM.from_pretrained` (a LoRA adapter is
+merged; the adapter itself is kept in `<output>/final/adapter`), with the tokenizer. Metrics go to
+`<output>/metrics.csv` (`metrics_log`).
+
+Precision: with `bf16` (or `accelerate launch --mixed_precision bf16`) the teacher is loaded in bfloat16, the
+student's base weights too when training LoRA (the adapter stays float32), and both forwards run under
+bfloat16 autocast; a fully fine-tuned student keeps float32 weights. The fused loss reads the bfloat16 hidden
+states and weights and accumulates in float32. Without it everything is float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..hf import lm_head_inputs, lm_head_of
+from ..objective import PRESETS
+from .batching import BatchPlan
+from .checkpoint import (
+    RESUME_INVARIANTS,
+    TrainerState,
+    latest_checkpoint,
+    register_trainable_weight_hooks,
+    save_checkpoint,
+)
+from .data import PairBatch, collate_pairs, read_pairs, tokenize_pairs
+from .jsonl import file_sha256
+from .metrics_log import MetricsLog
+from .models import (
+    HiddenStates,
+    check_same_tokenizer,
+    gathered_parameters,
+    is_deepspeed_zero3,
+    lm_head_operands,
+    load_model,
+    load_student,
+    load_tokenizer,
+    prepare_teacher,
+    save_final_model,
+    shared_vocab_size,
+)
+from .objectives import LOSSES, TrainingObjective
+
+__all__ = ["TrainConfig", "TrainResult", "train", "distillation_loss", "read_final_state"]
+
+BACKENDS = ("auto", "triton", "cpu", "torch")
+
+
+@dataclass
+class TrainConfig:
+    """Every option of `distillm2 train` (the command line's `--max-steps` is `max_steps`, and so on)."""
+
+    teacher: str  # local folder of the teacher (from_pretrained)
+    student: str  # local folder of the student to start from
+    data: str  # pairs file (JSON Lines, see `data`)
+    output: str  # run folder: checkpoints, metrics.csv, final/
+    preset: str = "distillm2"  # objective preset: distillm2 (released code), paper (α/β curriculum), distillm
+    loss: str = "distillm2"  # distillm2 | skl (SKL on teacher responses only) | kd (forward KL = SKL at α=0)
+    epochs: int = 1
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs
+    lr: float = 5e-5
+    batch_size: int = 8  # pairs per micro-batch per process
+    grad_accum: int = 1
+    max_length: int = 1024  # tokens per sequence (prompt + response + EOS)
+    lora_r: int = 16
+    lora_alpha: int = 128
+    lora_dropout: float = 0.05
+    dora: bool = True
+    use_lora: bool = True  # False: fine-tune every weight of the student
+    bf16: bool = False
+    resume: bool = False  # continue from the latest checkpoint in `output` (a fresh start when there is none)
+    seed: int = 42
+    warmup_ratio: float = 0.1
+    save_steps: Optional[int] = 500  # also saved at every epoch's end and at the end; None: only those
+    logging_steps: int = 1
+    backend: str = "auto"  # the fused kernels' backend: auto | triton | cpu | torch
+    progress: bool = True
+    weight_decay: float = 0.0
+    max_grad_norm: Optional[float] = 1.0  # None or 0: no clipping
+    gradient_checkpointing: bool = False
+    stop_at_epoch: Optional[int] = None  # end this call once this many epochs are complete
+    save_total_limit: Optional[int] = None  # keep only the newest checkpoints
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        for name in ("epochs", "batch_size", "grad_accum", "max_length", "logging_steps", "lora_r"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "save_steps", "stop_at_epoch", "save_total_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")
+
+    def run_invariants(self) -> dict:
+        return {name: getattr(self, name) for name in RESUME_INVARIANTS}
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path  # AutoModelForCausalLM.from_pretrained(final_dir) loads the trained student
+    metrics_csv: Path
+    global_step: int
+    total_steps: int
+    epochs_completed: int
+    last_checkpoint: Optional[Path]
+    # the trained student in memory (a LoRA adapter merged into it); on every process under DDP, on the main
+    # process only under FSDP / DeepSpeed
+    model: Optional[nn.Module] = field(repr=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.global_step >= self.total_steps
+
+
+def distillation_loss(
+    student_forward: nn.Module,
+    student: nn.Module,
+    teacher: nn.Module,
+    objective: TrainingObjective,
+    batch: PairBatch,
+    vocab_size: int,
+    accelerator=None,
+    autocast_dtype: Optional[torch.dtype] = None,
+) -> tuple[torch.Tensor, dict]:
+    """The objective of one batch: `student_forward` (the prepared `HiddenStates`, through which DDP sees the
+    forward) gives the student's hidden states, `student` (the unwrapped model) its lm_head; the teacher runs
+    under no_grad. No logits are built. With `autocast_dtype` the two forwards run under autocast; the loss
+    never does (the fused ops accumulate in float32 themselves)."""
+    device_type = batch.input_ids.device.type
+    autocast = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with autocast:
+        hidden = student_forward(batch.input_ids, batch.attention_mask)
+        with torch.no_grad():
+            teacher_hidden = lm_head_inputs(teacher, batch.input_ids, attention_mask=batch.attention_mask).hidden_states
+    student_weight, teacher_weight = lm_head_of(student)[0], lm_head_of(teacher)[0]
+    with gathered_parameters(accelerator, student_weight, teacher_weight) if accelerator else contextlib.nullcontext():
+        student_head, teacher_head = lm_head_operands(student, teacher, vocab_size)
+        return objective(hidden, teacher_hidden, batch.labels, batch.num_pairs, student_head, teacher_head)
+
+
+def _accumulate_gradients(
+    accelerator, student_forward, student, teacher, objective, pairs, micro_batches, pad_token_id, vocab_size,
+    autocast_dtype,
+) -> tuple[dict, torch.Tensor]:
+    """Forward and backward of one optimizer step's micro-batches (gradients accumulated, all-reduced on the
+    last one); returns the step's mean loss and metrics on this process, and its number of tokens."""
+    sums: dict[str, torch.Tensor] = {}
+    tokens = torch.zeros((), device=accelerator.device)
+    for indices in micro_batches:
+        batch = collate_pairs(
+            [pairs[i] for i in indices], pad_token_id, with_rejected=objective.uses_student_responses
+        ).to(accelerator.device)
+        with accelerator.accumulate(student_forward):
+            loss, metrics = distillation_loss(
+                student_forward, student, teacher, objective, batch, vocab_size, accelerator, autocast_dtype
+            )
+            accelerator.backward(loss)
+        for name, value in {"loss": loss, **metrics}.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float().to(accelerator.device) / len(micro_batches)
+        tokens += batch.attention_mask.sum()
+    return sums, tokens
+
+
+def _metrics_row(accelerator, sums: dict, tokens: torch.Tensor, seconds: float) -> dict:
+    """The step's metrics averaged over the processes, and its tokens summed over them (a collective)."""
+    names = sorted(sums)
+    means = accelerator.reduce(torch.stack([sums[n] for n in names]), reduction="mean")
+    total_tokens = int(accelerator.reduce(tokens, reduction="sum").item())
+    row = dict(zip(names, means.tolist()))
+    return {**row, "tokens": total_tokens, "tokens_per_s": round(total_tokens / seconds, 1)}
+
+
+def _new_state(config: TrainConfig, plan: BatchPlan, world_size: int, sha256: str) -> TrainerState:
+    total = config.max_steps or config.epochs * plan.steps_per_epoch
+    return TrainerState(
+        total_steps=total, num_epochs=math.ceil(total / plan.steps_per_epoch), world_size=world_size,
+        data_file=str(config.data), data_sha256=sha256, run=config.run_invariants(),
+    )
+
+
+FINAL_STATE_FILE = "distillm2_training.json"  # in <output>/final: the step and epochs the model was saved at
+
+
+def read_final_state(final_dir) -> Optional[dict]:
+    """`{"global_step", "epochs_completed", "total_steps"}` of a saved final model, None when there is none."""
+    path = Path(final_dir) / FINAL_STATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _student_for_saving(accelerator, student_forward: nn.Module, config: TrainConfig) -> Optional[nn.Module]:
+    """The trained student with whole weights. Under FSDP or DeepSpeed the processes hold shards: the full state
+    dict is gathered (on the main process) into a fresh copy of the student on the CPU; None elsewhere."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return accelerator.unwrap_model(student_forward).model
+    state_dict = accelerator.get_state_dict(student_forward)  # collective: every process takes part
+    if not accelerator.is_main_process:
+        return None
+    copy = HiddenStates(load_student(
+        config.student, next(iter(state_dict.values())).dtype, use_lora=config.use_lora, lora_r=config.lora_r,
+        lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, dora=config.dora,
+    ))
+    copy.load_state_dict(state_dict)
+    return copy.model
+
+
+def _save_final(
+    accelerator, student: Optional[nn.Module], tokenizer, output: Path, state: TrainerState
+) -> tuple[Path, Optional[nn.Module]]:
+    """`<output>/final` from the main process, replaced as a whole (written to a temporary folder first).
+    Returns it and the student merged (a LoRA adapter folded in), on every process that holds one."""
+    final = output / "final"
+    temporary = output / ".final.tmp"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if temporary.exists():
+            shutil.rmtree(temporary)
+        student = save_final_model(student, tokenizer, temporary)
+        marker = {"global_step": state.global_step, "epochs_completed": state.epoch, "total_steps": state.total_steps}
+        (temporary / FINAL_STATE_FILE).write_text(json.dumps(marker) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        temporary.rename(final)
+    elif student is not None and hasattr(student, "merge_and_unload"):
+        student = student.merge_and_unload()
+    accelerator.wait_for_everyone()
+    return final, student
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train the student (see the module docstring); returns where everything was written."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    # `bf16` autocasts the forwards here rather than through Accelerator(mixed_precision=...), whose process-wide
+    # state could not change between two train() calls in one process.
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.grad_accum,
+        step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps; it is stepped once per step
+    )
+    main = accelerator.is_main_process
+    output = Path(config.output)
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+    bf16 = config.bf16 or accelerator.mixed_precision == "bf16"
+    set_seed(config.seed)
+
+    # data
+    tokenizer = load_tokenizer(config.student)
+    check_same_tokenizer(tokenizer, config.teacher)
+    examples = read_pairs(config.data, need_rejected=config.loss == "distillm2")
+    pairs = tokenize_pairs(examples, tokenizer, max_length=config.max_length, progress=config.progress and main)
+    plan = BatchPlan(len(pairs), config.batch_size, accelerator.num_processes, config.grad_accum, config.seed)
+    sha256 = file_sha256(config.data)
+    checkpoint = latest_checkpoint(output) if config.resume else None
+    if checkpoint is not None:
+        state = TrainerState.load(checkpoint)
+        state.check_resumable(checkpoint, config.run_invariants(), accelerator.num_processes, str(config.data), sha256)
+        state.data_file, state.data_sha256 = str(config.data), sha256
+    else:
+        state = _new_state(config, plan, accelerator.num_processes, sha256)
+
+    # models
+    if not config.use_lora and is_deepspeed_zero3(accelerator):
+        raise ValueError(
+            "full fine-tuning (use_lora=False) is not supported under DeepSpeed ZeRO-3: train a LoRA adapter"
+        )
+    student = load_student(
+        config.student, torch.bfloat16 if bf16 and config.use_lora else torch.float32, use_lora=config.use_lora,
+        lora_r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, dora=config.dora,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
+    teacher = load_model(config.teacher, "teacher", torch.bfloat16 if bf16 else torch.float32)
+    vocab_size = shared_vocab_size(student, teacher, tokenizer)
+    student_forward = HiddenStates(student)
+    parameters = [p for p in student_forward.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, math.ceil(config.warmup_ratio * state.total_steps), state.total_steps
+    )
+    objective = TrainingObjective(
+        config.loss, config.preset, num_epochs=state.num_epochs, total_steps=state.total_steps, backend=config.backend
+    )
+    student_forward, optimizer, scheduler = accelerator.prepare(student_forward, optimizer, scheduler)
+    teacher = prepare_teacher(accelerator, teacher)
+    accelerator.register_for_checkpointing(objective)
+    register_trainable_weight_hooks(accelerator)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        if main:
+            print(f"resuming from {checkpoint} (step {state.global_step} of {state.total_steps})")
+    else:
+        set_seed(config.seed + accelerator.process_index)  # each process its own dropout stream
+    student = accelerator.unwrap_model(student_forward).model
+    peft_model = student if config.use_lora else None
+
+    log = MetricsLog(output / "metrics.csv", resume_step=state.global_step if checkpoint else None, enabled=main,
+                     tensorboard_dir=output / "tensorboard")
+    stop_epoch = min(state.num_epochs, config.stop_at_epoch or state.num_epochs)
+    bar = tqdm(total=state.total_steps, initial=state.global_step, desc="train", unit="step",
+               disable=not (config.progress and main))
+    last_checkpoint, saved_at, started = checkpoint, (state.global_step if checkpoint else None), time.perf_counter()
+    student_forward.train()
+    while state.global_step < state.total_steps and state.epoch < stop_epoch:
+        objective.set_epoch(state.epoch)
+        micro_batches = plan.micro_batches(state.epoch, accelerator.process_index, state.step_in_epoch)
+        for first in range(0, len(micro_batches), plan.grad_accum):
+            step_started = time.perf_counter()
+            window = micro_batches[first:first + plan.grad_accum]
+            sums, tokens = _accumulate_gradients(
+                accelerator, student_forward, student, teacher, objective, pairs, window, tokenizer.pad_token_id,
+                vocab_size, torch.bfloat16 if config.bf16 else None,
+            )
+            assert accelerator.sync_gradients, "an optimizer step must end an accumulation window"
+            grad_norm = None
+            if config.max_grad_norm:
+                grad_norm = accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            objective.step()
+            state.global_step += 1
+            state.step_in_epoch += 1
+            epoch_done = state.step_in_epoch == plan.steps_per_epoch
+            finished = state.global_step >= state.total_steps
+
+            if state.global_step % config.logging_steps == 0 or finished or epoch_done:
+                row = _metrics_row(accelerator, sums, tokens, time.perf_counter() - step_started)
+                row.update(step=state.global_step, epoch=state.epoch, lr=lr,
+                           grad_norm=None if grad_norm is None else float(grad_norm),
+                           elapsed_s=round(time.perf_counter() - started, 3))
+                log.log(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+            bar.update(1)
+            if epoch_done:
+                state.epoch += 1
+                state.step_in_epoch = 0
+            if epoch_done or finished or (config.save_steps and state.global_step % config.save_steps == 0):
+                last_checkpoint = save_checkpoint(accelerator, output, state, peft_model, config.save_total_limit)
+                saved_at = state.global_step
+            if finished:
+                break
+    bar.close()
+    log.close()
+    if saved_at != state.global_step:
+        last_checkpoint = save_checkpoint(accelerator, output, state, peft_model, config.save_total_limit)
+    final_dir, model = _save_final(accelerator, _student_for_saving(accelerator, student_forward, config), tokenizer,
+                                   output, state)
+    return TrainResult(
+        output_dir=output, final_dir=final_dir, metrics_csv=output / "metrics.csv", global_step=state.global_step,
+        total_steps=state.total_steps, epochs_completed=state.epoch, last_checkpoint=last_checkpoint, model=model,
+    )
+

@@ -1,0 +1,166 @@
+"""The `distillm2` command: generate → pair → train end to end on CPU, the pipeline (in-process and with a
+launcher), and bad input reported on one line naming the file and the line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+from distillm2_kernels.trainer import pipeline as pipeline_module  # noqa: E402
+from distillm2_kernels.trainer.cli import build_parser, main, training_arguments  # noqa: E402
+from distillm2_kernels.trainer.jsonl import read_jsonl  # noqa: E402
+from distillm2_kernels.trainer.metrics_log import read_metrics  # noqa: E402
+from distillm2_kernels.trainer.pipeline import PipelineConfig, run_pipeline  # noqa: E402
+from distillm2_kernels.trainer.training import TrainConfig, read_final_state  # noqa: E402
+from tiny_models import PROMPTS, write_prompts  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def _rows(path):
+    return [row for _, row in read_jsonl(path)]
+
+
+def _command_line() -> list[str]:
+    """The installed console script when there is one, else `python -m distillm2_kernels.trainer`."""
+    script = Path(sys.executable).parent / "distillm2"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "distillm2_kernels.trainer"]
+
+
+def test_generate_pair_train_end_to_end(tiny_models, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher, student = tiny_models("llama")
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPOSITORY), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.run(
+        _command_line() + ["generate", "--model", str(teacher), "--prompts", str(prompts), "--output",
+                           str(tmp_path / "teacher.jsonl"), "--max-new-tokens", "8", "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert f"{len(PROMPTS)} responses in" in process.stdout
+
+    assert main(["generate", "--model", str(student), "--prompts", str(prompts), "--output",
+                 str(tmp_path / "student.jsonl"), "--max-new-tokens", "8", "--n", "6", "--no-progress"]) == 0
+    assert main(["pair", "--teacher", str(tmp_path / "teacher.jsonl"), "--student", str(tmp_path / "student.jsonl"),
+                 "--output", str(tmp_path / "pairs.jsonl")]) == 0
+    pairs = _rows(tmp_path / "pairs.jsonl")
+    assert len(pairs) == 6 and pairs[0]["chosen"][0] == {"role": "user", "content": PROMPTS[0]}
+    assert pairs[0]["chosen"][1]["content"] == _rows(tmp_path / "teacher.jsonl")[0]["response"]
+
+    run = tmp_path / "run"
+    assert main(["train", "--teacher", str(teacher), "--student", str(student), "--data", str(tmp_path / "pairs.jsonl"),
+                 "--output", str(run), "--batch-size", "2", "--max-steps", "3", "--lr", "1e-3", "--no-progress"]) == 0
+    rows = read_metrics(run / "metrics.csv")
+    assert [r["step"] for r in rows] == ["1", "2", "3"]
+    assert all(float(r["loss"]) > 0 and float(r["skl"]) > 0 and float(r["srkl"]) > 0 for r in rows)
+    assert float(rows[1]["lr"]) == pytest.approx(1e-3)  # warmup: ceil(0.1 · 3) = 1 step
+    assert (run / "checkpoint-3" / "adapter" / "adapter_config.json").is_file()
+
+    trained = AutoModelForCausalLM.from_pretrained(run / "final")
+    initial = AutoModelForCausalLM.from_pretrained(student)
+    assert type(trained).__name__ == "LlamaForCausalLM"
+    q_proj = [m.model.layers[0].self_attn.q_proj.weight for m in (trained, initial)]
+    assert not torch.equal(*q_proj)
+    assert torch.equal(trained.model.embed_tokens.weight, initial.model.embed_tokens.weight)  # not LoRA-adapted
+    assert AutoTokenizer.from_pretrained(run / "final").chat_template is not None
+    adapter = json.loads((run / "final" / "adapter" / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"], adapter["use_dora"]) == (16, 128, 0.05, True)
+    assert read_final_state(run / "final") == {"global_step": 3, "epochs_completed": 1, "total_steps": 3}
+
+
+def test_pipeline_regenerates_student_responses_every_epoch_and_continues_when_rerun(tiny_models, tmp_path):
+    teacher, student = tiny_models("qwen2")
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "pipe"
+    argv = ["pipeline", "--prompts", str(prompts), "--teacher", str(teacher), "--student", str(student), "--output",
+            str(out), "--epochs", "2", "--n", "4", "--max-new-tokens", "6", "--batch-size", "2", "--loss", "distillm2",
+            "--preset", "paper", "--no-progress"]
+    assert main(argv) == 0
+    assert len(_rows(out / "teacher.jsonl")) == 4
+    epoch0, epoch1 = _rows(out / "epoch-0" / "student.jsonl"), _rows(out / "epoch-1" / "student.jsonl")
+    assert epoch0[0]["generation"]["model"] == str(student) and epoch0[0]["generation"]["seed"] == 42
+    assert epoch1[0]["generation"]["model"] == str(out / "train" / "final") and epoch1[0]["generation"]["seed"] == 43
+    pairs = _rows(out / "epoch-1" / "pairs.jsonl")
+    assert [r["rejected"][1]["content"] for r in pairs] == [r["response"] for r in epoch1]
+    rows = read_metrics(out / "train" / "metrics.csv")
+    assert [(r["step"], r["epoch"]) for r in rows] == [("1", "0"), ("2", "0"), ("3", "1"), ("4", "1")]
+    assert float(rows[1]["lr"]) > float(rows[3]["lr"]) > 0  # one cosine schedule over both epochs
+    assert read_final_state(out / "train" / "final")["epochs_completed"] == 2
+
+    modified = (out / "train" / "metrics.csv").stat().st_mtime_ns
+    assert main(argv) == 0  # everything is done: nothing is generated or trained again
+    assert (out / "train" / "metrics.csv").stat().st_mtime_ns == modified
+
+
+def test_pipeline_with_a_launcher_runs_each_stage_as_a_command(tiny_models, tmp_path, monkeypatch):
+    """With `launcher`, training runs as `<launcher> -m distillm2_kernels.trainer train ...` and generation as
+    `python -m distillm2_kernels.trainer generate ...`; here the commands are run by `main` in-process."""
+    teacher, student = tiny_models("llama")
+    commands = []
+
+    def run_in_process(command, check):
+        commands.append(command)
+        module = command.index("distillm2_kernels.trainer")
+        assert command[module - 1] == "-m" and main(command[module + 1:]) == 0
+
+    monkeypatch.setattr(pipeline_module.subprocess, "run", run_in_process)
+    result = run_pipeline(PipelineConfig(
+        prompts=str(write_prompts(tmp_path / "prompts.jsonl")), teacher=str(teacher), student=str(student),
+        output=str(tmp_path / "pipe"), epochs=1, n=3, max_new_tokens=4, train={"batch_size": 3, "lora_r": 4},
+        launcher=["accelerate", "launch", "--num_processes", "1"], progress=False,
+    ))
+    assert [c[:4] for c in commands] == [
+        [sys.executable, "-m", "distillm2_kernels.trainer", "generate"],
+        [sys.executable, "-m", "distillm2_kernels.trainer", "generate"],
+        ["accelerate", "launch", "--num_processes", "1"],
+    ]
+    assert commands[2][4:7] == ["-m", "distillm2_kernels.trainer", "train"] and "--stop-at-epoch" in commands[2]
+    assert result.epochs_completed == 1 and (result.final_dir / "config.json").is_file()
+    assert json.loads((result.final_dir / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_training_arguments_reproduce_the_config():
+    config = TrainConfig(teacher="t", student="s", data="d.jsonl", output="o", loss="kd", max_steps=7, dora=False,
+                         use_lora=False, bf16=True, save_steps=None, max_grad_norm=0.5, stop_at_epoch=2)
+    args = build_parser().parse_args(["train"] + training_arguments(config))
+    from distillm2_kernels.trainer.cli import _train_config
+
+    assert dataclasses.asdict(_train_config(args)) == dataclasses.asdict(config)
+    defaults = build_parser().parse_args(["train", "--teacher", "t", "--student", "s", "--data", "d", "--output", "o"])
+    paper = (defaults.dora, defaults.use_lora, defaults.lora_r, defaults.lora_alpha, defaults.lora_dropout, defaults.lr)
+    assert paper == (True, True, 16, 128, 0.05, 5e-5)
+
+
+def test_bad_input_is_one_line_naming_the_file_and_the_line(tiny_models, tmp_path, capsys):
+    teacher, student = tiny_models("llama")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d"}\n{"prompt": oops}\n')
+    assert main(["pair", "--teacher", str(bad), "--student", str(bad), "--output", str(tmp_path / "p.jsonl")]) == 2
+    assert f"distillm2 pair: error: {bad}:3: not valid JSON" in capsys.readouterr().err
+    assert main(["train", "--teacher", str(teacher), "--student", str(student), "--data", str(bad), "--output",
+                 str(tmp_path / "run"), "--no-progress"]) == 2
+    assert f"distillm2 train: error: {bad}:3: not valid JSON" in capsys.readouterr().err
+    responses = tmp_path / "responses.jsonl"  # valid JSON Lines, but responses rather than pairs
+    responses.write_text('{"prompt": "a", "response": "b"}\n')
+    assert main(["train", "--teacher", str(teacher), "--student", str(student), "--data", str(responses),
+                 "--output", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert f"{responses}:1: missing field 'chosen'" in capsys.readouterr().err
+    assert main(["generate", "--model", str(student), "--prompts", str(bad), "--output", str(tmp_path / "g")]) == 2
+    assert f"{bad}:3: not valid JSON" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path / "nothing"), "--prompts", str(bad), "--output", "x"]) == 2
+    assert "not a local directory" in capsys.readouterr().err

@@ -1,0 +1,186 @@
+"""`distillm2_kernels.trainer.generation`: prompt files, engine selection, the vLLM path (on a stand-in
+module), greedy decoding, and resuming an interrupted run without duplicated or lost rows."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from distillm2_kernels.trainer import generation  # noqa: E402
+from distillm2_kernels.trainer.generation import generate, select_engine  # noqa: E402
+from distillm2_kernels.trainer.jsonl import DataError, read_jsonl  # noqa: E402
+from distillm2_kernels.trainer.prompts import load_prompts  # noqa: E402
+from tiny_models import PROMPTS, write_prompts  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _rows(path):
+    return [row for _, row in read_jsonl(path)]
+
+
+@pytest.mark.parametrize(
+    "installed, gpu, expected", [(False, False, "hf"), (False, True, "hf"), (True, False, "hf"), (True, True, "vllm")]
+)
+def test_auto_engine_uses_vllm_only_when_installed_and_a_gpu_is_present(monkeypatch, installed, gpu, expected):
+    monkeypatch.setattr(generation, "vllm_installed", lambda: installed)
+    monkeypatch.setattr(generation, "gpu_available", lambda: gpu)
+    assert select_engine("auto") == expected
+    assert select_engine("hf") == "hf"
+    if expected == "vllm":
+        assert select_engine("vllm") == "vllm"
+    else:
+        with pytest.raises(ValueError, match="vllm is not installed" if not installed else "needs a CUDA GPU"):
+            select_engine("vllm")
+
+
+def test_vllm_is_really_absent_here_and_auto_falls_back_to_transformers():
+    assert not generation.vllm_installed()  # the CI environment of this repository has no vLLM
+    assert select_engine("auto") == "hf"
+    with pytest.raises(ValueError, match="engine must be one of"):
+        select_engine("tgi")
+
+
+def test_vllm_path_calls_the_documented_api(monkeypatch, tmp_path):
+    """With a stand-in `vllm` module and a "GPU", auto picks vLLM and calls LLM(model=...) and
+    LLM.chat(conversations, sampling_params=[SamplingParams(...) per prompt], use_tqdm=False)."""
+    calls = {}
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    class LLM:
+        def __init__(self, model, **kwargs):
+            calls["init"] = dict(model=model, **kwargs)
+
+        def chat(self, conversations, sampling_params, use_tqdm):
+            calls.setdefault("chat", []).append((conversations, [p.kwargs for p in sampling_params], use_tqdm))
+            finish = types.SimpleNamespace
+            return [
+                finish(outputs=[finish(text=f"answer to {c[0]['content']}", finish_reason="length" if k else "stop")])
+                for k, c in enumerate(conversations)
+            ]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
+    monkeypatch.setattr(generation, "vllm_installed", lambda: True)
+    monkeypatch.setattr(generation, "gpu_available", lambda: True)
+    model = tmp_path / "model"
+    model.mkdir()
+    result = generate(model, PROMPTS[:3], tmp_path / "out.jsonl", temperature=0.7, top_p=0.9, max_new_tokens=5,
+                      seed=10, batch_size=2, progress=False)
+    assert result.engine == "vllm" and result.num_generated == 3
+    assert calls["init"] == dict(model=str(model), dtype="auto", seed=10)
+    (first, params, use_tqdm), (second, _, _) = calls["chat"]
+    assert first == [[{"role": "user", "content": PROMPTS[0]}], [{"role": "user", "content": PROMPTS[1]}]]
+    assert second == [[{"role": "user", "content": PROMPTS[2]}]]
+    assert params == [dict(n=1, temperature=0.7, top_p=0.9, max_tokens=5, seed=10 + i) for i in (0, 1)]
+    assert use_tqdm is False
+    rows = _rows(tmp_path / "out.jsonl")
+    assert [r["response"] for r in rows] == [f"answer to {p}" for p in PROMPTS[:3]]
+    assert [r["finish_reason"] for r in rows] == ["stop", "length", "stop"]
+    assert rows[0]["generation"]["engine"] == "vllm"
+
+
+def test_prompt_files_jsonl_and_plain_text(tmp_path):
+    assert load_prompts(write_prompts(tmp_path / "p.jsonl")) == PROMPTS
+    (tmp_path / "p.txt").write_text("first prompt\n\n  second  \n")
+    assert load_prompts(tmp_path / "p.txt") == ["first prompt", "  second  "]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"prompt": "b"\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid JSON"):
+        load_prompts(bad)
+    (tmp_path / "nofield.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    with pytest.raises(DataError, match=r"nofield\.jsonl:2: expected a non-empty string field 'prompt'"):
+        load_prompts(tmp_path / "nofield.jsonl")
+
+
+def test_greedy_decoding_ignores_the_seed_and_follows_the_chat_template(tiny_models, tmp_path):
+    _, student = tiny_models("llama")
+    first = generate(student, PROMPTS[:3], tmp_path / "a.jsonl", temperature=0, max_new_tokens=6, seed=1,
+                     progress=False)
+    generate(student, PROMPTS[:3], tmp_path / "b.jsonl", temperature=0, max_new_tokens=6, seed=2, progress=False)
+    a, b = _rows(tmp_path / "a.jsonl"), _rows(tmp_path / "b.jsonl")
+    assert first.engine == "hf" and len(a) == 3
+    assert [r["response"] for r in a] == [r["response"] for r in b]
+
+    # the same greedy continuation straight from transformers
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    model = AutoModelForCausalLM.from_pretrained(student)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, do_sample=False, max_new_tokens=6, pad_token_id=0, eos_token_id=2)[0, ids.shape[1]:]
+    tokens = out.tolist()
+    expected = tokenizer.decode(tokens[: tokens.index(2)] if 2 in tokens else tokens, skip_special_tokens=True)
+    assert a[0]["response"] == expected
+    assert a[0]["finish_reason"] == ("stop" if 2 in tokens else "length")
+
+
+def test_interrupted_generation_resumes_without_duplicates_or_losses(tiny_models, tmp_path, monkeypatch):
+    teacher, _ = tiny_models("llama")
+    options = dict(temperature=0.8, top_p=0.95, max_new_tokens=5, seed=3, batch_size=2, progress=False)
+    generate(teacher, PROMPTS, tmp_path / "reference.jsonl", **options)
+
+    real_generate, calls = generation.HFEngine.generate, []
+
+    def crash_on_third_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real_generate(self, *args, **kwargs)
+
+    output = tmp_path / "out.jsonl"
+    monkeypatch.setattr(generation.HFEngine, "generate", crash_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        generate(teacher, PROMPTS, output, **options)
+    monkeypatch.setattr(generation.HFEngine, "generate", real_generate)
+    partial = output.with_name(output.name + ".partial")
+    assert not output.exists() and len(_rows(partial)) == 4
+    with open(partial, "a") as handle:  # a write torn by the crash
+        handle.write('{"index": 4, "prompt": "Spell')
+
+    result = generate(teacher, PROMPTS, output, **options)
+    assert (result.num_reused, result.num_generated, result.num_rows) == (4, len(PROMPTS) - 4, len(PROMPTS))
+    assert not partial.exists()
+    rows = _rows(output)
+    assert [r["index"] for r in rows] == list(range(len(PROMPTS)))
+    assert rows == _rows(tmp_path / "reference.jsonl")  # the same samples as the uninterrupted run
+
+    again = generate(teacher, PROMPTS, output, **options)  # complete: nothing to do
+    assert (again.num_generated, again.num_rows, again.engine) == (0, len(PROMPTS), None)
+
+
+def test_n_takes_the_first_prompts_and_a_larger_n_extends_the_file(tiny_models, tmp_path):
+    teacher, _ = tiny_models("llama")
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    options = dict(max_new_tokens=4, progress=False)
+    first = generate(teacher, prompts, tmp_path / "out.jsonl", n=3, **options)
+    assert [r["prompt"] for r in _rows(tmp_path / "out.jsonl")] == PROMPTS[:3] and first.num_generated == 3
+    second = generate(teacher, prompts, tmp_path / "out.jsonl", n=5, **options)
+    assert (second.num_reused, second.num_generated) == (3, 2)
+    assert [r["prompt"] for r in _rows(tmp_path / "out.jsonl")] == PROMPTS[:5]
+
+
+def test_resuming_with_other_settings_or_prompts_is_refused(tiny_models, tmp_path):
+    teacher, _ = tiny_models("llama")
+    output = tmp_path / "out.jsonl"
+    generate(teacher, PROMPTS[:2], output, max_new_tokens=4, progress=False)
+    with pytest.raises(ValueError, match="resume with the same settings"):
+        generate(teacher, PROMPTS[:2], output, max_new_tokens=4, temperature=0.5, progress=False)
+    with pytest.raises(DataError, match=r"out\.jsonl:1: row 0 is for another prompt"):
+        generate(teacher, ["another prompt", PROMPTS[1]], output, max_new_tokens=4, progress=False)
+    with pytest.raises(ValueError, match="top_p must lie in"):
+        generate(teacher, PROMPTS[:2], tmp_path / "x.jsonl", top_p=0, progress=False)
+    with pytest.raises(FileNotFoundError, match="not a local directory"):
+        generate(tmp_path / "no-such-model", PROMPTS[:2], tmp_path / "x.jsonl", progress=False)
+    assert json.loads(output.read_text().splitlines()[0])["generation"]["temperature"] == 0.8
