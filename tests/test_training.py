@@ -80,6 +80,22 @@ def test_tokenisation_masks_the_prompt_appends_eos_and_pads(tiny_models, tmp_pat
     assert eos not in long.chosen_labels
 
 
+def test_the_loss_covers_the_tokenizer_vocabulary_not_the_padded_lm_head_rows():
+    """As the released code (which resizes both models to the tokenizer): when both checkpoints pad their
+    lm_head beyond the tokenizer (Qwen2.5: 151936 and 152064 rows for 151665 tokens), the padded rows are
+    not part of either distribution."""
+    from transformers import AutoModelForCausalLM
+    from tiny_models import build_tokenizer, model_config
+
+    tokenizer = build_tokenizer()
+    student, teacher = (AutoModelForCausalLM.from_config(model_config("llama", 16, len(tokenizer) + padding))
+                        for padding in (4, 8))
+    assert shared_vocab_size(student, teacher, tokenizer) == len(tokenizer)
+    small = AutoModelForCausalLM.from_config(model_config("llama", 16, len(tokenizer) - 1))
+    with pytest.raises(ValueError, match="lm_head"):
+        shared_vocab_size(student, small, tokenizer)
+
+
 def test_batch_plan_covers_every_pair_each_epoch_and_splits_ranks():
     plan = BatchPlan(num_examples=10, batch_size=2, world_size=2, grad_accum=2, seed=5)
     assert plan.steps_per_epoch == 2  # 10 pairs, 8 per step: the second step wraps around

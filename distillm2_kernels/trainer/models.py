@@ -10,9 +10,10 @@ and returns the last hidden states `[R, T, H]` (no logits). Going through the pr
 is what makes DDP all-reduce the gradients; the lm_head weight is then read from the unwrapped model
 (`lm_head_operands`), and its gradient (full fine-tuning) is reduced by the same DDP hooks.
 
-Teacher and student must share the tokenizer. Their lm_heads may differ in their number of rows when
-checkpoints pad the vocabulary differently (e.g. 151936 vs 152064 in the Qwen2.5 family): the fused loss
-then uses the first `min(V_s, V_t)` rows of both, which must cover the tokenizer.
+Teacher and student must share the tokenizer. Their lm_heads may hold more rows than the tokenizer has
+tokens, and differ in that number, when checkpoints pad the vocabulary (151936 vs 152064 rows for 151665
+tokens in the Qwen2.5 family): the fused loss uses the rows of the tokenizer's tokens only, the first
+`len(tokenizer)` of both, as the released DistiLLM-2 code does by resizing both models to the tokenizer.
 """
 
 from __future__ import annotations
@@ -169,14 +170,16 @@ def lm_head_operands(student: nn.Module, teacher: nn.Module, vocab_size: int) ->
 
 
 def shared_vocab_size(student: nn.Module, teacher: nn.Module, tokenizer) -> int:
-    """min(V_s, V_t), checked to cover every token id of the tokenizer."""
+    """The vocabulary the loss compares the two models over: the tokenizer's token ids (0 to the largest,
+    normally `len(tokenizer)`), not the padding rows of the lm_heads; both lm_heads must cover it."""
+    vocab_size = max(len(tokenizer), 1 + max(tokenizer.get_vocab().values()))
     rows = min(lm_head_of(student)[0].shape[0], lm_head_of(teacher)[0].shape[0])
-    if len(tokenizer) > rows:
+    if vocab_size > rows:
         raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens but the lm_heads only {rows} shared rows: "
+            f"the tokenizer has {vocab_size} tokens but the lm_heads only {rows} shared rows: "
             "teacher and student must cover the tokenizer's vocabulary"
         )
-    return rows
+    return vocab_size
 
 
 def is_deepspeed_zero3(accelerator) -> bool:
