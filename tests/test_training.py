@@ -290,6 +290,11 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tiny_models, tmp_path, 
         train(TrainConfig(output=str(tmp_path / "resumed"), resume=True, **{**options, "batch_size": 3}))
     with pytest.raises(ValueError, match=r"settings changed \(epochs: 2 -> 3\)"):  # the schedule's length is fixed
         train(TrainConfig(output=str(tmp_path / "resumed"), resume=True, **{**options, "epochs": 3}))
+    # another data file is accepted at an epoch boundary (the pipeline's fresh responses), but not another
+    # number of pairs: the schedule was planned for 6 pairs (2 steps) per epoch
+    fewer = _write_pairs(tmp_path / "fewer.jsonl", 4)
+    with pytest.raises(ValueError, match=r"settings changed \(pairs in the data file: 6 -> 4\)"):
+        train(TrainConfig(output=str(tmp_path / "resumed"), resume=True, **{**options, "data": str(fewer)}))
 
 
 def test_full_fine_tuning_in_bf16_with_gradient_checkpointing_resumes_exactly(tiny_models, tmp_path, monkeypatch):

@@ -217,7 +217,7 @@ def _new_state(config: TrainConfig, plan: BatchPlan, world_size: int, sha256: st
     total = config.max_steps or config.epochs * plan.steps_per_epoch
     return TrainerState(
         total_steps=total, num_epochs=math.ceil(total / plan.steps_per_epoch), world_size=world_size,
-        data_file=str(config.data), data_sha256=sha256, run=config.run_invariants(),
+        data_file=str(config.data), data_sha256=sha256, run=config.run_invariants(), num_examples=plan.num_examples,
     )
 
 
@@ -301,7 +301,9 @@ def train(config: TrainConfig) -> TrainResult:
     checkpoint = latest_checkpoint(output) if config.resume else None
     if checkpoint is not None:
         state = TrainerState.load(checkpoint)
-        state.check_resumable(checkpoint, config.run_invariants(), accelerator.num_processes, str(config.data), sha256)
+        state.check_resumable(
+            checkpoint, config.run_invariants(), accelerator.num_processes, str(config.data), sha256, len(pairs)
+        )
         state.data_file, state.data_sha256 = str(config.data), sha256
     else:
         state = _new_state(config, plan, accelerator.num_processes, sha256)
