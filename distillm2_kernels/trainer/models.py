@@ -114,10 +114,12 @@ def add_lora(model: nn.Module, *, r: int = 16, alpha: int = 128, dropout: float 
 
 def load_student(
     path, dtype: torch.dtype, *, use_lora: bool = True, lora_r: int = 16, lora_alpha: int = 128,
-    lora_dropout: float = 0.05, dora: bool = True, gradient_checkpointing: bool = False,
+    lora_dropout: float = 0.05, dora: bool = True, gradient_checkpointing: bool = False, seed: Optional[int] = None,
 ) -> nn.Module:
     """The student as the trainer trains it: from `path`, with gradient checkpointing when asked, and a LoRA
-    (DoRA) adapter unless `use_lora=False`."""
+    (DoRA) adapter unless `use_lora=False`. With `seed` the adapter's initialisation is drawn right after
+    `torch.manual_seed(seed)`, so that it depends on the seed alone and not on how many random numbers
+    `from_pretrained` happened to draw while loading (which varies with the transformers version)."""
     student = load_model(path, "student", dtype)
     if gradient_checkpointing:
         student.config.use_cache = False
@@ -127,6 +129,8 @@ def load_student(
         else:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     if use_lora:
+        if seed is not None:
+            torch.manual_seed(seed)
         student = add_lora(student, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, dora=dora)
     return student
 

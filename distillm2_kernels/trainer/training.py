@@ -316,7 +316,7 @@ def train(config: TrainConfig) -> TrainResult:
     student = load_student(
         config.student, torch.bfloat16 if bf16 and config.use_lora else torch.float32, use_lora=config.use_lora,
         lora_r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, dora=config.dora,
-        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing=config.gradient_checkpointing, seed=config.seed,
     )
     teacher = load_model(config.teacher, "teacher", torch.bfloat16 if bf16 else torch.float32)
     vocab_size = shared_vocab_size(student, teacher, tokenizer)
