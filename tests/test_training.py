@@ -363,7 +363,8 @@ def test_two_gloo_processes_under_accelerate_launch_train_as_one_process_on_both
     Llama (whose lm_head gradient comes from the fused loss, outside the DDP-wrapped forward). The processes
     train on different pairs, so their parameters stay equal only if every gradient is all-reduced; the
     gradient norms, losses and token counts equal those of one process on both pairs (batch size 2), so the
-    reduction is the mean of the single-process objective."""
+    reduction is the mean of the single-process objective; and the adaptive α's anchors, fixed on the first
+    batch, are the same on both processes (a checkpoint, written by the main process, holds one copy)."""
     teacher, student = tiny_models("llama")
     data = _write_pairs(tmp_path / "pairs.jsonl", 4)
     common = dict(teacher=str(teacher), student=str(student), data=str(data), warmup_ratio=0.0, lr=1e-2,
@@ -402,3 +403,5 @@ def test_two_gloo_processes_under_accelerate_launch_train_as_one_process_on_both
             assert ddp_row.keys() == single_row.keys() and ddp_row["grad_norm"] > 0
             for key in ddp_row:
                 assert ddp_row[key] == pytest.approx(single_row[key], rel=1e-5), (name, key)
+    lora0, lora1 = (torch.load(tmp_path / "ddp-lora" / f"rank{r}.pt")["anchors"] for r in (0, 1))
+    assert lora0[0] is not None and lora0 == lora1

@@ -10,7 +10,9 @@ One optimizer step, on every process (`accelerate launch` for several):
    teacher forward under `no_grad`; the objective (`objectives.TrainingObjective`: DistiLLM-2, SKL or KD) from
    both hidden states and lm_head weights through the fused-linear ops; `accelerator.backward`;
 2. gradient clipping (max norm 1), AdamW, the cosine learning-rate schedule with linear warmup over
-   `warmup_ratio` of the steps, and the objective's curriculum step.
+   `warmup_ratio` of the steps, and the objective's curriculum step. Under several processes, after the first
+   step the "paper" preset's α anchors (fixed by each process on its first batch) are replaced by their mean
+   over the processes, so that all use, and checkpoints hold, the same ones.
 
 Length of the run: `max_steps` optimizer steps when given, else `epochs × steps per epoch`; the curriculum's
 number of epochs E is the number the run spans. `stop_at_epoch=e` ends the call once e epochs are complete
@@ -360,6 +362,8 @@ def train(config: TrainConfig) -> TrainResult:
                 vocab_size, torch.bfloat16 if config.bf16 else None,
             )
             assert accelerator.sync_gradients, "an optimizer step must end an accumulation window"
+            if state.global_step == 0 and accelerator.num_processes > 1:  # a fresh run's first step
+                objective.share_anchors(lambda anchor: accelerator.reduce(anchor, reduction="mean"))
             grad_norm = None
             if config.max_grad_norm:
                 grad_norm = accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
