@@ -362,8 +362,9 @@ def test_two_gloo_processes_under_accelerate_launch_train_as_one_process_on_both
     process on 1 pair per step. Two runs: LoRA with the "paper" preset, and full fine-tuning of the untied
     Llama (whose lm_head gradient comes from the fused loss, outside the DDP-wrapped forward). The processes
     train on different pairs, so their parameters stay equal only if every gradient is all-reduced; the
-    gradient norms, losses and token counts equal those of one process on both pairs (batch size 2), so the
-    reduction is the mean of the single-process objective; and the adaptive α's anchors, fixed on the first
+    gradient norms, losses and token counts equal those of one process on both pairs, so the reduction is the
+    mean of the single-process objective (for LoRA one process accumulating 2 micro-batches of 1 pair, which
+    checks the gradient accumulation's scaling too; for full fine-tuning one batch of 2 pairs); and the adaptive α's anchors, fixed on the first
     batch, are the same on both processes (a checkpoint, written by the main process, holds one copy)."""
     teacher, student = tiny_models("llama")
     data = _write_pairs(tmp_path / "pairs.jsonl", 4)
@@ -371,6 +372,7 @@ def test_two_gloo_processes_under_accelerate_launch_train_as_one_process_on_both
                   save_steps=None, progress=False)
     runs = {"lora": dict(common, preset="paper", lora_dropout=0.0, max_steps=2),
             "full": dict(common, use_lora=False, loss="skl", max_steps=1)}
+    one_process = {"lora": dict(batch_size=1, grad_accum=2), "full": dict(batch_size=2)}
     (tmp_path / "driver.py").write_text(DRIVER)
     launcher = Path(sys.executable).parent / "accelerate"
     command = [str(launcher), "launch"] if launcher.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
@@ -396,7 +398,7 @@ def test_two_gloo_processes_under_accelerate_launch_train_as_one_process_on_both
         if name == "full":
             assert "lm_head.weight" in changed
 
-        single = train(TrainConfig(**options, output=str(tmp_path / f"single-{name}"), batch_size=2))
+        single = train(TrainConfig(**options, output=str(tmp_path / f"single-{name}"), **one_process[name]))
         ddp_rows, single_rows = _logged(read_metrics(output / "metrics.csv")), _logged(read_metrics(single.metrics_csv))
         assert [r["step"] for r in ddp_rows] == [float(k) for k in range(1, options["max_steps"] + 1)]
         for ddp_row, single_row in zip(ddp_rows, single_rows, strict=True):
