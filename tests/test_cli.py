@@ -164,3 +164,7 @@ def test_bad_input_is_one_line_naming_the_file_and_the_line(tiny_models, tmp_pat
     assert f"{bad}:3: not valid JSON" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "nothing"), "--prompts", str(bad), "--output", "x"]) == 2
     assert "not a local directory" in capsys.readouterr().err
+    # an impossible option: one line too, not a traceback
+    assert main(["train", "--teacher", str(teacher), "--student", str(student), "--data", str(responses),
+                 "--output", str(tmp_path / "run"), "--batch-size", "0"]) == 2
+    assert capsys.readouterr().err == "distillm2 train: error: batch_size must be >= 1, got 0\n"
