@@ -96,6 +96,20 @@ def test_the_loss_covers_the_tokenizer_vocabulary_not_the_padded_lm_head_rows():
         shared_vocab_size(student, small, tokenizer)
 
 
+def test_fsdp_cpu_ram_efficient_loading_is_refused_as_it_would_leave_the_teacher_uninitialised(monkeypatch):
+    """`accelerate launch` with `fsdp_cpu_ram_efficient_loading: true` makes `from_pretrained` load real
+    weights on each node's first process only (transformers 4.x: `torch.empty` elsewhere), for FSDP to
+    broadcast; the teacher is not FSDP-wrapped, so it would stay garbage on the other processes."""
+    from distillm2_kernels.trainer.models import check_teacher_loading
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+    check_teacher_loading()
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    with pytest.raises(ValueError, match="fsdp_cpu_ram_efficient_loading"):
+        check_teacher_loading()
+
+
 def test_batch_plan_covers_every_pair_each_epoch_and_splits_ranks():
     plan = BatchPlan(num_examples=10, batch_size=2, world_size=2, grad_accum=2, seed=5)
     assert plan.steps_per_epoch == 2  # 10 pairs, 8 per step: the second step wraps around

@@ -34,6 +34,7 @@ __all__ = [
     "load_tokenizer",
     "load_model",
     "check_same_tokenizer",
+    "check_teacher_loading",
     "add_lora",
     "load_student",
     "HiddenStates",
@@ -89,6 +90,23 @@ def check_same_tokenizer(student_tokenizer, teacher_path) -> None:
         raise ValueError(
             f"the teacher's tokenizer ({teacher_path}) differs from the student's: DistiLLM-2 compares the two "
             "models token by token and needs one vocabulary"
+        )
+
+
+def check_teacher_loading() -> None:
+    """Refuse FSDP's `cpu_ram_efficient_loading` (the environment `accelerate launch` sets for it): with it,
+    `from_pretrained` loads the weights on each node's first process only (transformers 4.x leaves
+    `torch.empty` on the others) and relies on FSDP to broadcast them, which it does for the student it wraps
+    but not for the teacher, which would hold uninitialised memory on every other process."""
+    import os
+
+    def enabled(name: str) -> bool:
+        return os.environ.get(name, "false").lower() in ("1", "true", "yes", "on")
+
+    if enabled("ACCELERATE_USE_FSDP") and enabled("FSDP_CPU_RAM_EFFICIENT_LOADING"):
+        raise ValueError(
+            "set fsdp_cpu_ram_efficient_loading: false in the accelerate config: the teacher is not wrapped by "
+            "FSDP, so it would not receive the weights that this option loads on the first process only"
         )
 
 

@@ -62,6 +62,7 @@ from .metrics_log import MetricsLog
 from .models import (
     HiddenStates,
     check_same_tokenizer,
+    check_teacher_loading,
     gathered_parameters,
     is_deepspeed_zero3,
     lm_head_operands,
@@ -311,6 +312,7 @@ def train(config: TrainConfig) -> TrainResult:
         state = _new_state(config, plan, accelerator.num_processes, sha256)
 
     # models
+    check_teacher_loading()
     if not config.use_lora and is_deepspeed_zero3(accelerator):
         raise ValueError(
             "full fine-tuning (use_lora=False) is not supported under DeepSpeed ZeRO-3: train a LoRA adapter"
