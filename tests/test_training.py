@@ -304,6 +304,9 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tiny_models, tmp_path, 
         train(TrainConfig(output=str(tmp_path / "resumed"), resume=True, **{**options, "batch_size": 3}))
     with pytest.raises(ValueError, match=r"settings changed \(epochs: 2 -> 3\)"):  # the schedule's length is fixed
         train(TrainConfig(output=str(tmp_path / "resumed"), resume=True, **{**options, "epochs": 3}))
+    # a fresh start must not mix with an earlier run's checkpoints (a later --resume would pick those up)
+    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(checkpoint-4\)"):
+        train(TrainConfig(output=str(tmp_path / "whole"), **options))
     # another data file is accepted at an epoch boundary (the pipeline's fresh responses), but not another
     # number of pairs: the schedule was planned for 6 pairs (2 steps) per epoch
     fewer = _write_pairs(tmp_path / "fewer.jsonl", 4)

@@ -21,7 +21,8 @@ freshly generated student responses, resuming optimizer, schedule and curriculum
 
 Checkpoints (`checkpoint`) every `save_steps` steps, at the end of every epoch and at the end of the call;
 `resume=True` continues from the latest one exactly where the uninterrupted run would be (same batches, same
-RNG streams, same optimizer, schedule and curriculum state); with no checkpoint it starts afresh.
+RNG streams, same optimizer, schedule and curriculum state); with no checkpoint it starts afresh. Without
+`resume` an output folder that holds checkpoints is refused (their steps would mix with the new run's).
 The final student is saved to `<output>/final` for `AutoModelForCausalLM.from_pretrained` (a LoRA adapter is
 merged; the adapter itself is kept in `<output>/final/adapter`), with the tokenizer. Metrics go to
 `<output>/metrics.csv` (`metrics_log`).
@@ -301,7 +302,12 @@ def train(config: TrainConfig) -> TrainResult:
     pairs = tokenize_pairs(examples, tokenizer, max_length=config.max_length, progress=config.progress and main)
     plan = BatchPlan(len(pairs), config.batch_size, accelerator.num_processes, config.grad_accum, config.seed)
     sha256 = file_sha256(config.data)
-    checkpoint = latest_checkpoint(output) if config.resume else None
+    checkpoint = latest_checkpoint(output)
+    if checkpoint is not None and not config.resume:
+        raise ValueError(
+            f"{output} holds checkpoints of an earlier run ({checkpoint.name}): continue it with resume=True "
+            "(--resume), or train into another folder"
+        )
     if checkpoint is not None:
         state = TrainerState.load(checkpoint)
         state.check_resumable(
