@@ -19,16 +19,12 @@ from typing import Callable
 import torch
 
 from ..fused_linear import fused_linear_skl
-from ..objective import DistiLLM2Loss
+from ..objective import DistiLLM2Loss, _sequence_mean
 from .models import LMHead
 
 __all__ = ["LOSSES", "TrainingObjective"]
 
 LOSSES = ("distillm2", "skl", "kd")
-
-
-def _sequence_mean(per_token: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    return (per_token * valid).sum(-1) / valid.sum(-1).clamp(min=1)
 
 
 def _softcap(student: LMHead, teacher: LMHead):
