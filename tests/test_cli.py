@@ -64,12 +64,14 @@ def test_generate_pair_train_end_to_end(tiny_models, tmp_path):
 
     run = tmp_path / "run"
     assert main(["train", "--teacher", str(teacher), "--student", str(student), "--data", str(tmp_path / "pairs.jsonl"),
-                 "--output", str(run), "--batch-size", "2", "--max-steps", "3", "--lr", "1e-3", "--no-progress"]) == 0
+                 "--output", str(run), "--batch-size", "2", "--max-steps", "3", "--lr", "1e-3", "--save-steps", "1",
+                 "--save-total-limit", "2", "--no-progress"]) == 0
     rows = read_metrics(run / "metrics.csv")
     assert [r["step"] for r in rows] == ["1", "2", "3"]
     assert all(float(r["loss"]) > 0 and float(r["skl"]) > 0 and float(r["srkl"]) > 0 for r in rows)
     assert float(rows[1]["lr"]) == pytest.approx(1e-3)  # warmup: ceil(0.1 · 3) = 1 step
     assert (run / "checkpoint-3" / "adapter" / "adapter_config.json").is_file()
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]  # the newest 2
 
     trained = AutoModelForCausalLM.from_pretrained(run / "final")
     initial = AutoModelForCausalLM.from_pretrained(student)

@@ -160,6 +160,39 @@ def test_interrupted_generation_resumes_without_duplicates_or_losses(tiny_models
     assert (again.num_generated, again.num_rows, again.engine) == (0, len(PROMPTS), None)
 
 
+def test_a_repeated_prompt_gets_a_row_per_occurrence_across_a_resume_and_pairs_by_occurrence(
+    tiny_models, tmp_path, monkeypatch
+):
+    """Rows are matched by their index in the prompt list, not by the prompt's text: a prompt listed twice gets
+    two rows, none duplicated or lost by an interrupted run, and `pair` joins the k-th occurrences."""
+    from distillm2_kernels.trainer.pairing import pair
+
+    teacher, _ = tiny_models("llama")
+    prompts = PROMPTS[:2] * 2
+    options = dict(max_new_tokens=4, seed=3, batch_size=1, progress=False)
+    real_generate, calls = generation.HFEngine.generate, []
+
+    def crash_on_third_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real_generate(self, *args, **kwargs)
+
+    output = tmp_path / "out.jsonl"
+    monkeypatch.setattr(generation.HFEngine, "generate", crash_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        generate(teacher, prompts, output, **options)
+    monkeypatch.setattr(generation.HFEngine, "generate", real_generate)
+    result = generate(teacher, prompts, output, **options)
+    assert (result.num_reused, result.num_generated) == (2, 2)
+    rows = _rows(output)
+    assert [(r["index"], r["prompt"]) for r in rows] == list(enumerate(prompts))
+
+    report = pair(output, output, tmp_path / "pairs.jsonl")
+    assert report.complete and report.num_pairs == 4
+    assert [p["chosen"][1]["content"] for p in _rows(tmp_path / "pairs.jsonl")] == [r["response"] for r in rows]
+
+
 def test_n_takes_the_first_prompts_and_a_larger_n_extends_the_file(tiny_models, tmp_path):
     teacher, _ = tiny_models("llama")
     prompts = write_prompts(tmp_path / "prompts.jsonl")
