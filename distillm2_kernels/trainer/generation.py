@@ -15,7 +15,8 @@ Sampling follows the released DistiLLM-2 data generation (vLLM `SamplingParams(t
 max_tokens, seed)`): no top-k, no repetition penalty, whatever the model's own generation_config says.
 `temperature=0` is greedy decoding (`do_sample=False`). Seeds: prompt `i` is sampled with seed `seed + i` on
 vLLM; on transformers each batch is seeded with `seed + <index of its first prompt>`. Either way a resumed
-run draws the same samples as an uninterrupted one.
+run draws the same samples as an uninterrupted one (on transformers, with the same `batch_size`, which also
+fixes the batches' padding).
 
 Resuming: rows are appended to `<output>.partial` (flushed and fsynced per batch) as they are generated; the
 final file is written atomically from the union of the rows of an existing `<output>`, of `<output>.partial`,
