@@ -33,6 +33,7 @@ __all__ = [
     "torch_dtype_kwargs",
     "load_tokenizer",
     "load_model",
+    "local_model_dir",
     "check_same_tokenizer",
     "check_teacher_loading",
     "add_lora",
@@ -57,6 +58,7 @@ def torch_dtype_kwargs(dtype: torch.dtype) -> dict:
 
 
 def local_model_dir(path, role: str) -> Path:
+    """`path` as a Path; FileNotFoundError naming the `role` ("teacher", ...) unless it is a local folder."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{role} {path}: not a local directory (models are loaded from local folders only)")

@@ -70,6 +70,7 @@ from .models import (
     load_model,
     load_student,
     load_tokenizer,
+    local_model_dir,
     prepare_teacher,
     save_final_model,
     shared_vocab_size,
@@ -295,7 +296,9 @@ def train(config: TrainConfig) -> TrainResult:
     bf16 = config.bf16 or accelerator.mixed_precision == "bf16"
     set_seed(config.seed)
 
-    # data
+    # data (after checking both model folders: reading and tokenising a large file takes a while)
+    for role in ("student", "teacher"):
+        local_model_dir(getattr(config, role), role)
     tokenizer = load_tokenizer(config.student)
     check_same_tokenizer(tokenizer, config.teacher)
     examples = read_pairs(config.data, need_rejected=config.loss == "distillm2")
