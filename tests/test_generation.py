@@ -126,6 +126,29 @@ def test_greedy_decoding_ignores_the_seed_and_follows_the_chat_template(tiny_mod
     assert a[0]["finish_reason"] == ("stop" if 2 in tokens else "length")
 
 
+def test_the_models_own_generation_config_does_not_change_the_sampling(tiny_models, tmp_path):
+    """Instruct checkpoints ship a generation_config.json (Qwen2.5: top_k 20, repetition_penalty 1.05, ...);
+    transformers fills whatever a GenerationConfig leaves unset from it. Sampling must follow the documented
+    settings only (as vLLM's SamplingParams do): a copy of the model whose generation config forces top_k = 1
+    and a strong repetition penalty samples exactly what the model without them does, greedy and sampled."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    _, student = tiny_models("llama")
+    configured = tmp_path / "configured"
+    shutil.copytree(student, configured)
+    config = GenerationConfig.from_pretrained(configured)
+    config.update(do_sample=True, top_k=1, repetition_penalty=50.0, no_repeat_ngram_size=1, temperature=0.3)
+    config.save_pretrained(configured)
+    for temperature in (0.0, 1.0):
+        options = dict(temperature=temperature, top_p=1.0, max_new_tokens=12, seed=5, batch_size=4, progress=False)
+        plain = generate(student, PROMPTS[:4], tmp_path / f"plain-{temperature}.jsonl", **options)
+        other = generate(configured, PROMPTS[:4], tmp_path / f"configured-{temperature}.jsonl", **options)
+        responses = [[r["response"] for r in _rows(result.output_path)] for result in (plain, other)]
+        assert responses[0] == responses[1], temperature
+
+
 def test_interrupted_generation_resumes_without_duplicates_or_losses(tiny_models, tmp_path, monkeypatch):
     teacher, _ = tiny_models("llama")
     options = dict(temperature=0.8, top_p=0.95, max_new_tokens=5, seed=3, batch_size=2, progress=False)
