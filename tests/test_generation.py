@@ -149,6 +149,31 @@ def test_the_models_own_generation_config_does_not_change_the_sampling(tiny_mode
         assert responses[0] == responses[1], temperature
 
 
+def test_sampling_uses_temperature_and_top_p_only_no_top_k(tiny_models):
+    """No top-k, as vLLM's SamplingParams: the engine's samples are those of transformers' sampling with
+    top_k = 0 (a GenerationConfig that leaves top_k unset gets transformers' default top_k = 50). At
+    temperature 2 the tiny model's ~100-token distributions put mass beyond the top 50."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    _, student = tiny_models("llama")
+    engine = generation.HFEngine(student)
+    sampled = engine.generate(PROMPTS[:4], [0, 1, 2, 3], temperature=2.0, top_p=1.0, max_new_tokens=16, seed=7)
+
+    model = AutoModelForCausalLM.from_pretrained(student)
+    texts = [engine.tokenizer.apply_chat_template(generation.user_conversation(p), tokenize=False,
+                                                  add_generation_prompt=True) for p in PROMPTS[:4]]
+    encoded = engine.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    config = GenerationConfig(do_sample=True, temperature=2.0, top_p=1.0, top_k=0, max_new_tokens=16,
+                              pad_token_id=0, eos_token_id=[2])
+    torch.manual_seed(7)
+    with torch.no_grad():
+        output = model.generate(**encoded, generation_config=config)[:, encoded["input_ids"].shape[1]:].tolist()
+    expected = [engine.tokenizer.decode(row[: row.index(2)] if 2 in row else row, skip_special_tokens=True)
+                for row in output]
+    assert [text for text, _ in sampled] == expected
+
+
 def test_interrupted_generation_resumes_without_duplicates_or_losses(tiny_models, tmp_path, monkeypatch):
     teacher, _ = tiny_models("llama")
     options = dict(temperature=0.8, top_p=0.95, max_new_tokens=5, seed=3, batch_size=2, progress=False)

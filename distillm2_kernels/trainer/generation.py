@@ -153,7 +153,7 @@ class HFEngine:
             do_sample=sampling,
             temperature=temperature if sampling else None,
             top_p=top_p if sampling else None,
-            top_k=None,
+            top_k=0 if sampling else None,  # 0: no top-k (unset, transformers would apply its default 50)
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.eos_token_ids,
         )
