@@ -174,24 +174,29 @@ def test_sampling_uses_temperature_and_top_p_only_no_top_k(tiny_models):
     assert [text for text, _ in sampled] == expected
 
 
+def _crash_on_third_batch(monkeypatch, *args, **kwargs) -> None:
+    """`generate(*args, **kwargs)` killed by a simulated crash when the engine is called the third time."""
+    real_generate, calls = generation.HFEngine.generate, []
+
+    def crash_on_third_batch(self, *engine_args, **engine_kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real_generate(self, *engine_args, **engine_kwargs)
+
+    monkeypatch.setattr(generation.HFEngine, "generate", crash_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        generate(*args, **kwargs)
+    monkeypatch.setattr(generation.HFEngine, "generate", real_generate)
+
+
 def test_interrupted_generation_resumes_without_duplicates_or_losses(tiny_models, tmp_path, monkeypatch):
     teacher, _ = tiny_models("llama")
     options = dict(temperature=0.8, top_p=0.95, max_new_tokens=5, seed=3, batch_size=2, progress=False)
     generate(teacher, PROMPTS, tmp_path / "reference.jsonl", **options)
 
-    real_generate, calls = generation.HFEngine.generate, []
-
-    def crash_on_third_batch(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return real_generate(self, *args, **kwargs)
-
     output = tmp_path / "out.jsonl"
-    monkeypatch.setattr(generation.HFEngine, "generate", crash_on_third_batch)
-    with pytest.raises(KeyboardInterrupt):
-        generate(teacher, PROMPTS, output, **options)
-    monkeypatch.setattr(generation.HFEngine, "generate", real_generate)
+    _crash_on_third_batch(monkeypatch, teacher, PROMPTS, output, **options)
     partial = output.with_name(output.name + ".partial")
     assert not output.exists() and len(_rows(partial)) == 4
     with open(partial, "a") as handle:  # a write torn by the crash
@@ -218,19 +223,8 @@ def test_a_repeated_prompt_gets_a_row_per_occurrence_across_a_resume_and_pairs_b
     teacher, _ = tiny_models("llama")
     prompts = PROMPTS[:2] * 2
     options = dict(max_new_tokens=4, seed=3, batch_size=1, progress=False)
-    real_generate, calls = generation.HFEngine.generate, []
-
-    def crash_on_third_batch(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return real_generate(self, *args, **kwargs)
-
     output = tmp_path / "out.jsonl"
-    monkeypatch.setattr(generation.HFEngine, "generate", crash_on_third_batch)
-    with pytest.raises(KeyboardInterrupt):
-        generate(teacher, prompts, output, **options)
-    monkeypatch.setattr(generation.HFEngine, "generate", real_generate)
+    _crash_on_third_batch(monkeypatch, teacher, prompts, output, **options)
     result = generate(teacher, prompts, output, **options)
     assert (result.num_reused, result.num_generated) == (2, 2)
     rows = _rows(output)
