@@ -166,6 +166,10 @@ def test_bad_input_is_one_line_naming_the_file_and_the_line(tiny_models, tmp_pat
     assert f"{bad}:3: not valid JSON" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "nothing"), "--prompts", str(bad), "--output", "x"]) == 2
     assert "not a local directory" in capsys.readouterr().err
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    assert main(["generate", "--model", str(student), "--prompts", str(prompts), "--output", str(tmp_path / "g"),
+                 "--dtype", "bf16"]) == 2
+    assert "dtype must name a torch dtype" in capsys.readouterr().err
     # a missing model folder is reported before the data is read and tokenised
     assert main(["train", "--teacher", str(tmp_path / "no-teacher"), "--student", str(student), "--data", str(bad),
                  "--output", str(tmp_path / "run"), "--no-progress"]) == 2

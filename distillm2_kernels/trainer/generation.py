@@ -111,6 +111,8 @@ class HFEngine:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if dtype is None:
             dtype = "bfloat16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype must name a torch dtype (bfloat16, float16, float32, ...), got {dtype!r}")
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         if self.tokenizer.chat_template is None:
             raise ValueError(f"the tokenizer of {model_path} has no chat template to render the prompts with")
