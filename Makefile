@@ -1,5 +1,5 @@
-# The README's two commands: `make demo` (the main job on a small built-in default) and `make test`.
-# Both create .venv on first use, install the pinned CPU torch, the test dependencies and this package.
+# The README's commands: `make demo` (the main job on a small built-in default), `make test` and `make bench`.
+# Each creates .venv on first use and installs the pinned CPU torch, the test dependencies and this package.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +8,10 @@ STAMP := $(VENV)/.installed
 # The C++ CPU backend is compiled by the editable install: rebuild it when its sources change.
 CSRC := $(wildcard csrc/*.cpp csrc/*.h)
 
-.PHONY: install demo kernel-demo test clean
+.PHONY: install demo kernel-demo test bench clean
+
+# Options of the benchmark suite, e.g. make bench BENCH_ARGS="--quick" (see python -m benchmarks --help)
+BENCH_ARGS ?=
 
 install: $(STAMP)
 
@@ -32,6 +35,9 @@ kernel-demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info distillm2_kernels/_C*.so

@@ -1,13 +1,14 @@
-"""Smoke tests of the benchmark scripts (end to end at their smallest settings) and of `_measure`'s helpers.
+"""Smoke tests of the benchmark suite (`python -m benchmarks --quick`, end to end into a temporary folder), of
+its baselines (the naive objective computes the library's function), of its helpers, and of `_measure`.
 
-The scripts run in subprocesses and write their CSVs to a temporary directory; the committed results under
-benchmarks/results/ must come out of the run unchanged.
+The committed results under benchmarks/results/ must come out of every run unchanged.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import importlib
 import os
 import subprocess
 import sys
@@ -15,24 +16,18 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
-from distillm2_kernels import _measure
+import distillm2_kernels
+from benchmarks import implementations, report, sizes
+from benchmarks.measure import CpuProbe, measure
+from distillm2_kernels import DistiLLM2Loss, _measure
+from distillm2_kernels.backends import available_backends, cpu_backend
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ROOT / "benchmarks"
-COMMITTED_RESULTS = BENCHMARKS / "results"
+COMMITTED_RESULTS = ROOT / "benchmarks" / "results"
 MiB = 2**20
-
-CPU_SKEW_CONTEXT = ["date", "commit", "device", "torch", "kernel_isa"]
-CPU_SKEW_COLUMNS = CPU_SKEW_CONTEXT + [
-    "op", "impl", "dtype", "N", "V", "threads", "runs", "median_ms", "min_ms", "GB_per_s", "baseline_mb",
-    "inputs_mb", "grad_mb", "after_inputs_mb", "peak_mb", "op_increase_mb", "excess_mb", "peak_excludes_setup",
-    "load_avg_1m", "speedup_vs_naive", "op_increase_vs_naive",
-]
-FUSED_LINEAR_COLUMNS = [
-    "variant", "dtype", "N", "H", "H_teacher", "V", "ms", "gemm_tflops", "peak_mb", "increase_mb",
-    "increase_per_fp32_logits", "device", "torch", "commit", "date", "load_average_1min",
-]
+HAS_CUDA = torch.cuda.is_available()
 
 
 def _subprocess_env() -> dict:
@@ -42,75 +37,236 @@ def _subprocess_env() -> dict:
     return env
 
 
-def _run_script(script: str, *args: str, cwd: Path) -> str:
-    """Runs a benchmark script to completion; returns its stdout (stderr is shown on failure)."""
-    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=cwd, env=_subprocess_env(),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
+def _run_suite(*args: str, out: Path) -> subprocess.CompletedProcess:
+    # one thread: OpenMP's spinning barriers make 2-thread runs on a shared, busy machine 10-100x slower
+    result = subprocess.run([sys.executable, "-m", "benchmarks", *args, "--threads", "1", "--out", str(out)], cwd=ROOT,
+                            env=_subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"the suite failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
+def _read_csv(path: Path) -> tuple:
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
         return list(reader.fieldnames or []), list(reader)
 
 
+def _committed_digests() -> dict:
+    return {str(path.relative_to(COMMITTED_RESULTS)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(COMMITTED_RESULTS.rglob("*")) if path.is_file() and "logs" not in path.parts}
+
+
 @pytest.fixture
 def committed_results_unchanged():
-    """Fails the test if any file under benchmarks/results/ was written, created or removed."""
-    def digests() -> dict:
-        return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
-                for path in sorted(COMMITTED_RESULTS.iterdir()) if path.is_file()}
-
-    before = digests()
+    """Fails the test if any committed file under benchmarks/results/ was written, created or removed."""
+    before = _committed_digests()
     yield
-    assert digests() == before, "the benchmark run changed the committed files in benchmarks/results/"
+    assert _committed_digests() == before, "the benchmark run changed the files in benchmarks/results/"
 
 
-def test_cpu_skew_divergence_quick_run(tmp_path, committed_results_unchanged):
-    from distillm2_kernels.backends import cpu_backend
+def test_quick_run_writes_table_csv_markdown_and_plots(tmp_path, committed_results_unchanged):
+    """Every suite at the quick sizes, every implementation but the compiled one (compiling costs ~10 s per
+    shape: `test_compiled_baseline_runs` covers it). Unavailable implementations are rows marked skipped."""
+    impls = ["naive", "torch", "cpu", "triton", "liger", "liger_kl"]
+    result = _run_suite("--quick", "--impls", ",".join(impls), out=tmp_path)
 
-    impls = ["cpu", "torch", "naive"] if cpu_backend.unavailable_reason() is None else ["torch", "naive"]
-    out_csv = tmp_path / "cpu_skew_divergence.csv"
-    stdout = _run_script("cpu_skew_divergence.py", "--quick", "--repeats", "1", "--impls", ",".join(impls),
-                         "--csv", str(out_csv), cwd=tmp_path)
+    columns, rows = _read_csv(tmp_path / "results.csv")
+    assert columns == report.COLUMNS
+    suites = {"skew_divergence", "fused_linear", "objective", "training_step"}
+    assert {row["suite"] for row in rows} == suites
+    for row in rows:  # context on every row
+        assert row["library"] == distillm2_kernels.__version__
+        assert row["device"] == ("cuda" if HAS_CUDA else "cpu") and row["device_name"]
+        assert row["commit"] and row["date"] and row["torch"] == torch.__version__
+        assert float(row["ceiling_copy_GBps"]) > 0 and float(row["ceiling_matmul_bf16_TFLOPs"]) > 0
 
-    columns, rows = _read_csv(out_csv)
-    assert columns == CPU_SKEW_COLUMNS
-    variants = [(row["op"], row["impl"], row["dtype"]) for row in rows]
-    expected = {(op, impl, dtype) for op in ("skl", "srkl") for impl in impls for dtype in ("bfloat16", "float32")}
-    assert sorted(variants) == sorted(expected)  # one row per variant
+    ours = "triton" if HAS_CUDA else ("cpu" if cpu_backend.unavailable_reason() is None else None)
+    runnable = {"naive", "torch"} | ({ours} if ours else set())
+    by_impl = {}
     for row in rows:
-        assert (row["N"], row["V"]) == ("128", "32000")  # the quick shape [2, 64, 32000]
-        for column in ("median_ms", "min_ms", "GB_per_s", "baseline_mb", "inputs_mb", "grad_mb",
-                       "after_inputs_mb", "peak_mb", "op_increase_mb"):
-            assert float(row[column]) > 0, (column, row)
-        assert row["peak_excludes_setup"] == "True"
-        assert float(row["peak_mb"]) >= float(row["after_inputs_mb"])
+        by_impl.setdefault(row["impl"], set()).add(row["status"])
+    if not HAS_CUDA:  # the Triton kernels and Liger are listed, skipped with the reason
+        for impl in ("triton", "liger", "liger_kl"):
+            assert by_impl[impl] == {"skipped"}
+        triton_notes = {row["note"] for row in rows if row["impl"] == "triton"}
+        assert triton_notes == {implementations.unavailable_reason("triton", torch.device("cpu"))}
+
+    # one row per suite × shape × op × mode for every implementation that can run
+    for name in suites:
+        suite_module = importlib.import_module(f"benchmarks.{name}")
+        expected = {(shape["V"], op, mode) for shape in sizes.shapes(name, "cuda" if HAS_CUDA else "cpu", quick=True)
+                    for op in suite_module.OPS for mode in suite_module.MODES}
+        for impl in runnable:
+            got = [(int(r["V"]), r["op"], r["mode"]) for r in rows
+                   if r["suite"] == name and r["impl"] == impl and r["status"] == "ok"]
+            assert sorted(got) == sorted(expected), (name, impl)
+    ok = [row for row in rows if row["status"] == "ok"]
+    for row in ok:
+        assert float(row["median_ms"]) > 0 and float(row["min_ms"]) <= float(row["median_ms"]) <= float(row["max_ms"])
+        assert float(row["op_increase_MiB"]) >= 0 and float(row["peak_MiB"]) > 0, row
+        metric = {"fused_linear": "TFLOP_per_s", "training_step": "tokens_per_s"}.get(row["suite"], "GB_per_s")
+        assert float(row[metric]) > 0
         if row["impl"] == "naive":
             assert float(row["speedup_vs_naive"]) == 1.0
-    assert "median_ms" in stdout and f"wrote {out_csv}" in stdout
+            assert float(row["op_increase_MiB"]) > 0  # the naive code builds [N, V] float32 tensors
+        else:  # the same function as the released code, on the same inputs
+            assert float(row["loss_rel_diff_vs_naive"]) < 1e-3, row
+            assert row["speedup_vs_naive"] and row["memory_ratio_vs_naive"]
+
+    markdown = (tmp_path / "results.md").read_text()
+    assert "## Headline" in markdown and "## skew_divergence" in markdown and "## training_step" in markdown
+    plots = sorted(p.name for p in tmp_path.glob("*.png"))
+    for suite_name in suites:
+        for op in importlib.import_module(f"benchmarks.{suite_name}").OPS:  # against V, one per op and dtype
+            assert any(name.startswith(f"{op}_") for name in plots), (op, plots)
+        assert f"## {suite_name}" in result.stdout
+    for name in plots:
+        assert f"]({name})" in markdown
+    if not HAS_CUDA:
+        assert "skipped: triton" in result.stdout and "skipped: liger" in markdown
+    assert "median ms" in result.stdout and "## headline" in result.stdout
 
 
-def test_fused_linear_small_run(tmp_path, committed_results_unchanged):
-    out_csv = tmp_path / "fused_linear.csv"
-    stdout = _run_script("fused_linear.py", "--batch", "2", "--seq", "64", "--hidden", "64", "--vocab", "8192",
-                         "--dtypes", "bfloat16", "--repeats", "1", "--out", str(out_csv), cwd=tmp_path)
+def test_compiled_baseline_runs_and_merge_keeps_other_suites(tmp_path, committed_results_unchanged):
+    """`naive_compiled` on one quick shape, a fresh worker per case (`--isolation case`): torch.compile of the
+    naive code gives the naive loss (its compile time is in warmup_s). Then `--merge`: a second run of another suite into the same folder keeps these rows."""
+    _run_suite("--quick", "--suite", "skew_divergence", "--ops", "fused_skl", "--impls", "naive,naive_compiled",
+               "--V", "1000", "--modes", "fwd+bwd", "--no-plots", "--isolation", "case", out=tmp_path)
+    _, rows = _read_csv(tmp_path / "results.csv")
+    compiled = [row for row in rows if row["impl"] == "naive_compiled"]
+    assert len(compiled) == 1 and compiled[0]["status"] == "ok", rows
+    assert float(compiled[0]["loss_rel_diff_vs_naive"]) < 1e-5
+    assert float(compiled[0]["speedup_vs_naive"]) > 0 and float(compiled[0]["warmup_s"]) > 0
 
-    columns, rows = _read_csv(out_csv)
-    assert columns == FUSED_LINEAR_COLUMNS
-    variants = [(row["variant"], row["dtype"]) for row in rows]
-    expected = {(variant, "bfloat16") for variant in ("naive", "logits+fused", "fused_linear")}
-    assert sorted(variants) == sorted(expected)  # one row per variant
-    for row in rows:
-        assert (row["N"], row["H"], row["H_teacher"], row["V"]) == ("128", "64", "64", "8192")
-        assert float(row["ms"]) > 0 and float(row["peak_mb"]) > 0, row
-        assert float(row["increase_mb"]) >= 0, row
-    naive = next(row for row in rows if row["variant"] == "naive")
-    assert float(naive["increase_mb"]) > 0  # the naive loss materialises several [N, V] tensors
-    assert "| variant | dtype | ms | GEMM TFLOP/s | peak MB | increase MB | increase / fp32 [N,V] |" in stdout
-    assert f"wrote {out_csv}" in stdout
+    _run_suite("--quick", "--suite", "objective", "--impls", "naive", "--V", "1000", "--modes", "fwd", "--merge",
+               "--no-plots", out=tmp_path)
+    _, merged = _read_csv(tmp_path / "results.csv")
+    assert sorted((row["suite"], row["impl"]) for row in merged) == [
+        ("objective", "naive"), ("skew_divergence", "naive"), ("skew_divergence", "naive_compiled")]
+    assert merged[0] == rows[0]  # the earlier rows as they were
+    assert "## skew_divergence" in (tmp_path / "results.md").read_text()
+
+
+# --- the baselines compute the library's functions ---------------------------------------------------------
+
+@pytest.mark.parametrize("backend", [b for b in available_backends(torch.device("cpu")) if b != "triton"])
+def test_naive_objective_is_the_distillm2_preset(backend):
+    """The released code's objective on one [2B, T, V] batch (both divergences on all rows, half kept) is
+    `DistiLLM2Loss("distillm2")` on the two halves: the same loss and the same gradient."""
+    gen = torch.Generator().manual_seed(0)
+    student = (torch.randn(4, 6, 50, generator=gen) * 2).requires_grad_(True)
+    teacher = torch.randn(4, 6, 50, generator=gen) * 2
+    labels = torch.randint(0, 50, (4, 6), generator=gen)
+    labels[:, :2] = -100
+    labels[1, 4:] = -100
+    naive = implementations.naive_distillm2_loss(student, teacher, labels)
+    (naive_grad,) = torch.autograd.grad(naive, student)
+    ours, _ = DistiLLM2Loss("distillm2", backend=backend)(student[:2], teacher[:2], labels[:2], student[2:],
+                                                         teacher[2:], labels[2:])
+    (our_grad,) = torch.autograd.grad(ours, student)
+    torch.testing.assert_close(ours, naive, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(our_grad, naive_grad, rtol=1e-4, atol=1e-6)
+
+
+# --- the suite's helpers -----------------------------------------------------------------------------------
+
+def test_sizes_overrides_replace_tokens_and_vocabularies():
+    shapes = sizes.shapes("skew_divergence", "cpu", tokens=[64, 128], vocabs=[1000], dtypes=["bfloat16"])
+    assert shapes == [{"dtype": "bfloat16", "N": 64, "V": 1000}, {"dtype": "bfloat16", "N": 128, "V": 1000}]
+    default = sizes.shapes("skew_divergence", "cuda")
+    assert {s["V"] for s in default} == set(sizes.VOCABS) and {s["N"] for s in default} == {1024, 4096, 8192}
+    (step,) = sizes.shapes("training_step", "cpu", tokens=[64], vocabs=[500])
+    assert step["V"] == 500 and "N" not in step
+
+
+def test_ratios_are_against_the_same_case():
+    def row(impl, median, increase, n=64):
+        values = {column: "" for column in report.COLUMNS}
+        values.update(suite="skew_divergence", op="fused_skl", impl=impl, mode="fwd", dtype="bfloat16", N=n, V=1000,
+                      status="ok", median_ms=median, op_increase_MiB=increase, loss="2.0")
+        return values
+
+    rows = [row("naive", 10.0, 40.0), row("cpu", 2.0, 0.25), row("torch", 4.0, 8.0), row("cpu", 1.0, 4.0, n=128)]
+    report.add_ratios(rows)
+    assert rows[1]["speedup_vs_naive"] == 5.0 and rows[1]["speedup_vs_torch"] == 2.0
+    assert rows[1]["memory_ratio_vs_naive"] == 40.0  # increases under 1 MiB count as 1 MiB
+    assert rows[2]["memory_ratio_vs_naive"] == 5.0
+    assert rows[3]["speedup_vs_naive"] == ""  # no naive row at N = 128
+    assert rows[1]["loss_rel_diff_vs_naive"] == "0.0e+00"
+
+
+def test_measure_sees_the_calls_allocation_and_counts_the_calls():
+    calls = []
+
+    def run():
+        buffer = bytearray(64 * MiB)
+        buffer[::4096] = b"\x01" * len(range(0, len(buffer), 4096))  # every page resident
+        calls.append(1)
+        return torch.tensor(1.5)
+
+    result = measure(run, lambda: None, CpuProbe(), warmup=2, repeats=3)
+    assert len(calls) == 2 + 1 + 3  # warm-up, the memory call, the timed calls
+    assert len(result.times_s) == 3 and result.loss == 1.5
+    assert 60 * MiB <= result.increase_bytes < 96 * MiB
+    assert result.peak_bytes > result.increase_bytes
+
+
+def test_cuda_probe_drives_the_allocator_statistics_and_events(monkeypatch):
+    """The CUDA path of `measure` and `environment.describe` against a fake torch.cuda (no GPU here): the
+    names it calls exist in torch.cuda (monkeypatch refuses to set a missing one), the op's increase is
+    max_memory_allocated − memory_allocated after the peak reset, and the times come from the events."""
+    from benchmarks import environment, measure as measure_module
+
+    log, allocated = [], {"now": 1000, "peak": 1000}
+
+    class FakeEvent:
+        clock = [0.0]
+
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.at = None
+
+        def record(self, stream=None):
+            FakeEvent.clock[0] += 2.5
+            self.at = FakeEvent.clock[0]
+
+        def synchronize(self):
+            log.append("event.synchronize")
+
+        def elapsed_time(self, end):
+            return end.at - self.at  # milliseconds
+
+    def reset_peak_memory_stats(device=None):
+        log.append("reset_peak")
+        allocated["peak"] = allocated["now"]
+
+    class FakeProperties:
+        total_memory, major, minor = 80 * 2**30, 9, 0
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("synchronize"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: log.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset_peak_memory_stats)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocated["peak"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: FakeProperties())
+    monkeypatch.setattr(measure_module, "L2_FLUSH_BYTES", 1024)
+
+    probe = measure_module.CudaProbe(torch.device("cpu"))  # the fake's tensors live on the CPU
+
+    def run():
+        allocated["peak"] = max(allocated["peak"], allocated["now"] + 5000)  # the op's transient 5000 bytes
+        return torch.tensor(0.5)
+
+    result = measure(run, lambda: None, probe, warmup=2, repeats=4)
+    assert result.before_bytes == 1000 and result.peak_bytes == 6000 and result.increase_bytes == 5000
+    assert result.times_s == [2.5e-3] * 4 and result.loss == 0.5
+    assert log.count("reset_peak") == 1 and log.count("event.synchronize") == 4
+    assert probe._flush is None  # the flush buffer exists only while timing
+
+    described = environment.describe(torch.device("cuda"))
+    assert described["device"] == "cuda" and described["device_name"] == "Fake GPU (80 GiB, sm_90)"
 
 
 # --- the _measure helpers ---------------------------------------------------------------------------------

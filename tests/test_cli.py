@@ -64,12 +64,14 @@ def test_generate_pair_train_end_to_end(tiny_models, tmp_path):
 
     run = tmp_path / "run"
     assert main(["train", "--teacher", str(teacher), "--student", str(student), "--data", str(tmp_path / "pairs.jsonl"),
-                 "--output", str(run), "--batch-size", "2", "--max-steps", "3", "--lr", "1e-3", "--no-progress"]) == 0
+                 "--output", str(run), "--batch-size", "2", "--max-steps", "3", "--lr", "1e-3", "--save-steps", "1",
+                 "--save-total-limit", "2", "--no-progress"]) == 0
     rows = read_metrics(run / "metrics.csv")
     assert [r["step"] for r in rows] == ["1", "2", "3"]
     assert all(float(r["loss"]) > 0 and float(r["skl"]) > 0 and float(r["srkl"]) > 0 for r in rows)
     assert float(rows[1]["lr"]) == pytest.approx(1e-3)  # warmup: ceil(0.1 · 3) = 1 step
     assert (run / "checkpoint-3" / "adapter" / "adapter_config.json").is_file()
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]  # the newest 2
 
     trained = AutoModelForCausalLM.from_pretrained(run / "final")
     initial = AutoModelForCausalLM.from_pretrained(student)
@@ -164,3 +166,15 @@ def test_bad_input_is_one_line_naming_the_file_and_the_line(tiny_models, tmp_pat
     assert f"{bad}:3: not valid JSON" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "nothing"), "--prompts", str(bad), "--output", "x"]) == 2
     assert "not a local directory" in capsys.readouterr().err
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    assert main(["generate", "--model", str(student), "--prompts", str(prompts), "--output", str(tmp_path / "g"),
+                 "--dtype", "bf16"]) == 2
+    assert "dtype must name a torch dtype" in capsys.readouterr().err
+    # a missing model folder is reported before the data is read and tokenised
+    assert main(["train", "--teacher", str(tmp_path / "no-teacher"), "--student", str(student), "--data", str(bad),
+                 "--output", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert f"teacher {tmp_path / 'no-teacher'}: not a local directory" in capsys.readouterr().err
+    # an impossible option: one line too, not a traceback
+    assert main(["train", "--teacher", str(teacher), "--student", str(student), "--data", str(responses),
+                 "--output", str(tmp_path / "run"), "--batch-size", "0"]) == 2
+    assert capsys.readouterr().err == "distillm2 train: error: batch_size must be >= 1, got 0\n"

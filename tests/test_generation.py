@@ -126,24 +126,77 @@ def test_greedy_decoding_ignores_the_seed_and_follows_the_chat_template(tiny_mod
     assert a[0]["finish_reason"] == ("stop" if 2 in tokens else "length")
 
 
+def test_the_models_own_generation_config_does_not_change_the_sampling(tiny_models, tmp_path):
+    """Instruct checkpoints ship a generation_config.json (Qwen2.5: top_k 20, repetition_penalty 1.05, ...);
+    transformers fills whatever a GenerationConfig leaves unset from it. Sampling must follow the documented
+    settings only (as vLLM's SamplingParams do): a copy of the model whose generation config forces top_k = 1
+    and a strong repetition penalty samples exactly what the model without them does, greedy and sampled."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    _, student = tiny_models("llama")
+    configured = tmp_path / "configured"
+    shutil.copytree(student, configured)
+    config = GenerationConfig.from_pretrained(configured)
+    config.update(do_sample=True, top_k=1, repetition_penalty=50.0, no_repeat_ngram_size=1, temperature=0.3)
+    config.save_pretrained(configured)
+    for temperature in (0.0, 1.0):
+        options = dict(temperature=temperature, top_p=1.0, max_new_tokens=12, seed=5, batch_size=4, progress=False)
+        plain = generate(student, PROMPTS[:4], tmp_path / f"plain-{temperature}.jsonl", **options)
+        other = generate(configured, PROMPTS[:4], tmp_path / f"configured-{temperature}.jsonl", **options)
+        responses = [[r["response"] for r in _rows(result.output_path)] for result in (plain, other)]
+        assert responses[0] == responses[1], temperature
+
+
+def test_sampling_uses_temperature_and_top_p_only_no_top_k(tiny_models):
+    """No top-k, as vLLM's SamplingParams: the engine's samples are those of transformers' sampling with
+    top_k = 0 (a GenerationConfig that leaves top_k unset gets transformers' default top_k = 50). At
+    temperature 2 the tiny model's ~100-token distributions put mass beyond the top 50."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    _, student = tiny_models("llama")
+    engine = generation.HFEngine(student)
+    sampled = engine.generate(PROMPTS[:4], [0, 1, 2, 3], temperature=2.0, top_p=1.0, max_new_tokens=16, seed=7)
+
+    model = AutoModelForCausalLM.from_pretrained(student)
+    texts = [engine.tokenizer.apply_chat_template(generation.user_conversation(p), tokenize=False,
+                                                  add_generation_prompt=True) for p in PROMPTS[:4]]
+    encoded = engine.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    config = GenerationConfig(do_sample=True, temperature=2.0, top_p=1.0, top_k=0, max_new_tokens=16,
+                              pad_token_id=0, eos_token_id=[2])
+    torch.manual_seed(7)
+    with torch.no_grad():
+        output = model.generate(**encoded, generation_config=config)[:, encoded["input_ids"].shape[1]:].tolist()
+    expected = [engine.tokenizer.decode(row[: row.index(2)] if 2 in row else row, skip_special_tokens=True)
+                for row in output]
+    assert [text for text, _ in sampled] == expected
+
+
+def _crash_on_third_batch(monkeypatch, *args, **kwargs) -> None:
+    """`generate(*args, **kwargs)` killed by a simulated crash when the engine is called the third time."""
+    real_generate, calls = generation.HFEngine.generate, []
+
+    def crash_on_third_batch(self, *engine_args, **engine_kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real_generate(self, *engine_args, **engine_kwargs)
+
+    monkeypatch.setattr(generation.HFEngine, "generate", crash_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        generate(*args, **kwargs)
+    monkeypatch.setattr(generation.HFEngine, "generate", real_generate)
+
+
 def test_interrupted_generation_resumes_without_duplicates_or_losses(tiny_models, tmp_path, monkeypatch):
     teacher, _ = tiny_models("llama")
     options = dict(temperature=0.8, top_p=0.95, max_new_tokens=5, seed=3, batch_size=2, progress=False)
     generate(teacher, PROMPTS, tmp_path / "reference.jsonl", **options)
 
-    real_generate, calls = generation.HFEngine.generate, []
-
-    def crash_on_third_batch(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return real_generate(self, *args, **kwargs)
-
     output = tmp_path / "out.jsonl"
-    monkeypatch.setattr(generation.HFEngine, "generate", crash_on_third_batch)
-    with pytest.raises(KeyboardInterrupt):
-        generate(teacher, PROMPTS, output, **options)
-    monkeypatch.setattr(generation.HFEngine, "generate", real_generate)
+    _crash_on_third_batch(monkeypatch, teacher, PROMPTS, output, **options)
     partial = output.with_name(output.name + ".partial")
     assert not output.exists() and len(_rows(partial)) == 4
     with open(partial, "a") as handle:  # a write torn by the crash
@@ -158,6 +211,28 @@ def test_interrupted_generation_resumes_without_duplicates_or_losses(tiny_models
 
     again = generate(teacher, PROMPTS, output, **options)  # complete: nothing to do
     assert (again.num_generated, again.num_rows, again.engine) == (0, len(PROMPTS), None)
+
+
+def test_a_repeated_prompt_gets_a_row_per_occurrence_across_a_resume_and_pairs_by_occurrence(
+    tiny_models, tmp_path, monkeypatch
+):
+    """Rows are matched by their index in the prompt list, not by the prompt's text: a prompt listed twice gets
+    two rows, none duplicated or lost by an interrupted run, and `pair` joins the k-th occurrences."""
+    from distillm2_kernels.trainer.pairing import pair
+
+    teacher, _ = tiny_models("llama")
+    prompts = PROMPTS[:2] * 2
+    options = dict(max_new_tokens=4, seed=3, batch_size=1, progress=False)
+    output = tmp_path / "out.jsonl"
+    _crash_on_third_batch(monkeypatch, teacher, prompts, output, **options)
+    result = generate(teacher, prompts, output, **options)
+    assert (result.num_reused, result.num_generated) == (2, 2)
+    rows = _rows(output)
+    assert [(r["index"], r["prompt"]) for r in rows] == list(enumerate(prompts))
+
+    report = pair(output, output, tmp_path / "pairs.jsonl")
+    assert report.complete and report.num_pairs == 4
+    assert [p["chosen"][1]["content"] for p in _rows(tmp_path / "pairs.jsonl")] == [r["response"] for r in rows]
 
 
 def test_n_takes_the_first_prompts_and_a_larger_n_extends_the_file(tiny_models, tmp_path):

@@ -33,6 +33,19 @@ def test_pairs_join_on_the_prompt_in_the_released_format(tmp_path):
     assert [(r["prompt"], r["rejected"][1]["content"]) for r in rows] == [("a", "S-a"), ("b", "S-b"), ("c", "S-c")]
 
 
+def test_written_files_have_the_permissions_of_any_new_file(tmp_path):
+    """The atomic write goes through a temporary file; the result must not keep its private mode (0600)."""
+    import os
+
+    teacher = _responses(tmp_path / "t.jsonl", [("a", "T-a")])
+    umask = os.umask(0o022)
+    try:
+        pair(teacher, teacher, tmp_path / "pairs.jsonl")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "pairs.jsonl").stat().st_mode & 0o777 == 0o644
+
+
 def test_rows_missing_on_either_side_are_reported_not_silently_dropped(tmp_path):
     teacher = _responses(tmp_path / "t.jsonl",
                          [("a", "T-a"), ("b", "T-b"), ("x", "T-x"), ("dup", "T-1"), ("dup", "T-2")])

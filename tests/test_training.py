@@ -80,6 +80,36 @@ def test_tokenisation_masks_the_prompt_appends_eos_and_pads(tiny_models, tmp_pat
     assert eos not in long.chosen_labels
 
 
+def test_the_loss_covers_the_tokenizer_vocabulary_not_the_padded_lm_head_rows():
+    """As the released code (which resizes both models to the tokenizer): when both checkpoints pad their
+    lm_head beyond the tokenizer (Qwen2.5: 151936 and 152064 rows for 151665 tokens), the padded rows are
+    not part of either distribution."""
+    from transformers import AutoModelForCausalLM
+    from tiny_models import build_tokenizer, model_config
+
+    tokenizer = build_tokenizer()
+    student, teacher = (AutoModelForCausalLM.from_config(model_config("llama", 16, len(tokenizer) + padding))
+                        for padding in (4, 8))
+    assert shared_vocab_size(student, teacher, tokenizer) == len(tokenizer)
+    small = AutoModelForCausalLM.from_config(model_config("llama", 16, len(tokenizer) - 1))
+    with pytest.raises(ValueError, match="lm_head"):
+        shared_vocab_size(student, small, tokenizer)
+
+
+def test_fsdp_cpu_ram_efficient_loading_is_refused_as_it_would_leave_the_teacher_uninitialised(monkeypatch):
+    """`accelerate launch` with `fsdp_cpu_ram_efficient_loading: true` makes `from_pretrained` load real
+    weights on each node's first process only (transformers 4.x: `torch.empty` elsewhere), for FSDP to
+    broadcast; the teacher is not FSDP-wrapped, so it would stay garbage on the other processes."""
+    from distillm2_kernels.trainer.models import check_teacher_loading
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+    check_teacher_loading()
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    with pytest.raises(ValueError, match="fsdp_cpu_ram_efficient_loading"):
+        check_teacher_loading()
+
+
 def test_batch_plan_covers_every_pair_each_epoch_and_splits_ranks():
     plan = BatchPlan(num_examples=10, batch_size=2, world_size=2, grad_accum=2, seed=5)
     assert plan.steps_per_epoch == 2  # 10 pairs, 8 per step: the second step wraps around
@@ -272,6 +302,16 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tiny_models, tmp_path, 
     # a resumed run must keep the settings that shape the data order or the math
     with pytest.raises(ValueError, match=r"settings changed \(batch_size: 2 -> 3"):
         train(TrainConfig(output=str(tmp_path / "resumed"), resume=True, **{**options, "batch_size": 3}))
+    with pytest.raises(ValueError, match=r"settings changed \(epochs: 2 -> 3\)"):  # the schedule's length is fixed
+        train(TrainConfig(output=str(tmp_path / "resumed"), resume=True, **{**options, "epochs": 3}))
+    # a fresh start must not mix with an earlier run's checkpoints (a later --resume would pick those up)
+    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(checkpoint-4\)"):
+        train(TrainConfig(output=str(tmp_path / "whole"), **options))
+    # another data file is accepted at an epoch boundary (the pipeline's fresh responses), but not another
+    # number of pairs: the schedule was planned for 6 pairs (2 steps) per epoch
+    fewer = _write_pairs(tmp_path / "fewer.jsonl", 4)
+    with pytest.raises(ValueError, match=r"settings changed \(pairs in the data file: 6 -> 4\)"):
+        train(TrainConfig(output=str(tmp_path / "resumed"), resume=True, **{**options, "data": str(fewer)}))
 
 
 def test_full_fine_tuning_in_bf16_with_gradient_checkpointing_resumes_exactly(tiny_models, tmp_path, monkeypatch):
@@ -304,11 +344,22 @@ def test_full_fine_tuning_in_bf16_with_gradient_checkpointing_resumes_exactly(ti
 DRIVER = """
 import json, sys, torch
 from accelerate import PartialState
+from distillm2_kernels.trainer.objectives import TrainingObjective
 from distillm2_kernels.trainer.training import TrainConfig, train
-config = TrainConfig(**json.loads(sys.argv[1]))
-result = train(config)
-rank = PartialState().process_index
-torch.save({k: v.detach().clone() for k, v in result.model.state_dict().items()}, f"{config.output}/rank{rank}.pt")
+
+anchors, real_step = [], TrainingObjective.step
+def step(self):  # record the adaptive α's anchors this process holds at every optimizer step
+    state = self.curriculum.state
+    anchors.append(None if state.anchor_t is None else [state.anchor_t.item(), state.anchor_s.item()])
+    real_step(self)
+TrainingObjective.step = step
+
+for options in json.loads(sys.argv[1]):
+    anchors.clear()
+    config = TrainConfig(**options)
+    result = train(config)
+    torch.save({"weights": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
+                "anchors": list(anchors)}, f"{config.output}/rank{PartialState().process_index}.pt")
 """
 
 
@@ -318,35 +369,58 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes_under_accelerate_launch_keep_identical_parameters(tiny_models, tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2` with ACCELERATE_USE_CPU=true runs DDP on gloo. The
-    two processes train on different pairs and with different dropout streams, so their parameters stay
-    equal only if the gradients are all-reduced, i.e. the student forward went through the DDP wrapper."""
+def _logged(rows: list[dict]) -> list[dict]:
+    """The metrics of each step as numbers (the timings and empty columns left out)."""
+    return [{k: float(v) for k, v in r.items() if v != "" and k not in ("tokens_per_s", "elapsed_s")} for r in rows]
+
+
+def test_two_gloo_processes_under_accelerate_launch_train_as_one_process_on_both_batches(tiny_models, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` with ACCELERATE_USE_CPU=true runs DDP on gloo, each
+    process on 1 pair per step. Two runs: LoRA with the "paper" preset, and full fine-tuning of the untied
+    Llama (whose lm_head gradient comes from the fused loss, outside the DDP-wrapped forward). The processes
+    train on different pairs, so their parameters stay equal only if every gradient is all-reduced; the
+    gradient norms, losses and token counts equal those of one process on both pairs, so the reduction is the
+    mean of the single-process objective (for LoRA one process accumulating 2 micro-batches of 1 pair, which
+    checks the gradient accumulation's scaling too; for full fine-tuning one batch of 2 pairs); and the adaptive α's anchors, fixed on the first
+    batch, are the same on both processes (a checkpoint, written by the main process, holds one copy)."""
     teacher, student = tiny_models("llama")
     data = _write_pairs(tmp_path / "pairs.jsonl", 4)
-    output = tmp_path / "ddp"
-    config = dict(teacher=str(teacher), student=str(student), data=str(data), output=str(output), batch_size=1,
-                  max_steps=2, warmup_ratio=0.0, lr=1e-2, save_steps=None, progress=False)
+    common = dict(teacher=str(teacher), student=str(student), data=str(data), warmup_ratio=0.0, lr=1e-2,
+                  save_steps=None, progress=False)
+    runs = {"lora": dict(common, preset="paper", lora_dropout=0.0, max_steps=2),
+            "full": dict(common, use_lora=False, loss="skl", max_steps=1)}
+    one_process = {"lora": dict(batch_size=1, grad_accum=2), "full": dict(batch_size=2)}
     (tmp_path / "driver.py").write_text(DRIVER)
     launcher = Path(sys.executable).parent / "accelerate"
     command = [str(launcher), "launch"] if launcher.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
+    ddp = [dict(options, output=str(tmp_path / f"ddp-{name}"), batch_size=1) for name, options in runs.items()]
     command += ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                 "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(tmp_path / "driver.py"),
-                json.dumps(config)]
+                json.dumps(ddp)]
     repository = Path(__file__).resolve().parents[1]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(repository), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
 
-    rank0, rank1 = torch.load(output / "rank0.pt"), torch.load(output / "rank1.pt")
     initial = load_model(student, "student", torch.float32).state_dict()
-    assert rank0.keys() == rank1.keys() == initial.keys()
-    for name in rank0:
-        assert torch.equal(rank0[name], rank1[name]), name
-    changed = [name for name in rank0 if not torch.equal(rank0[name], initial[name])]
-    assert any("q_proj" in name for name in changed)  # the merged adapter moved the attention weights
-    rows = read_metrics(output / "metrics.csv")
-    assert [r["step"] for r in rows] == ["1", "2"]
-    one_pair = max(sum(map(len, texts)) for texts in zip(PROMPTS[:4], TEACHER_RESPONSES[:4], STUDENT_RESPONSES[:4]))
-    assert int(rows[0]["tokens"]) > one_pair  # counted over both processes' batches
+    for name, options in runs.items():
+        output = tmp_path / f"ddp-{name}"
+        rank0, rank1 = torch.load(output / "rank0.pt"), torch.load(output / "rank1.pt")
+        assert rank0["weights"].keys() == rank1["weights"].keys() == initial.keys()
+        for key in rank0["weights"]:
+            assert torch.equal(rank0["weights"][key], rank1["weights"][key]), (name, key)
+        changed = [key for key in initial if not torch.equal(rank0["weights"][key], initial[key])]
+        assert any("q_proj" in key for key in changed), name  # the attention weights moved
+        if name == "full":
+            assert "lm_head.weight" in changed
+
+        single = train(TrainConfig(**options, output=str(tmp_path / f"single-{name}"), **one_process[name]))
+        ddp_rows, single_rows = _logged(read_metrics(output / "metrics.csv")), _logged(read_metrics(single.metrics_csv))
+        assert [r["step"] for r in ddp_rows] == [float(k) for k in range(1, options["max_steps"] + 1)]
+        for ddp_row, single_row in zip(ddp_rows, single_rows, strict=True):
+            assert ddp_row.keys() == single_row.keys() and ddp_row["grad_norm"] > 0
+            for key in ddp_row:
+                assert ddp_row[key] == pytest.approx(single_row[key], rel=1e-5), (name, key)
+    lora0, lora1 = (torch.load(tmp_path / "ddp-lora" / f"rank{r}.pt")["anchors"] for r in (0, 1))
+    assert lora0[0] is not None and lora0 == lora1

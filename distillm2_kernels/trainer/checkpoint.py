@@ -3,8 +3,8 @@
 A checkpoint is `accelerator.save_state` (optimizer, lr scheduler, the RNG states of every process, the
 accumulation counter, the objective's curriculum state as a registered object, and the student's trainable
 weights — the LoRA/DoRA adapter only, or every weight when fully fine-tuning), plus `trainer_state.json`
-(global step, epoch, optimizer steps done in the epoch, the schedule's length, the batch plan and the data
-file's SHA-256) and, for a LoRA run, the adapter in peft's format under `adapter/` (loadable with
+(global step, epoch, optimizer steps done in the epoch, the schedule's length, the number of pairs the batch
+plan was made for and the data file's SHA-256) and, for a LoRA run, the adapter in peft's format under `adapter/` (loadable with
 `PeftModel.from_pretrained`). It is written to a temporary folder and renamed when complete, so a run
 killed while saving leaves the previous checkpoints intact; `latest_checkpoint` only sees complete ones.
 Under DeepSpeed and FSDP `save_state` writes their own (sharded) formats.
@@ -24,7 +24,7 @@ PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 # fields of the run that a resumed run must share (a different value would change the data order or the math)
 RESUME_INVARIANTS = (
-    "loss", "preset", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "dora", "batch_size", "grad_accum",
+    "epochs", "max_steps", "loss", "preset", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "dora", "batch_size", "grad_accum",
     "seed", "max_length", "lr", "warmup_ratio", "weight_decay", "max_grad_norm",
 )
 
@@ -42,6 +42,7 @@ class TrainerState:
     data_file: str = ""
     data_sha256: str = ""
     run: dict = field(default_factory=dict)  # RESUME_INVARIANTS of the run
+    num_examples: Optional[int] = None  # pairs per epoch that the batch plan and the schedule were made for
 
     def save(self, folder: Path) -> None:
         (folder / STATE_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -50,11 +51,16 @@ class TrainerState:
     def load(cls, folder: Path) -> "TrainerState":
         return cls(**json.loads((folder / STATE_FILE).read_text()))
 
-    def check_resumable(self, folder: Path, run: dict, world_size: int, data_file: str, data_sha256: str) -> None:
-        """ValueError naming what differs between the checkpoint's run and this one."""
+    def check_resumable(
+        self, folder: Path, run: dict, world_size: int, data_file: str, data_sha256: str, num_examples: int
+    ) -> None:
+        """ValueError naming what differs between the checkpoint's run and this one. Another data file is
+        accepted at an epoch boundary only, and only with as many pairs (the schedule's steps per epoch)."""
         changed = {k: (self.run.get(k), v) for k, v in run.items() if self.run.get(k) != v}
         if world_size != self.world_size:
             changed["number of processes"] = (self.world_size, world_size)
+        if self.num_examples is not None and num_examples != self.num_examples:
+            changed["pairs in the data file"] = (self.num_examples, num_examples)
         if changed:
             listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise ValueError(f"cannot resume from {folder}: the run's settings changed ({listed})")

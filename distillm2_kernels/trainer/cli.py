@@ -8,7 +8,8 @@
                        [generation options] [training options] [--launcher "accelerate launch ..."]
 
 `distillm2 <command> --help` lists every option. Errors in the input (a malformed data file, a missing
-folder, an impossible option) are printed as one line naming the file and the line, with exit status 2.
+folder, an impossible option or combination of options: a `ValueError` or `FileNotFoundError`) are printed
+as one line, naming the file and the line where there is one, with exit status 2.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from dataclasses import MISSING, fields
 from typing import Optional, Sequence
 
 from .generation import ENGINES, generate
-from .jsonl import DataError
 from .objectives import LOSSES
 from .pairing import pair
 from .pipeline import PipelineConfig, run_pipeline
@@ -210,7 +210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         _run(args)
-    except (DataError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError) as error:  # DataError is a ValueError
         print(f"distillm2 {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -12,10 +12,13 @@ response per prompt, and writes JSON Lines rows, in prompt order::
 (an end-of-sequence token, not included in `response`) and "length" when `max_new_tokens` cut it.
 
 Sampling follows the released DistiLLM-2 data generation (vLLM `SamplingParams(temperature, top_p,
-max_tokens, seed)`): no top-k, no repetition penalty, whatever the model's own generation_config says.
+max_tokens, seed)`): no top-k, no repetition penalty, whatever the model's own generation_config says (on
+transformers the model's generation config is replaced by one holding only its special tokens, since
+`generate` would otherwise fill in its top_k, repetition_penalty, ...).
 `temperature=0` is greedy decoding (`do_sample=False`). Seeds: prompt `i` is sampled with seed `seed + i` on
 vLLM; on transformers each batch is seeded with `seed + <index of its first prompt>`. Either way a resumed
-run draws the same samples as an uninterrupted one.
+run draws the same samples as an uninterrupted one (on transformers, with the same `batch_size`, which also
+fixes the batches' padding).
 
 Resuming: rows are appended to `<output>.partial` (flushed and fsynced per batch) as they are generated; the
 final file is written atomically from the union of the rows of an existing `<output>`, of `<output>.partial`,
@@ -101,13 +104,15 @@ class HFEngine:
 
     def __init__(self, model_path: Path, dtype: Optional[str] = None):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         from .models import torch_dtype_kwargs
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if dtype is None:
             dtype = "bfloat16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype must name a torch dtype (bfloat16, float16, float32, ...), got {dtype!r}")
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         if self.tokenizer.chat_template is None:
             raise ValueError(f"the tokenizer of {model_path} has no chat template to render the prompts with")
@@ -124,6 +129,13 @@ class HFEngine:
         self.eos_token_ids = sorted(token for token in eos if token is not None)
         if not self.eos_token_ids:
             raise ValueError(f"model {model_path}: the tokenizer has no eos token, so generation could never stop")
+        # Sample with the given settings only, as vLLM's SamplingParams do: `generate` fills every setting that
+        # its GenerationConfig leaves unset (transformers 5) or at the default (4.x) from the model's own
+        # generation_config.json, whose top_k, repetition_penalty, min_new_tokens, num_beams, ... would apply.
+        self.model.generation_config = GenerationConfig(
+            bos_token_id=self.model.generation_config.bos_token_id, eos_token_id=self.eos_token_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
 
     def generate(
         self, prompts: Sequence[str], indices: Sequence[int], *, temperature, top_p, max_new_tokens, seed
@@ -143,7 +155,7 @@ class HFEngine:
             do_sample=sampling,
             temperature=temperature if sampling else None,
             top_p=top_p if sampling else None,
-            top_k=None,
+            top_k=0 if sampling else None,  # 0: no top-k (unset, transformers would apply its default 50)
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.eos_token_ids,
         )

@@ -54,12 +54,19 @@ def _dumps(row: dict) -> str:
     return json.dumps(row, ensure_ascii=False)
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def write_jsonl_atomic(path: PathLike, rows: Iterable[dict]) -> None:
     """Write `rows` to `path` as JSON Lines; readers see the old file or the complete new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's files are private (0600); give the usual mode
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(_dumps(row) + "\n")

@@ -4,7 +4,8 @@ Columns: step (global optimizer step, from 1), epoch (0-based), loss, skl, srkl 
 sequences of each sequence's token mean), alpha_t, alpha_s (mean α of the teacher- and student-response
 rows), beta, lr (the learning rate of this step), grad_norm (before clipping), tokens (tokens of the step's
 forward passes, all processes), tokens_per_s, elapsed_s (wall time since the run or resumption started).
-Values that do not apply to the loss are left empty. On resume the rows after the checkpoint's step are
+Values that do not apply to the loss are left empty (srkl, alpha_s, beta with loss="skl" or "kd"; with
+loss="kd" the skl column is the forward KL, SKL at α = 0). On resume the rows after the checkpoint's step are
 dropped first, so the file never holds a step twice.
 """
 

@@ -10,9 +10,10 @@ and returns the last hidden states `[R, T, H]` (no logits). Going through the pr
 is what makes DDP all-reduce the gradients; the lm_head weight is then read from the unwrapped model
 (`lm_head_operands`), and its gradient (full fine-tuning) is reduced by the same DDP hooks.
 
-Teacher and student must share the tokenizer. Their lm_heads may differ in their number of rows when
-checkpoints pad the vocabulary differently (e.g. 151936 vs 152064 in the Qwen2.5 family): the fused loss
-then uses the first `min(V_s, V_t)` rows of both, which must cover the tokenizer.
+Teacher and student must share the tokenizer. Their lm_heads may hold more rows than the tokenizer has
+tokens, and differ in that number, when checkpoints pad the vocabulary (151936 vs 152064 rows for 151665
+tokens in the Qwen2.5 family): the fused loss uses the rows of the tokenizer's tokens only, the first
+`len(tokenizer)` of both, as the released DistiLLM-2 code does by resizing both models to the tokenizer.
 """
 
 from __future__ import annotations
@@ -32,13 +33,18 @@ __all__ = [
     "torch_dtype_kwargs",
     "load_tokenizer",
     "load_model",
+    "local_model_dir",
     "check_same_tokenizer",
+    "check_teacher_loading",
     "add_lora",
     "load_student",
     "HiddenStates",
     "LMHead",
     "lm_head_operands",
+    "shared_vocab_size",
+    "is_deepspeed_zero3",
     "gathered_parameters",
+    "prepare_teacher",
     "save_final_model",
 ]
 
@@ -52,6 +58,7 @@ def torch_dtype_kwargs(dtype: torch.dtype) -> dict:
 
 
 def local_model_dir(path, role: str) -> Path:
+    """`path` as a Path; FileNotFoundError naming the `role` ("teacher", ...) unless it is a local folder."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{role} {path}: not a local directory (models are loaded from local folders only)")
@@ -88,6 +95,23 @@ def check_same_tokenizer(student_tokenizer, teacher_path) -> None:
         )
 
 
+def check_teacher_loading() -> None:
+    """Refuse FSDP's `cpu_ram_efficient_loading` (the environment `accelerate launch` sets for it): with it,
+    `from_pretrained` loads the weights on each node's first process only (transformers 4.x leaves
+    `torch.empty` on the others) and relies on FSDP to broadcast them, which it does for the student it wraps
+    but not for the teacher, which would hold uninitialised memory on every other process."""
+    import os
+
+    def enabled(name: str) -> bool:
+        return os.environ.get(name, "false").lower() in ("1", "true", "yes", "on")
+
+    if enabled("ACCELERATE_USE_FSDP") and enabled("FSDP_CPU_RAM_EFFICIENT_LOADING"):
+        raise ValueError(
+            "set fsdp_cpu_ram_efficient_loading: false in the accelerate config: the teacher is not wrapped by "
+            "FSDP, so it would not receive the weights that this option loads on the first process only"
+        )
+
+
 def load_model(path, role: str, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -110,15 +134,23 @@ def add_lora(model: nn.Module, *, r: int = 16, alpha: int = 128, dropout: float 
 
 def load_student(
     path, dtype: torch.dtype, *, use_lora: bool = True, lora_r: int = 16, lora_alpha: int = 128,
-    lora_dropout: float = 0.05, dora: bool = True, gradient_checkpointing: bool = False,
+    lora_dropout: float = 0.05, dora: bool = True, gradient_checkpointing: bool = False, seed: Optional[int] = None,
 ) -> nn.Module:
     """The student as the trainer trains it: from `path`, with gradient checkpointing when asked, and a LoRA
-    (DoRA) adapter unless `use_lora=False`."""
+    (DoRA) adapter unless `use_lora=False`. With `seed` the adapter's initialisation is drawn right after
+    `torch.manual_seed(seed)`, so that it depends on the seed alone and not on how many random numbers
+    `from_pretrained` happened to draw while loading (which varies with the transformers version)."""
     student = load_model(path, "student", dtype)
     if gradient_checkpointing:
         student.config.use_cache = False
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        options = {"use_reentrant": False}
+        if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     if use_lora:
+        if seed is not None:
+            torch.manual_seed(seed)
         student = add_lora(student, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, dora=dora)
     return student
 
@@ -162,14 +194,16 @@ def lm_head_operands(student: nn.Module, teacher: nn.Module, vocab_size: int) ->
 
 
 def shared_vocab_size(student: nn.Module, teacher: nn.Module, tokenizer) -> int:
-    """min(V_s, V_t), checked to cover every token id of the tokenizer."""
+    """The vocabulary the loss compares the two models over: the tokenizer's token ids (0 to the largest,
+    normally `len(tokenizer)`), not the padding rows of the lm_heads; both lm_heads must cover it."""
+    vocab_size = max(len(tokenizer), 1 + max(tokenizer.get_vocab().values()))
     rows = min(lm_head_of(student)[0].shape[0], lm_head_of(teacher)[0].shape[0])
-    if len(tokenizer) > rows:
+    if vocab_size > rows:
         raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens but the lm_heads only {rows} shared rows: "
+            f"the tokenizer has {vocab_size} tokens but the lm_heads only {rows} shared rows: "
             "teacher and student must cover the tokenizer's vocabulary"
         )
-    return rows
+    return vocab_size
 
 
 def is_deepspeed_zero3(accelerator) -> bool:

@@ -14,19 +14,17 @@ shifts them (hidden k predicts label k+1). The curriculum state (epoch, step, α
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..fused_linear import fused_linear_skl
-from ..objective import DistiLLM2Loss
+from ..objective import DistiLLM2Loss, _sequence_mean
 from .models import LMHead
 
 __all__ = ["LOSSES", "TrainingObjective"]
 
 LOSSES = ("distillm2", "skl", "kd")
-
-
-def _sequence_mean(per_token: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    return (per_token * valid).sum(-1) / valid.sum(-1).clamp(min=1)
 
 
 def _softcap(student: LMHead, teacher: LMHead):
@@ -90,6 +88,14 @@ class TrainingObjective:
         valid = (labels[t] != config.ignore_index).to(torch.float32)
         skl = _sequence_mean(outputs.losses.detach(), valid).mean()
         return loss, {"skl": skl, "alpha_t": torch.tensor(self.alpha)}
+
+    def share_anchors(self, mean: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace the adaptive α's anchors, which each process fixes on its own first batch, by their mean over
+        the processes (`mean`, a collective: `lambda t: accelerator.reduce(t, "mean")`), so that every process
+        holds the same ones, as does a checkpoint (written by the main process). A no-op without anchors."""
+        state = self.curriculum.state
+        if state.anchor_t is not None:
+            state.anchor_t, state.anchor_s = mean(state.anchor_t), mean(state.anchor_s)
 
     def step(self) -> None:
         self.curriculum.step()

@@ -10,7 +10,9 @@ One optimizer step, on every process (`accelerate launch` for several):
    teacher forward under `no_grad`; the objective (`objectives.TrainingObjective`: DistiLLM-2, SKL or KD) from
    both hidden states and lm_head weights through the fused-linear ops; `accelerator.backward`;
 2. gradient clipping (max norm 1), AdamW, the cosine learning-rate schedule with linear warmup over
-   `warmup_ratio` of the steps, and the objective's curriculum step.
+   `warmup_ratio` of the steps, and the objective's curriculum step. Under several processes, after the first
+   step the "paper" preset's α anchors (fixed by each process on its first batch) are replaced by their mean
+   over the processes, so that all use, and checkpoints hold, the same ones.
 
 Length of the run: `max_steps` optimizer steps when given, else `epochs × steps per epoch`; the curriculum's
 number of epochs E is the number the run spans. `stop_at_epoch=e` ends the call once e epochs are complete
@@ -19,7 +21,8 @@ freshly generated student responses, resuming optimizer, schedule and curriculum
 
 Checkpoints (`checkpoint`) every `save_steps` steps, at the end of every epoch and at the end of the call;
 `resume=True` continues from the latest one exactly where the uninterrupted run would be (same batches, same
-RNG streams, same optimizer, schedule and curriculum state); with no checkpoint it starts afresh.
+RNG streams, same optimizer, schedule and curriculum state); with no checkpoint it starts afresh. Without
+`resume` an output folder that holds checkpoints is refused (their steps would mix with the new run's).
 The final student is saved to `<output>/final` for `AutoModelForCausalLM.from_pretrained` (a LoRA adapter is
 merged; the adapter itself is kept in `<output>/final/adapter`), with the tokenizer. Metrics go to
 `<output>/metrics.csv` (`metrics_log`).
@@ -60,12 +63,14 @@ from .metrics_log import MetricsLog
 from .models import (
     HiddenStates,
     check_same_tokenizer,
+    check_teacher_loading,
     gathered_parameters,
     is_deepspeed_zero3,
     lm_head_operands,
     load_model,
     load_student,
     load_tokenizer,
+    local_model_dir,
     prepare_teacher,
     save_final_model,
     shared_vocab_size,
@@ -217,7 +222,7 @@ def _new_state(config: TrainConfig, plan: BatchPlan, world_size: int, sha256: st
     total = config.max_steps or config.epochs * plan.steps_per_epoch
     return TrainerState(
         total_steps=total, num_epochs=math.ceil(total / plan.steps_per_epoch), world_size=world_size,
-        data_file=str(config.data), data_sha256=sha256, run=config.run_invariants(),
+        data_file=str(config.data), data_sha256=sha256, run=config.run_invariants(), num_examples=plan.num_examples,
     )
 
 
@@ -291,22 +296,32 @@ def train(config: TrainConfig) -> TrainResult:
     bf16 = config.bf16 or accelerator.mixed_precision == "bf16"
     set_seed(config.seed)
 
-    # data
+    # data (after checking both model folders: reading and tokenising a large file takes a while)
+    for role in ("student", "teacher"):
+        local_model_dir(getattr(config, role), role)
     tokenizer = load_tokenizer(config.student)
     check_same_tokenizer(tokenizer, config.teacher)
     examples = read_pairs(config.data, need_rejected=config.loss == "distillm2")
     pairs = tokenize_pairs(examples, tokenizer, max_length=config.max_length, progress=config.progress and main)
     plan = BatchPlan(len(pairs), config.batch_size, accelerator.num_processes, config.grad_accum, config.seed)
     sha256 = file_sha256(config.data)
-    checkpoint = latest_checkpoint(output) if config.resume else None
+    checkpoint = latest_checkpoint(output)
+    if checkpoint is not None and not config.resume:
+        raise ValueError(
+            f"{output} holds checkpoints of an earlier run ({checkpoint.name}): continue it with resume=True "
+            "(--resume), or train into another folder"
+        )
     if checkpoint is not None:
         state = TrainerState.load(checkpoint)
-        state.check_resumable(checkpoint, config.run_invariants(), accelerator.num_processes, str(config.data), sha256)
+        state.check_resumable(
+            checkpoint, config.run_invariants(), accelerator.num_processes, str(config.data), sha256, len(pairs)
+        )
         state.data_file, state.data_sha256 = str(config.data), sha256
     else:
         state = _new_state(config, plan, accelerator.num_processes, sha256)
 
     # models
+    check_teacher_loading()
     if not config.use_lora and is_deepspeed_zero3(accelerator):
         raise ValueError(
             "full fine-tuning (use_lora=False) is not supported under DeepSpeed ZeRO-3: train a LoRA adapter"
@@ -314,7 +329,7 @@ def train(config: TrainConfig) -> TrainResult:
     student = load_student(
         config.student, torch.bfloat16 if bf16 and config.use_lora else torch.float32, use_lora=config.use_lora,
         lora_r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, dora=config.dora,
-        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing=config.gradient_checkpointing, seed=config.seed,
     )
     teacher = load_model(config.teacher, "teacher", torch.bfloat16 if bf16 else torch.float32)
     vocab_size = shared_vocab_size(student, teacher, tokenizer)
@@ -358,6 +373,8 @@ def train(config: TrainConfig) -> TrainResult:
                 vocab_size, torch.bfloat16 if config.bf16 else None,
             )
             assert accelerator.sync_gradients, "an optimizer step must end an accumulation window"
+            if state.global_step == 0 and accelerator.num_processes > 1:  # a fresh run's first step
+                objective.share_anchors(lambda anchor: accelerator.reduce(anchor, reduction="mean"))
             grad_norm = None
             if config.max_grad_norm:
                 grad_norm = accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
