@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # The C++ CPU backend is compiled by the editable install: rebuild it when its sources change.
 CSRC := $(wildcard csrc/*.cpp csrc/*.h)
 
-.PHONY: install demo test bench clean
+.PHONY: install demo kernel-demo test bench clean
 
 # Options of the benchmark suite, e.g. make bench BENCH_ARGS="--quick" (see python -m benchmarks --help)
 BENCH_ARGS ?=
@@ -25,7 +25,12 @@ $(STAMP): setup.py requirements-test.txt $(CSRC)
 	$(PY) -c "from distillm2_kernels.backends import cpu_backend as c; print('C++ CPU backend:', c.unavailable_reason() or 'built (' + c.kernel_isa() + ')')"
 	touch $(STAMP)
 
+# the miniature distillation experiment (teacher and student trained from scratch, three methods compared)
 demo: install
+	$(PY) -m distillm2_kernels.experiment
+
+# the kernels alone: fused loss and gradient against the float64 oracle, time and memory against naive PyTorch
+kernel-demo: install
 	$(PY) -m distillm2_kernels.demo
 
 test: install

@@ -1,0 +1,132 @@
+"""Supervised training from scratch: next-token cross-entropy on chat-formatted prompt + answer.
+
+Each example is rendered with the tokenizer's chat template (`<|user|>437+085<|assistant|>522<|eos|>`), the
+whole conversation is the model's input, and the loss covers the assistant turn and its `<|eos|>`
+(`prompt_loss=False`, the default, as in supervised fine-tuning) or every token (`prompt_loss=True`: plain
+language modelling). The default is measured: at 1000 steps of 64 examples the 4 × 128 teacher reached 83 %
+held-out accuracy with the answer-only loss and 1.8 % with the prompt in the loss (on an earlier version of
+the task without zero-padded operands) — the operands are uniformly random digits, so predicting them is
+noise that dominates the loss and its gradient.
+AdamW, linear warm-up then cosine decay to 10 % of the peak rate, gradient clipping at 1, batches drawn by
+a seeded shuffle of the examples (a new shuffle each pass).
+
+The teacher is trained until it is good; the student, smaller, for a budget that leaves it partway up its
+learning curve, so that it starts the distillation clearly weaker than the teacher but not at zero
+(`run.py` sets both budgets).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from .task import Example
+
+__all__ = ["PretrainResult", "encode_conversations", "pretrain"]
+
+
+@dataclass
+class PretrainResult:
+    losses: List[float]  # training loss per optimizer step
+    seconds: float
+
+
+def encode_conversations(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], *, prompt_loss: bool = False
+) -> List[tuple]:
+    """(input_ids, labels) per example; labels are -100 on the prompt when `prompt_loss` is False."""
+    encoded = []
+    for example in examples:
+        user = [{"role": "user", "content": example.prompt}]
+        prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(
+            user + [{"role": "assistant", "content": example.answer}], tokenize=False
+        )
+        assert full.startswith(prompt), "the chat template's prompt must prefix the conversation"
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        labels = list(ids) if prompt_loss else [-100] * len(prompt_ids) + ids[len(prompt_ids):]
+        encoded.append((ids, labels))
+    return encoded
+
+
+def _collate(batch: Sequence[tuple], pad_id: int) -> dict:
+    """Right-padded tensors (training needs no left padding: positions start at 0 in every row)."""
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (ids, lab) in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+def pretrain(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    warmup_ratio: float = 0.05,
+    weight_decay: float = 0.01,
+    prompt_loss: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    description: str = "pretrain",
+    callback: Optional[Callable[[int, torch.nn.Module], None]] = None,
+) -> PretrainResult:
+    """Train `model` in place for `steps` optimizer steps; returns the per-step losses and the time.
+    `callback(step, model)`, when given, runs after every optimizer step (1-based `step`)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    start = time.perf_counter()
+    data = encode_conversations(tokenizer, examples, prompt_loss=prompt_loss)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+    warmup = max(1, int(warmup_ratio * steps))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress_ = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model.train()
+    order: List[int] = []
+    losses: List[float] = []
+    bar = tqdm(range(steps), desc=description, disable=not progress, leave=False, mininterval=0.5)
+    for _ in bar:
+        if len(order) < batch_size:
+            shuffled = list(range(len(data)))
+            rng.shuffle(shuffled)
+            order += shuffled
+        batch = _collate([data[i] for i in order[:batch_size]], tokenizer.pad_token_id)
+        del order[:batch_size]
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if callback is not None:
+            callback(len(losses), model)
+            model.train()
+        if len(losses) % 20 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / 20:.3f}")
+    bar.close()
+    model.eval()
+    return PretrainResult(losses=losses, seconds=time.perf_counter() - start)
