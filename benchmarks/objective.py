@@ -20,6 +20,7 @@ import torch
 from distillm2_kernels import DistiLLM2Loss
 
 from . import implementations as impls
+from . import skew_divergence
 from .skew_divergence import work  # noqa: F401  (the same traffic count over all N tokens)
 
 NAME = "objective"
@@ -61,36 +62,15 @@ def loss_function(impl: str):
     raise ValueError(f"{NAME}: no implementation {impl!r}")
 
 
-class Bench:
-    def __init__(self, shape: dict, op: str, impl: str, device: torch.device):
-        self.impl = impl
-        dtype = getattr(torch, shape["dtype"])
+class Bench(skew_divergence.Bench):
+    """The logits suite's bench on `[2B, T, V]` logits (first B rows the teacher's responses, last B the
+    student's), with the objective as the loss."""
+
+    @staticmethod
+    def make_inputs(shape: dict, device: torch.device):
         pairs, seq = pairs_and_length(shape)
-        size = (2 * pairs, seq, shape["V"])
-        gen = torch.Generator(device=device).manual_seed(0)
-        self.student = torch.randn(size, generator=gen, device=device, dtype=dtype).mul_(3)
-        self.teacher = torch.randn(size, generator=gen, device=device, dtype=dtype).mul_(3).add_(self.student, alpha=0.5)
-        self.labels = torch.randint(0, shape["V"], size[:-1], generator=gen, device=device)
-        self.student.requires_grad_(True)
-        self.loss = loss_function(impl)
-        self.input_bytes = self.student.nbytes + self.teacher.nbytes + self.labels.nbytes
+        return skew_divergence.make_logits(shape, device, (2 * pairs, seq, shape["V"]))
 
-    def output_bytes(self, mode: str) -> int:
-        return 0 if mode == "fwd" else self.student.nbytes
-
-    def zero_grad(self) -> None:
-        self.student.grad = None
-
-    def run(self, mode: str):
-        args = (self.student, self.teacher, self.labels)
-        if mode == "fwd":
-            return lambda: self.loss(*args).detach()
-
-        def forward_backward():
-            loss = self.loss(*args)
-            loss.backward()
-            return loss.detach()
-        return forward_backward
-
-    def check(self) -> Optional[str]:
-        return None
+    @staticmethod
+    def make_loss(op: str, impl: str):
+        return loss_function(impl)

@@ -46,10 +46,11 @@ def work(shape: dict, mode: str) -> dict:
     return {"bytes": (2 if mode == "fwd" else 3) * elements * itemsize}
 
 
-def make_logits(shape: dict, device: torch.device):
-    """(student requiring grad, teacher, labels), seeded: every worker builds the same inputs."""
+def make_logits(shape: dict, device: torch.device, size: Optional[tuple] = None):
+    """(student requiring grad, teacher, labels) of `size` (default `batch_shape(shape)`), seeded: every worker
+    builds the same inputs."""
     dtype = getattr(torch, shape["dtype"])
-    size = batch_shape(shape)
+    size = size or batch_shape(shape)
     gen = torch.Generator(device=device).manual_seed(0)
     student = torch.randn(size, generator=gen, device=device, dtype=dtype).mul_(3)
     teacher = torch.randn(size, generator=gen, device=device, dtype=dtype).mul_(3).add_(student, alpha=0.5)
@@ -81,9 +82,17 @@ def loss_function(op: str, impl: str):
 class Bench:
     def __init__(self, shape: dict, op: str, impl: str, device: torch.device):
         self.op, self.impl = op, impl
-        self.student, self.teacher, self.labels = make_logits(shape, device)
-        self.loss = loss_function(op, impl)
+        self.student, self.teacher, self.labels = self.make_inputs(shape, device)
+        self.loss = self.make_loss(op, impl)
         self.input_bytes = self.student.nbytes + self.teacher.nbytes + self.labels.nbytes
+
+    @staticmethod
+    def make_inputs(shape: dict, device: torch.device):
+        return make_logits(shape, device)
+
+    @staticmethod
+    def make_loss(op: str, impl: str):
+        return loss_function(op, impl)
 
     def output_bytes(self, mode: str) -> int:
         return 0 if mode == "fwd" else self.student.nbytes

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from ..trainer.data import pad_rows
 from .task import Example
 
 __all__ = ["PretrainResult", "encode_conversations", "pretrain"]
@@ -58,16 +59,9 @@ def encode_conversations(
 
 
 def _collate(batch: Sequence[tuple], pad_id: int) -> dict:
-    """Right-padded tensors (training needs no left padding: positions start at 0 in every row)."""
-    width = max(len(ids) for ids, _ in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, (ids, lab) in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(lab)] = torch.tensor(lab)
-        mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+    """Right-padded tensors of (input_ids, labels) rows, as the trainer pads them."""
+    input_ids, attention_mask, labels = pad_rows(batch, pad_id)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
 def pretrain(

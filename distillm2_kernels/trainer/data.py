@@ -35,7 +35,7 @@ import torch
 
 from .jsonl import DataError, read_jsonl
 
-__all__ = ["PairExample", "TokenizedPair", "PairBatch", "read_pairs", "tokenize_pairs", "collate_pairs", "IGNORE_INDEX"]
+__all__ = ["PairExample", "TokenizedPair", "PairBatch", "read_pairs", "tokenize_pairs", "collate_pairs", "pad_rows", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 
@@ -165,12 +165,23 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int, *, with_rej
         if any(p.rejected_ids is None for p in pairs):
             raise ValueError("with_rejected=True but a pair has no student response")
         rows += [(p.rejected_ids, p.rejected_labels) for p in pairs]
+    input_ids, attention_mask, labels = pad_rows(rows, pad_token_id)
+    return PairBatch(input_ids, attention_mask, labels, len(pairs))
+
+
+def pad_rows(
+    rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(input_ids, attention_mask, labels)` `[R, T]` of (ids, labels) rows, right-padded to the longest with
+    `pad_token_id`, mask 0 and label `IGNORE_INDEX` (training needs no left padding: positions start at 0)."""
     length = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
     for r, (ids, row_labels) in enumerate(rows):
+        if len(row_labels) != len(ids):
+            raise ValueError(f"row {r}: {len(ids)} token ids but {len(row_labels)} labels")
         input_ids[r, : len(ids)] = torch.tensor(ids)
         labels[r, : len(ids)] = torch.tensor(row_labels)
         attention_mask[r, : len(ids)] = 1
-    return PairBatch(input_ids, attention_mask, labels, len(pairs))
+    return input_ids, attention_mask, labels
