@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Union
 
-__all__ = ["DataError", "read_jsonl", "write_jsonl_atomic", "JsonlAppender", "file_sha256"]
+__all__ = ["DataError", "read_jsonl", "read_text_lines", "write_jsonl_atomic", "JsonlAppender", "file_sha256"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -26,28 +26,57 @@ class DataError(ValueError):
 def read_jsonl(path: PathLike, *, allow_torn_tail: bool = False) -> list[tuple[int, dict]]:
     """`(line number, object)` for every non-blank line of a JSON Lines file.
 
-    Each line must hold one JSON object. `allow_torn_tail=True` drops a last line that has no newline and does
-    not parse (a write interrupted by a crash) instead of raising.
+    Each line must hold one JSON object in UTF-8. `allow_torn_tail=True` drops a last line that has no
+    newline and does not decode or parse (a write interrupted by a crash or a full disk, which may end inside
+    a multi-byte character) instead of raising. The file is split into lines as bytes and each line decoded
+    on its own, so an error names the line.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    torn_tail_allowed = allow_torn_tail and not data.endswith(b"\n")
     rows = []
-    for number, line in enumerate(lines, start=1):
+    for number, raw in enumerate(lines, start=1):
+        last = number == len(lines)
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            if last and torn_tail_allowed:
+                break
+            raise DataError(
+                f"{path}:{number}: not valid UTF-8 (byte {raw[error.start]:#04x} at byte {error.start + 1} of the "
+                "line); save the file as UTF-8"
+            ) from None
         if not line.strip():
             continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as error:
-            if allow_torn_tail and number == len(lines) and not text.endswith("\n"):
+            if last and torn_tail_allowed:
                 break
             raise DataError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
         if not isinstance(value, dict):
             raise DataError(f"{path}:{number}: expected a JSON object, got {type(value).__name__}")
         rows.append((number, value))
     return rows
+
+
+def read_text_lines(path: PathLike) -> list[tuple[int, str]]:
+    """`(line number, line)` of a UTF-8 text file, line endings removed; DataError naming the line that is
+    not UTF-8."""
+    path = Path(path)
+    lines = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            lines.append((number, raw.decode("utf-8")))
+        except UnicodeDecodeError as error:
+            raise DataError(
+                f"{path}:{number}: not valid UTF-8 (byte {raw[error.start]:#04x} at byte {error.start + 1} of the "
+                "line); save the file as UTF-8"
+            ) from None
+    return lines
 
 
 def _dumps(row: dict) -> str:

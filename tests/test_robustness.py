@@ -1,0 +1,117 @@
+"""Nothing lost on a bad day: torn and non-UTF-8 files, full disks, damaged checkpoints, kills at the worst
+moment, moved folders and over-long prompts, for `generate`, `pair`, `train` and the pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from distillm2_kernels.trainer import generation  # noqa: E402
+from distillm2_kernels.trainer.generation import generate  # noqa: E402
+from distillm2_kernels.trainer.jsonl import DataError, read_jsonl  # noqa: E402
+from tiny_models import PROMPTS  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NON_ASCII_PROMPTS = ["Qu'est-ce qu'un été ?", "Wie heißt du?", "日本語で答えて", "¿Dónde está?", "Ça va ?",
+                     "Ελληνικά;", "Ünïcödé", "ありがとう"]
+
+
+def _rows(path):
+    return [row for _, row in read_jsonl(path)]
+
+
+class StandInEngine:
+    """A deterministic engine: each response is a function of the prompt, its seed and its batch (as the
+    transformers engine's samples are), so tests can tell which rows were drawn together."""
+
+    name = "hf"
+
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def generate(self, prompts, indices, *, temperature, top_p, max_new_tokens, seed):
+        self.calls.append(list(indices))
+        batch = ",".join(map(str, indices))
+        return [(f"{prompt[::-1]} seed {seed} batch [{batch}]", "stop") for prompt in prompts]
+
+
+@pytest.fixture
+def stand_in_engine(monkeypatch):
+    calls = []
+    monkeypatch.setattr(generation, "_make_engine", lambda *args, **kwargs: StandInEngine(calls))
+    return calls
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. a partial file torn inside a multi-byte character
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_torn_tail_inside_a_multibyte_character_is_dropped(tmp_path):
+    path = tmp_path / "rows.jsonl.partial"
+    complete = "".join(json.dumps({"index": i, "prompt": p}, ensure_ascii=False) + "\n"
+                       for i, p in enumerate(NON_ASCII_PROMPTS[:3]))
+    torn = json.dumps({"index": 3, "prompt": "日本語"}, ensure_ascii=False).encode()
+    cut = torn.index("本".encode()) + 1  # inside the 3-byte character
+    path.write_bytes(complete.encode() + torn[:cut])
+    assert [row["index"] for _, row in read_jsonl(path, allow_torn_tail=True)] == [0, 1, 2]
+    with pytest.raises(DataError, match=r"rows\.jsonl\.partial:4: not valid UTF-8"):
+        read_jsonl(path)
+
+
+def test_generation_resumes_from_a_partial_file_torn_inside_a_multibyte_character(stand_in_engine, model_dir,
+                                                                                   tmp_path):
+    """A disk that filled in the middle of a row of non-ASCII text: the rerun drops the torn row and goes on."""
+    options = dict(batch_size=2, progress=False)
+    generate(model_dir, NON_ASCII_PROMPTS, tmp_path / "reference.jsonl", **options)
+    output = tmp_path / "out.jsonl"
+    partial = output.with_name(output.name + ".partial")
+    lines = (tmp_path / "reference.jsonl").read_bytes().splitlines(keepends=True)
+    torn = lines[4][: lines[4].index("Ça".encode()) + 1]  # the first byte of the two-byte "Ç"
+    partial.write_bytes(b"".join(lines[:4]) + torn)
+    result = generate(model_dir, NON_ASCII_PROMPTS, output, **options)
+    assert (result.num_reused, result.num_generated) == (4, 4)
+    assert _rows(output) == _rows(tmp_path / "reference.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. errors that say what happened: input that is not UTF-8
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_input_that_is_not_utf8_is_one_line_naming_the_file_and_the_line(tiny_models, tmp_path, capsys):
+    from distillm2_kernels.trainer.cli import main
+
+    teacher, student = tiny_models("llama")
+    capsys.readouterr()
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "d"}\n')
+    text = tmp_path / "latin1.txt"
+    text.write_bytes(b"first prompt\nun caf\xe9\n")
+    commands = {
+        "generate": (["--model", str(student), "--prompts", str(latin1), "--output", str(tmp_path / "g.jsonl")],
+                     f"{latin1}:2: not valid UTF-8"),
+        "pair": (["--teacher", str(latin1), "--student", str(latin1), "--output", str(tmp_path / "p.jsonl")],
+                 f"{latin1}:2: not valid UTF-8"),
+        "train": (["--teacher", str(teacher), "--student", str(student), "--data", str(latin1), "--output",
+                   str(tmp_path / "run"), "--no-progress"], f"{latin1}:2: not valid UTF-8"),
+    }
+    for command, (argv, expected) in commands.items():
+        assert main([command] + argv) == 2, command
+        err = capsys.readouterr().err
+        assert err.startswith(f"distillm2 {command}: error: {expected} (byte 0xe9 at byte 16 of the line)"), err
+        assert err.count("\n") == 1, err
+    assert main(["generate", "--model", str(student), "--prompts", str(text), "--output", str(tmp_path / "g")]) == 2
+    assert f"{text}:2: not valid UTF-8 (byte 0xe9 at byte 7 of the line)" in capsys.readouterr().err
