@@ -115,3 +115,119 @@ def test_input_that_is_not_utf8_is_one_line_naming_the_file_and_the_line(tiny_mo
         assert err.count("\n") == 1, err
     assert main(["generate", "--model", str(student), "--prompts", str(text), "--output", str(tmp_path / "g")]) == 2
     assert f"{text}:2: not valid UTF-8 (byte 0xe9 at byte 7 of the line)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. damaged checkpoints; durable checkpoints
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _pairs_file(path: Path, count: int = 4) -> Path:
+    from distillm2_kernels.trainer.pairing import pair_row
+
+    rows = [pair_row(PROMPTS[i], f"teacher answer {i}", f"student {i}") for i in range(count)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _train_options(tiny_models, tmp_path, **extra) -> dict:
+    teacher, student = tiny_models("llama")
+    return dict(teacher=str(teacher), student=str(student), data=str(_pairs_file(tmp_path / "pairs.jsonl")),
+                max_steps=3, batch_size=2, save_steps=1, lr=1e-3, lora_r=4, progress=False, **extra)
+
+
+def _killed_after_checkpoint(monkeypatch, config, step: int) -> None:
+    from distillm2_kernels.trainer import training
+
+    real_save = training.save_checkpoint
+
+    def killed(accelerator, output, state, *args, **kwargs):
+        path = real_save(accelerator, output, state, *args, **kwargs)
+        if state.global_step == step:
+            raise KeyboardInterrupt("simulated preemption")
+        return path
+
+    monkeypatch.setattr(training, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(config)
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+
+
+def _adapter(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "final" / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("size", [0, 100])
+def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_resumed(tiny_models, tmp_path, monkeypatch, capsys,
+                                                                       size):
+    """random_states_0.pkl of the newest checkpoint truncated (a disk that filled, a copy cut short): resuming
+    from it would silently draw other dropout masks (accelerate logs the failure at info level only). The
+    checkpoint is named as damaged, with the bad file, and the previous one is resumed: the run still ends with
+    the uninterrupted run's weights."""
+    import torch
+
+    from distillm2_kernels.trainer.training import TrainConfig, train
+
+    options = _train_options(tiny_models, tmp_path)
+    train(TrainConfig(output=str(tmp_path / "whole"), **options))
+    resumed = tmp_path / "resumed"
+    _killed_after_checkpoint(monkeypatch, TrainConfig(output=str(resumed), **options), step=2)
+    bad = resumed / "checkpoint-2" / "random_states_0.pkl"
+    bad.write_bytes(bad.read_bytes()[:size])
+    capsys.readouterr()
+    result = train(TrainConfig(output=str(resumed), resume=True, **options))
+    err = capsys.readouterr().err
+    assert f"checkpoint-2 is damaged ({bad} holds {size} bytes" in err and "resuming from checkpoint-1" in err
+    assert (resumed / "checkpoint-2.damaged" / "random_states_0.pkl").is_file()
+    assert result.global_step == 3 and (resumed / "checkpoint-2" / "trainer_state.json").is_file()
+    expected, actual = _adapter(tmp_path / "whole"), _adapter(resumed)
+    assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_a_checkpoint_without_a_loadable_rng_state_is_refused_when_it_is_the_only_one(tiny_models, tmp_path,
+                                                                                      monkeypatch):
+    """A checkpoint written before the file list existed is still checked: its pickles must load."""
+    from distillm2_kernels.trainer.training import TrainConfig, train
+
+    options = _train_options(tiny_models, tmp_path)
+    run = tmp_path / "run"
+    _killed_after_checkpoint(monkeypatch, TrainConfig(output=str(run), **options), step=1)
+    (run / "checkpoint-1" / "checkpoint_files.json").unlink(missing_ok=True)  # as an older version wrote it
+    bad = run / "checkpoint-1" / "random_states_0.pkl"
+    bad.write_bytes(bad.read_bytes()[:100])
+    with pytest.raises(ValueError, match=rf"every checkpoint is damaged \({bad} does not load"):
+        train(TrainConfig(output=str(run), resume=True, **options))
+
+
+def test_checkpoints_and_the_final_model_are_fsynced_before_they_are_renamed_into_place(tiny_models, tmp_path,
+                                                                                      monkeypatch):
+    import os
+
+    from distillm2_kernels.trainer.training import TrainConfig, train
+
+    synced, renamed = [], []
+    real_fsync, real_rename = os.fsync, Path.rename
+
+    def fsync(descriptor):
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        return real_fsync(descriptor)
+
+    def rename(self, target):
+        renamed.append((str(self), set(synced)))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Path, "rename", rename)
+    run = tmp_path / "run"
+    train(TrainConfig(output=str(run), **{**_train_options(tiny_models, tmp_path), "max_steps": 1}))
+    durable = dict(renamed)
+    for temporary, final in ((run / ".checkpoint-1.tmp", run / "checkpoint-1"), (run / ".final.tmp", run / "final")):
+        files = [p for p in final.rglob("*") if p.is_file()]
+        assert files and str(temporary) in durable
+        for path in files + [p for p in final.rglob("*") if p.is_dir()] + [final]:
+            assert str(temporary / path.relative_to(final)).rstrip("/.") in {
+                s.rstrip("/.") for s in durable[str(temporary)]
+            }, path
+    assert str(run) in synced  # the renames themselves made durable

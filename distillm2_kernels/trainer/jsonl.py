@@ -8,13 +8,15 @@ batch of rows, and `read_jsonl(..., allow_torn_tail=True)` drops the one incompl
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterable, Union
 
-__all__ = ["DataError", "read_jsonl", "read_text_lines", "write_jsonl_atomic", "JsonlAppender", "file_sha256"]
+__all__ = ["DataError", "read_jsonl", "read_text_lines", "write_jsonl_atomic", "JsonlAppender", "file_sha256",
+           "check_writable_folder", "check_writable_file", "remove_stale_temporaries"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -139,6 +141,45 @@ class JsonlAppender:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_writable_folder(folder: PathLike, role: str = "output") -> Path:
+    """Create `folder` (and its parents) and check that files can be written in it; ValueError naming it
+    otherwise (a read-only folder, a path under a file), so that a run fails before it loads anything."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        if isinstance(error, (FileExistsError, NotADirectoryError)):
+            reason = "a file is in the way (a path component is not a folder)"
+        raise ValueError(f"{role} folder {folder}: cannot write there ({reason})") from None
+    return folder
+
+
+def check_writable_file(path: PathLike, role: str = "output") -> Path:
+    """`check_writable_folder` for the folder of the file `path`, which must not be a folder itself."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{role} {path}: is a folder, expected a file name")
+    check_writable_folder(path.parent, f"{role} {path}:")
+    return path
+
+
+def remove_stale_temporaries(path: PathLike) -> list[Path]:
+    """Delete the `.<name>.*.tmp` files that `write_jsonl_atomic(path, ...)` leaves when killed before its
+    rename (the next run of the same command calls this). Returns what was removed."""
+    path = Path(path)
+    removed = []
+    if path.parent.is_dir():
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            if stale.is_file():
+                stale.unlink()
+                removed.append(stale)
+    return removed
 
 
 def file_sha256(path: PathLike) -> str:
