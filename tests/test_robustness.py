@@ -4,6 +4,8 @@ moment, moved folders and over-long prompts, for `generate`, `pair`, `train` and
 from __future__ import annotations
 
 import json
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -231,3 +233,140 @@ def test_checkpoints_and_the_final_model_are_fsynced_before_they_are_renamed_int
                 s.rstrip("/.") for s in durable[str(temporary)]
             }, path
     assert str(run) in synced  # the renames themselves made durable
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. a resumed generation writes what the uninterrupted one would have
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_an_interruption_inside_a_batch_write_still_resumes_to_the_uninterrupted_samples(tiny_models, tmp_path):
+    """A crash (or a full disk) in the middle of a batch's append keeps 6 of 8 rows: the resumed run samples
+    the interrupted batch whole again, so every later row is the uninterrupted run's, not a new draw."""
+    teacher, _ = tiny_models("llama")
+    options = dict(temperature=1.0, top_p=1.0, max_new_tokens=6, seed=3, batch_size=4, progress=False)
+    reference = generate(teacher, PROMPTS, tmp_path / "reference.jsonl", **options).output_path
+    output = tmp_path / "out.jsonl"
+    lines = reference.read_bytes().splitlines(keepends=True)
+    output.with_name(output.name + ".partial").write_bytes(b"".join(lines[:6]))  # rows 4, 5 of batch [4, 8)
+    result = generate(teacher, PROMPTS, output, **options)
+    assert (result.num_reused, result.num_generated) == (6, 2)
+    assert _rows(output) == _rows(reference)
+
+
+@pytest.mark.parametrize("changed", [dict(batch_size=2), dict(dtype="float16"), dict(engine="vllm")])
+def test_resuming_with_a_setting_that_changes_the_samples_is_refused(stand_in_engine, model_dir, tmp_path,
+                                                                     monkeypatch, changed):
+    monkeypatch.setattr(generation, "vllm_installed", lambda: True)
+    monkeypatch.setattr(generation, "gpu_available", lambda: True)
+    options = dict(engine="hf", batch_size=4, progress=False)
+    output = tmp_path / "out.jsonl"
+    generate(model_dir, PROMPTS[:3], output, **options)
+    name = next(iter(changed))
+    with pytest.raises(ValueError, match=rf"'{name}': .* resume with the same settings"):
+        generate(model_dir, PROMPTS, output, **{**options, **changed})
+
+
+def test_the_vllm_batch_size_does_not_change_the_samples_and_may_change_on_resume(model_dir, tmp_path,
+                                                                                monkeypatch):
+    """vLLM seeds every prompt on its own: its batch size is not a setting of the rows."""
+    class LLM:
+        def __init__(self, model, **kwargs):
+            pass
+
+        def chat(self, conversations, sampling_params, use_tqdm):
+            finish = types.SimpleNamespace
+            return [finish(outputs=[finish(text=f"{c[0]['content']} {p.kwargs['seed']}", finish_reason="stop")])
+                    for c, p in zip(conversations, sampling_params)]
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
+    monkeypatch.setattr(generation, "vllm_installed", lambda: True)
+    monkeypatch.setattr(generation, "gpu_available", lambda: True)
+    generate(model_dir, PROMPTS, tmp_path / "reference.jsonl", batch_size=3, progress=False)
+    generate(model_dir, PROMPTS[:4], tmp_path / "out.jsonl", batch_size=3, progress=False)
+    result = generate(model_dir, PROMPTS, tmp_path / "out.jsonl", batch_size=5, progress=False)
+    assert (result.num_reused, result.num_generated) == (4, 4)
+    assert _rows(tmp_path / "out.jsonl") == _rows(tmp_path / "reference.jsonl")
+    assert _rows(tmp_path / "out.jsonl")[0]["generation"]["batch_size"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. a model named by another path to the same folder
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_model_is_identified_by_its_resolved_path(stand_in_engine, tmp_path, monkeypatch):
+    """The same model folder given as an absolute path, a relative one from another directory, or through a
+    symbolic link: the rows of the interrupted run are reused, not refused as "other settings"."""
+    model = tmp_path / "models" / "teacher"
+    model.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "models")
+    output = tmp_path / "out.jsonl"
+    generate(model, PROMPTS[:4], output, batch_size=2, progress=False)
+    monkeypatch.chdir(tmp_path / "models")
+    result = generate("teacher", PROMPTS[:6], output, batch_size=2, progress=False)
+    assert (result.num_reused, result.num_generated) == (4, 2)
+    result = generate(tmp_path / "link" / "teacher", PROMPTS, output, batch_size=2, progress=False)
+    assert (result.num_reused, result.num_generated) == (6, 2)
+    assert {row["generation"]["model"] for row in _rows(output)} == {str(model.resolve())}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8. over-long prompts
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_an_over_long_prompt_keeps_its_end_on_transformers_and_the_row_says_so(tiny_models, tmp_path):
+    """The tiny model's context is 256 positions: with 4 new tokens a prompt's rendered conversation keeps its
+    last 252 tokens (the template's 3 special tokens and the prompt's last 249 characters, one token each)."""
+    teacher, _ = tiny_models("llama")
+    long_prompt = "".join(f"{i} " for i in range(700))  # 2590 characters
+    options = dict(temperature=0, max_new_tokens=4, progress=False)
+    generate(teacher, [PROMPTS[0], long_prompt], tmp_path / "out.jsonl", **options)
+    short, long = _rows(tmp_path / "out.jsonl")
+    assert short["prompt_truncated"] is False and "prompt_tokens" not in short
+    assert long["prompt"] == long_prompt and long["prompt_truncated"] is True
+    assert long["prompt_tokens"] == len(long_prompt) + 3 and long["generation"]["max_prompt_tokens"] == 252
+    generate(teacher, [PROMPTS[0], long_prompt[-249:]], tmp_path / "cut.jsonl", **options)
+    assert long["response"] == _rows(tmp_path / "cut.jsonl")[1]["response"]
+    with pytest.raises(ValueError, match="leaves no room for a prompt"):
+        generate(teacher, PROMPTS, tmp_path / "x.jsonl", max_new_tokens=256, progress=False)
+
+
+def test_an_over_long_prompt_keeps_its_end_on_vllm(tiny_models, tmp_path, monkeypatch):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    teacher, _ = tiny_models("llama")
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(teacher / "config.json", model / "config.json")  # max_position_embeddings 256
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    conversations = []
+
+    class LLM:
+        def __init__(self, model, **kwargs):
+            pass
+
+        def get_tokenizer(self):
+            return tokenizer
+
+        def chat(self, batch, sampling_params, use_tqdm):
+            conversations.extend(batch)
+            finish = types.SimpleNamespace
+            return [finish(outputs=[finish(text="ok", finish_reason="stop")]) for _ in batch]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=lambda **kw: kw))
+    monkeypatch.setattr(generation, "vllm_installed", lambda: True)
+    monkeypatch.setattr(generation, "gpu_available", lambda: True)
+    long_prompt = "x" * 1000 + "the end"
+    generate(model, [long_prompt, PROMPTS[0]], tmp_path / "out.jsonl", max_new_tokens=56, progress=False)
+    assert conversations == [[{"role": "user", "content": long_prompt[-(200 - 3):]}],
+                             [{"role": "user", "content": PROMPTS[0]}]]
+    rows = _rows(tmp_path / "out.jsonl")
+    assert [r["prompt_truncated"] for r in rows] == [True, False] and rows[0]["prompt"] == long_prompt
