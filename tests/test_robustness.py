@@ -370,3 +370,174 @@ def test_an_over_long_prompt_keeps_its_end_on_vllm(tiny_models, tmp_path, monkey
                              [{"role": "user", "content": PROMPTS[0]}]]
     rows = _rows(tmp_path / "out.jsonl")
     assert [r["prompt_truncated"] for r in rows] == [True, False] and rows[0]["prompt"] == long_prompt
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. errors that say what happened: a full disk, an output that cannot be written
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _torch_writer_on_a_full_disk(monkeypatch):
+    """torch.save as it fails on a full disk: part of the file written, then torch's own message, which does
+    not say why; and the file system left with no free space."""
+    import shutil
+
+    import torch
+
+    from distillm2_kernels.trainer import checkpoint
+
+    real_save, real_usage = torch.save, shutil.disk_usage
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, Path)) and "checkpoint-2" in str(f):
+            Path(f).write_bytes(b"PK\x03\x04" + b"\0" * 60)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4054")
+        return real_save(obj, f, *args, **kwargs)
+
+    def usage(path):
+        total, used, free = real_usage(path)
+        return type(real_usage(path))(total, total, 0)
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", usage)
+
+
+def test_a_full_disk_during_a_checkpoint_says_no_space_left_on_device(tiny_models, tmp_path, monkeypatch, capsys):
+    from distillm2_kernels.trainer.cli import main
+
+    options = _train_options(tiny_models, tmp_path)
+    _torch_writer_on_a_full_disk(monkeypatch)
+    run = tmp_path / "run"
+    argv = ["train", "--teacher", options["teacher"], "--student", options["student"], "--data", options["data"],
+            "--output", str(run), "--max-steps", "3", "--batch-size", "2", "--save-steps", "1", "--lora-r", "4",
+            "--no-progress"]
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"distillm2 train: error: [Errno 28] writing checkpoint {run / 'checkpoint-2'} failed: "
+                          "No space left on device"), err
+    assert "unexpected pos" in err  # torch's own message is kept
+    assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]  # the partial one gone
+
+
+def _mount_small_tmpfs(size: str):
+    """A fresh folder outside pytest's tmp_path (which pytest moves and deletes) with a tmpfs of `size`
+    mounted on it, or None where this machine does not allow mounting (not root)."""
+    import subprocess
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="distillm2-small-disk-"))
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                      capture_output=True).returncode == 0:
+        return folder
+    folder.rmdir()
+    return None
+
+
+def test_a_really_full_tmpfs_during_a_checkpoint_says_no_space_left_on_device(tiny_models, tmp_path, monkeypatch):
+    """The same on a real full file system, where this machine allows mounting one (root); the test above,
+    with torch's writer patched, runs everywhere."""
+    import subprocess
+
+    from distillm2_kernels.trainer import training
+    from distillm2_kernels.trainer.training import TrainConfig, train
+
+    disk = _mount_small_tmpfs("16m")
+    if disk is None:
+        pytest.skip("cannot mount a tmpfs here; test_a_full_disk_during_a_checkpoint_... covers the message")
+    try:
+        options = _train_options(tiny_models, tmp_path)
+        real_save = training.save_checkpoint
+
+        def fill_then_save(accelerator, output, state, *args, **kwargs):
+            if state.global_step == 2:  # leave 4 KiB: the checkpoint's first large file cannot be written
+                import shutil
+
+                free = shutil.disk_usage(disk).free
+                with open(disk / "filler", "wb") as handle:
+                    handle.write(b"\0" * (free - 4096))
+            return real_save(accelerator, output, state, *args, **kwargs)
+
+        monkeypatch.setattr(training, "save_checkpoint", fill_then_save)
+        with pytest.raises(OSError, match=r"writing checkpoint .*checkpoint-2 failed: No space left on device"):
+            train(TrainConfig(output=str(disk / "run"), **options))
+        assert not (disk / "run" / ".checkpoint-2.tmp").exists()
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)
+        disk.rmdir()
+
+
+@pytest.mark.parametrize("command", ["generate", "pair", "train", "pipeline"])
+def test_an_output_that_cannot_be_written_is_one_line_before_any_model_is_loaded(tiny_models, tmp_path,
+                                                                                 monkeypatch, capsys, command):
+    from distillm2_kernels.trainer import training
+    from distillm2_kernels.trainer.cli import main
+
+    teacher, student = tiny_models("llama")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the output was checked")
+
+    monkeypatch.setattr(generation, "_make_engine", no_loading)
+    monkeypatch.setattr(training, "load_student", no_loading)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    responses = tmp_path / "responses.jsonl"
+    responses.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    output = blocker / "out"
+    argv = {
+        "generate": ["--model", str(student), "--prompts", str(prompts), "--output", str(output / "g.jsonl"),
+                     "--max-new-tokens", "8"],
+        "pair": ["--teacher", str(responses), "--student", str(responses), "--output", str(output / "p.jsonl")],
+        "train": ["--teacher", str(teacher), "--student", str(student), "--data", str(_pairs_file(tmp_path / "d.jsonl")),
+                  "--output", str(output)],
+        "pipeline": ["--prompts", str(prompts), "--teacher", str(teacher), "--student", str(student),
+                     "--output", str(output), "--max-new-tokens", "8"],
+    }[command]
+    capsys.readouterr()
+    assert main([command] + argv + (["--no-progress"] if command != "pair" else [])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"distillm2 {command}: error: ") and err.count("\n") == 1, err
+    assert "cannot write there (a file is in the way" in err and str(output) in err
+
+
+def test_a_read_only_output_folder_is_one_line_with_status_2(tmp_path, monkeypatch, capsys, stand_in_engine):
+    """chmod where the tests do not run as root (root writes anywhere), a read-only tmpfs where they do."""
+    import os
+    import subprocess
+    import tempfile
+
+    from distillm2_kernels.trainer.cli import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    responses = tmp_path / "responses.jsonl"
+    responses.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        unmount = None
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="distillm2-read-only-"))
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                          capture_output=True).returncode != 0:
+            folder.rmdir()
+            pytest.skip("root, but cannot mount a read-only tmpfs here")
+        unmount = folder
+    try:
+        for command, argv in (
+            ("generate", ["--model", str(model), "--prompts", str(responses), "--output", str(folder / "g.jsonl")]),
+            ("pair", ["--teacher", str(responses), "--student", str(responses), "--output", str(folder / "p.jsonl")]),
+        ):
+            assert main([command] + argv) == 2
+            err = capsys.readouterr().err
+            assert err == f"distillm2 {command}: error: output {folder / argv[-1].split('/')[-1]}: folder {folder}: " \
+                          f"cannot write there ({os.strerror(30 if unmount else 13)})\n", err
+        assert stand_in_engine == []
+    finally:
+        if unmount is not None:
+            subprocess.run(["umount", "--lazy", str(unmount)], check=True)
+            unmount.rmdir()

@@ -188,19 +188,23 @@ def set_damaged_aside(folder: Path) -> Path:
 
 def explain_write_error(error: BaseException, what: str, folder: Path) -> Optional[OSError]:
     """An OSError that says what failed, and "No space left on device" when the disk is full (torch's writer
-    reports that as `RuntimeError: ... unexpected pos ...`), or None when `error` is not a write failure."""
-    if not isinstance(error, (OSError, RuntimeError)):
+    reports that as `RuntimeError: ... unexpected pos ...`, safetensors as its own error), or None when
+    `error` is not a failed write (an interruption, a bug)."""
+    if not isinstance(error, Exception):
         return None
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
         free = None
     code = getattr(error, "errno", None)
-    if code == errno.ENOSPC or (free is not None and free < FULL_DISK_BYTES):
+    writer_failed = isinstance(error, (OSError, RuntimeError))
+    if code == errno.ENOSPC or "No space left on device" in str(error) or (
+        writer_failed and free is not None and free < FULL_DISK_BYTES
+    ):
         return OSError(errno.ENOSPC, f"{what} failed: No space left on device ({free} bytes free in {folder}; "
                                      f"the write failed with: {error})")
     if isinstance(error, OSError):
-        return OSError(code, f"{what} failed: {error.strerror or error}")
+        return OSError(code, f"{what} failed: {error}")
     return None
 
 
