@@ -134,8 +134,9 @@ def _pairs_file(path: Path, count: int = 4) -> Path:
 
 def _train_options(tiny_models, tmp_path, **extra) -> dict:
     teacher, student = tiny_models("llama")
-    return dict(teacher=str(teacher), student=str(student), data=str(_pairs_file(tmp_path / "pairs.jsonl")),
-                max_steps=3, batch_size=2, save_steps=1, lr=1e-3, lora_r=4, progress=False, **extra)
+    options = dict(teacher=str(teacher), student=str(student), data=str(_pairs_file(tmp_path / "pairs.jsonl")),
+                   max_steps=3, batch_size=2, save_steps=1, lr=1e-3, lora_r=4, progress=False)
+    return {**options, **extra}
 
 
 def _killed_after_checkpoint(monkeypatch, config, step: int) -> None:
@@ -223,7 +224,7 @@ def test_checkpoints_and_the_final_model_are_fsynced_before_they_are_renamed_int
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(Path, "rename", rename)
     run = tmp_path / "run"
-    train(TrainConfig(output=str(run), **{**_train_options(tiny_models, tmp_path), "max_steps": 1}))
+    train(TrainConfig(output=str(run), **_train_options(tiny_models, tmp_path, max_steps=1)))
     durable = dict(renamed)
     for temporary, final in ((run / ".checkpoint-1.tmp", run / "checkpoint-1"), (run / ".final.tmp", run / "final")):
         files = [p for p in final.rglob("*") if p.is_file()]
@@ -541,3 +542,161 @@ def test_a_read_only_output_folder_is_one_line_with_status_2(tmp_path, monkeypat
         if unmount is not None:
             subprocess.run(["umount", "--lazy", str(unmount)], check=True)
             unmount.rmdir()
+
+
+def test_a_full_disk_while_generating_names_the_file_and_the_rerun_resumes(stand_in_engine, model_dir, tmp_path,
+                                                                           monkeypatch, capsys):
+    """The partial file's writes fail as on a full disk after 3 rows and a half: one line naming the file,
+    status 1; the rerun (space freed) drops the torn row and writes the uninterrupted run's rows."""
+    import errno
+
+    from distillm2_kernels.trainer import jsonl
+    from distillm2_kernels.trainer.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(NON_ASCII_PROMPTS) + "\n")
+    argv = ["generate", "--model", str(model_dir), "--prompts", str(prompts), "--generation-batch-size", "2",
+            "--no-progress"]
+    assert main(argv + ["--output", str(tmp_path / "reference.jsonl")]) == 0
+    real_open = open
+    budget = len(b"".join((tmp_path / "reference.jsonl").read_bytes().splitlines(keepends=True)[:3])) + 7
+
+    class FullDisk:
+        def __init__(self, handle):
+            self.handle, self.written = handle, 0
+
+        def write(self, text):
+            data = text.encode()
+            room = budget - self.written
+            if len(data) > room:  # a short write, then the error (as write(2) on a file system that fills)
+                self.handle.flush()
+                self.handle.buffer.write(data[:max(room, 0)])
+                self.handle.buffer.flush()
+                self.written = budget
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.written += len(data)
+            return self.handle.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+    import os
+
+    monkeypatch.setattr(jsonl, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
+    output = tmp_path / "out.jsonl"
+    capsys.readouterr()
+    assert main(argv + ["--output", str(output)]) == 1
+    assert capsys.readouterr().err == (f"distillm2 generate: error: [Errno 28] writing {output}.partial: "
+                                       "No space left on device\n")
+    monkeypatch.undo()
+    monkeypatch.setattr(generation, "_make_engine", lambda *args, **kwargs: StandInEngine([]))
+    assert main(argv + ["--output", str(output)]) == 0, capsys.readouterr().err
+    assert _rows(output) == _rows(tmp_path / "reference.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. final/ replaced atomically
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("killed_at", [".final.tmp", "final"])
+def test_a_kill_while_final_is_replaced_never_loses_the_model(tiny_models, tmp_path, monkeypatch, killed_at):
+    """A finished run saves final/ again when rerun. Killed at either rename of that swap, a complete model
+    is left (final/ itself, or .final.old, which the next run of train or the pipeline puts back)."""
+    from transformers import AutoModelForCausalLM
+
+    from distillm2_kernels.trainer.training import TrainConfig, read_final_state, train
+
+    options = _train_options(tiny_models, tmp_path, max_steps=1)
+    run = tmp_path / "run"
+    train(TrainConfig(output=str(run), **options))
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name == killed_at:
+            raise KeyboardInterrupt("killed between the renames")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    real_rmtree = __import__("shutil").rmtree
+
+    def rmtree(path, *args, **kwargs):  # the old code's deletion of final/ before the rename
+        real_rmtree(path, *args, **kwargs)
+        if Path(path) == run / "final" and killed_at == ".final.tmp":
+            raise KeyboardInterrupt("killed after deleting final/")
+
+    monkeypatch.setattr("shutil.rmtree", rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(output=str(run), resume=True, **options))
+    monkeypatch.undo()
+    saved = run / "final" if (run / "final").is_dir() else run / ".final.old"
+    assert read_final_state(saved) == {"global_step": 1, "epochs_completed": 0, "total_steps": 1}
+    AutoModelForCausalLM.from_pretrained(saved)
+    train(TrainConfig(output=str(run), resume=True, **options))  # the next run puts it back and goes on
+    assert read_final_state(run / "final")["global_step"] == 1 and not (run / ".final.old").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. temporary files left by a kill before a rename
+# ---------------------------------------------------------------------------------------------------------
+
+KILLED_BEFORE_RENAME = """
+import os, signal, sys
+from pathlib import Path
+real_replace, real_rename = os.replace, Path.rename
+def replace(source, target):
+    if str(target).endswith(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(source, target)
+def rename(self, target):
+    if str(target).endswith(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_rename(self, target)
+os.replace, Path.rename = replace, rename
+from distillm2_kernels.trainer.cli import main
+main(sys.argv[2:])
+"""
+
+
+def _killed_before_rename(tmp_path, target_suffix: str, argv: list) -> None:
+    import os
+    import signal
+    import subprocess
+
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_BEFORE_RENAME)
+    repository = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(repository), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.run([sys.executable, str(script), target_suffix] + argv, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert process.returncode == -signal.SIGKILL, process.stderr[-3000:]
+
+
+def _temporaries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob(".*") if p.name.endswith(".tmp"))
+
+
+def test_temporary_files_left_by_a_kill_before_the_rename_are_removed_by_the_next_run(tiny_models, tmp_path):
+    from distillm2_kernels.trainer.cli import main
+
+    teacher, student = tiny_models("llama")
+    responses = tmp_path / "responses.jsonl"
+    responses.write_text("".join(json.dumps({"prompt": p, "response": p[::-1]}) + "\n" for p in PROMPTS))
+    pair_argv = ["pair", "--teacher", str(responses), "--student", str(responses), "--output",
+                 str(tmp_path / "out" / "pairs.jsonl")]
+    _killed_before_rename(tmp_path, "pairs.jsonl", pair_argv)
+    assert [name.startswith(".pairs.jsonl.") for name in _temporaries(tmp_path / "out")] == [True]
+    assert main(pair_argv) == 0
+    assert _temporaries(tmp_path / "out") == [] and len(_rows(tmp_path / "out" / "pairs.jsonl")) == len(PROMPTS)
+
+    run = tmp_path / "run"
+    train_argv = ["train", "--teacher", str(teacher), "--student", str(student), "--data",
+                  str(tmp_path / "out" / "pairs.jsonl"), "--output", str(run), "--max-steps", "2", "--batch-size",
+                  "4", "--lora-r", "4", "--save-steps", "1", "--no-progress"]
+    _killed_before_rename(tmp_path, "checkpoint-2", train_argv)
+    assert _temporaries(run) == [".checkpoint-2.tmp"]
+    _killed_before_rename(tmp_path, "final", train_argv + ["--resume"])
+    assert _temporaries(run) == [".final.tmp"]  # the stale checkpoint was removed by the second run
+    assert main(train_argv + ["--resume"]) == 0
+    assert _temporaries(run) == [] and (run / "final" / "config.json").is_file()

@@ -104,6 +104,9 @@ def write_jsonl_atomic(path: PathLike, rows: Iterable[dict]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise OSError(error.errno, f"writing {path}: {error.strerror or error}") from error
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -128,10 +131,13 @@ class JsonlAppender:
                 handle.truncate(data.rfind(b"\n") + 1)
 
     def append(self, rows: Iterable[dict]) -> None:
-        for row in rows:
-            self._handle.write(_dumps(row) + "\n")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        try:
+            for row in rows:
+                self._handle.write(_dumps(row) + "\n")
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        except OSError as error:  # a full disk: say which file (the rows written so far are kept)
+            raise OSError(error.errno, f"writing {self.path}: {error.strerror or error}") from error
 
     def close(self) -> None:
         self._handle.close()
@@ -139,8 +145,12 @@ class JsonlAppender:
     def __enter__(self) -> "JsonlAppender":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        try:
+            self.close()
+        except OSError:
+            if exc_type is None:
+                raise  # else the error already raised (a full disk) says more than the failed flush at close
 
 
 def check_writable_folder(folder: PathLike, role: str = "output") -> Path:
