@@ -700,3 +700,27 @@ def test_temporary_files_left_by_a_kill_before_the_rename_are_removed_by_the_nex
     assert _temporaries(run) == [".final.tmp"]  # the stale checkpoint was removed by the second run
     assert main(train_argv + ["--resume"]) == 0
     assert _temporaries(run) == [] and (run / "final" / "config.json").is_file()
+
+
+def test_a_pipeline_folder_moved_with_its_model_inside_still_resumes(stand_in_engine, tmp_path):
+    """The pipeline's student after epoch e-1 lies in pipe/train/final and its responses in
+    pipe/epoch-e/student.jsonl: moved together, the rows are still this model's (same path relative to the
+    output, same config.json); another model at that place is not."""
+    import shutil
+
+    pipe = tmp_path / "old" / "pipe"
+    model = pipe / "train" / "final"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    output = pipe / "epoch-1" / "student.jsonl"
+    generate(model, PROMPTS[:4], output, max_new_tokens=8, batch_size=2, progress=False)
+    moved = tmp_path / "new" / "pipe"
+    moved.parent.mkdir()
+    shutil.move(pipe, moved)
+    result = generate(moved / "train" / "final", PROMPTS, moved / "epoch-1" / "student.jsonl", max_new_tokens=8,
+                      batch_size=2, progress=False)
+    assert (result.num_reused, result.num_generated) == (4, 4)
+    (moved / "train" / "final" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 96}))
+    shutil.move(moved, pipe)
+    with pytest.raises(ValueError, match="resume with the same settings"):
+        generate(model, PROMPTS, output, max_new_tokens=8, batch_size=2, progress=False)

@@ -12,6 +12,9 @@ response per prompt, and writes JSON Lines rows, in prompt order::
 `index` is the prompt's position in the prompt list; `finish_reason` is "stop" when the model ended its turn
 (an end-of-sequence token, not included in `response`) and "length" when `max_new_tokens` cut it. `model` is
 the model folder's resolved (absolute) path; `batch_size` is None on vLLM (it does not change the samples).
+`generation` also holds `model_relative` (the model's path relative to the output's folder) and
+`model_config_sha256` (of its config.json): a row whose model path differs is still this model's when both
+of these match, so that a folder holding the model and the output (a pipeline folder) can be moved.
 
 Long prompts: a prompt whose rendered conversation has more than `max_prompt_tokens` tokens (default: the
 model's `max_position_embeddings` minus `max_new_tokens`, when its config.json gives it) keeps its last
@@ -56,6 +59,7 @@ from .jsonl import (
     DataError,
     JsonlAppender,
     check_writable_file,
+    file_sha256,
     read_jsonl,
     remove_stale_temporaries,
     write_jsonl_atomic,
@@ -293,7 +297,30 @@ def _partial_path(output_path: Path) -> Path:
     return output_path.with_name(output_path.name + ".partial")
 
 
-def _existing_rows(path: Path, prompts: list[str], settings: dict, *, torn_tail: bool) -> dict[int, dict]:
+def model_identity(model_path: Path, output_path: Path) -> dict:
+    """What identifies the model besides its resolved path, so that a folder holding both the model and the
+    output (a pipeline folder) can be moved: the model's path relative to the output's folder, and the
+    SHA-256 of its config.json."""
+    config = model_path / "config.json"
+    return {
+        "model_relative": os.path.relpath(model_path.resolve(), output_path.parent.resolve()),
+        "model_config_sha256": file_sha256(config) if config.is_file() else None,
+    }
+
+
+def _same_model_moved(recorded: dict, identity: dict) -> bool:
+    """A row's model at another absolute path is this one when the model and the output moved together: the
+    same path relative to the output and the same config.json."""
+    return (
+        identity["model_config_sha256"] is not None
+        and recorded.get("model_config_sha256") == identity["model_config_sha256"]
+        and recorded.get("model_relative") == identity["model_relative"]
+    )
+
+
+def _existing_rows(
+    path: Path, prompts: list[str], settings: dict, identity: dict, *, torn_tail: bool
+) -> dict[int, dict]:
     """The rows of an earlier run that this run can keep, by index (rows beyond the prompt list are dropped)."""
     rows = {}
     if not path.exists():
@@ -309,7 +336,10 @@ def _existing_rows(path: Path, prompts: list[str], settings: dict, *, torn_tail:
                 f"{path}:{number}: row {index} is for another prompt than prompt {index} of this prompt list; "
                 "resume with the same prompts, or write to a new output file"
             )
-        previous = {key: (row.get("generation") or {}).get(key) for key in SETTINGS_KEYS}
+        recorded = row.get("generation") or {}
+        previous = {key: recorded.get(key) for key in SETTINGS_KEYS}
+        if previous["model"] != settings["model"] and _same_model_moved(recorded, identity):
+            previous["model"] = settings["model"]
         if previous != settings:
             raise ValueError(
                 f"{path}:{number}: generated with settings {previous}, this run uses {settings}; "
@@ -381,9 +411,10 @@ def generate(
         max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size if chosen_engine == "hf" else None,
         max_prompt_tokens=max_prompt_tokens,
     )
+    identity = model_identity(model_path, output_path)
     partial_path = _partial_path(output_path)
-    done = _existing_rows(output_path, prompt_list, settings, torn_tail=False)
-    done.update(_existing_rows(partial_path, prompt_list, settings, torn_tail=True))
+    done = _existing_rows(output_path, prompt_list, settings, identity, torn_tail=False)
+    done.update(_existing_rows(partial_path, prompt_list, settings, identity, torn_tail=True))
     reused = len(done)
     batches = _batches(len(prompt_list), set(done), batch_size, whole=chosen_engine == "hf")
 
@@ -414,7 +445,7 @@ def generate(
                            "prompt_truncated": truncated}
                     if truncated:
                         row["prompt_tokens"] = tokens
-                    rows.append({**row, "generation": dict(settings)})
+                    rows.append({**row, "generation": {**settings, **identity}})
                 partial.append(rows)
                 done.update((row["index"], row) for row in rows)
                 generated += len(rows)
