@@ -724,3 +724,36 @@ def test_a_pipeline_folder_moved_with_its_model_inside_still_resumes(stand_in_en
     shutil.move(moved, pipe)
     with pytest.raises(ValueError, match="resume with the same settings"):
         generate(model, PROMPTS, output, max_new_tokens=8, batch_size=2, progress=False)
+
+
+def test_the_pipeline_resumes_a_torn_partial_file_from_another_directory(tiny_models, tmp_path, monkeypatch):
+    """Items 1 and 5 through the pipeline: its teacher responses interrupted by a full disk inside a multi-byte
+    character (written with absolute model paths), the command rerun from another directory with relative
+    ones: it goes on, and the teacher's rows are the uninterrupted run's."""
+    import os
+
+    from distillm2_kernels.trainer.cli import main
+    from distillm2_kernels.trainer.training import read_final_state
+
+    teacher, student = tiny_models("llama")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(NON_ASCII_PROMPTS[:4]) + "\n")
+    reference = generate(teacher, prompts, tmp_path / "reference.jsonl", max_new_tokens=6, seed=42,
+                         progress=False).output_path
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    lines = reference.read_bytes().splitlines(keepends=True)
+    cut = lines[2].index("日".encode()) + 2
+    (pipe / "teacher.jsonl.partial").write_bytes(b"".join(lines[:2]) + lines[2][:cut])
+    monkeypatch.chdir(tmp_path)
+    argv = ["pipeline", "--prompts", "prompts.txt", "--teacher", os.path.relpath(teacher),
+            "--student", os.path.relpath(student), "--output", "pipe", "--epochs", "1", "--max-new-tokens", "6",
+            "--batch-size", "2", "--lora-r", "4", "--no-progress"]
+    assert main(argv) == 0
+
+    def located_elsewhere(rows):  # the model's path relative to each output differs
+        return [{**row, "generation": {k: v for k, v in row["generation"].items() if k != "model_relative"}}
+                for row in rows]
+
+    assert located_elsewhere(_rows(pipe / "teacher.jsonl")) == located_elsewhere(_rows(reference))
+    assert read_final_state(pipe / "train" / "final")["epochs_completed"] == 1
