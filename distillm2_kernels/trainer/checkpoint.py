@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .jsonl import fsync_directory
+
 __all__ = [
     "TrainerState", "checkpoints", "latest_checkpoint", "usable_checkpoint", "checkpoint_problem", "save_checkpoint",
     "register_trainable_weight_hooks", "fsync_tree", "explain_write_error", "remove_stale_temporaries",
@@ -114,14 +116,6 @@ def fsync_tree(folder: Path) -> None:
                 os.close(descriptor)
     for root in reversed(folders):
         fsync_directory(Path(root))
-
-
-def fsync_directory(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _files(folder: Path) -> dict[str, int]:

@@ -104,6 +104,7 @@ def write_jsonl_atomic(path: PathLike, rows: Iterable[dict]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+        fsync_directory(path.parent)  # the rename itself durable
     except OSError as error:
         Path(temporary).unlink(missing_ok=True)
         raise OSError(error.errno, f"writing {path}: {error.strerror or error}") from error
@@ -119,7 +120,10 @@ class JsonlAppender:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._repair_tail()
+        created = not self.path.exists()
         self._handle = open(self.path, "a", encoding="utf-8")
+        if created:
+            fsync_directory(self.path.parent)
 
     def _repair_tail(self) -> None:
         """Cut an incomplete last line (no trailing newline) so that new rows start on a line of their own."""
@@ -151,6 +155,15 @@ class JsonlAppender:
         except OSError:
             if exc_type is None:
                 raise  # else the error already raised (a full disk) says more than the failed flush at close
+
+
+def fsync_directory(folder: PathLike) -> None:
+    """fsync a folder, so that the files created or renamed in it are durable."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def check_writable_folder(folder: PathLike, role: str = "output") -> Path:
