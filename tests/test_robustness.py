@@ -757,3 +757,15 @@ def test_the_pipeline_resumes_a_torn_partial_file_from_another_directory(tiny_mo
 
     assert located_elsewhere(_rows(pipe / "teacher.jsonl")) == located_elsewhere(_rows(reference))
     assert read_final_state(pipe / "train" / "final")["epochs_completed"] == 1
+
+
+def test_a_metrics_row_torn_by_a_crash_is_dropped_on_resume(tmp_path):
+    """Rows 1-12 logged, checkpoint 11, killed while writing row 13 ("1" of it written): the torn row must not
+    come back as a second step 1."""
+    from distillm2_kernels.trainer.metrics_log import COLUMNS, MetricsLog, read_metrics
+
+    path = tmp_path / "metrics.csv"
+    rows = [",".join([str(step), "0"] + ["0.5"] * (len(COLUMNS) - 2)) for step in range(1, 13)]
+    path.write_text(",".join(COLUMNS) + "\n" + "\n".join(rows) + "\n1")
+    MetricsLog(path, resume_step=11).close()
+    assert [row["step"] for row in read_metrics(path)] == [str(step) for step in range(1, 12)]

@@ -2,6 +2,7 @@
 
     distillm2 generate --model PATH --prompts FILE --output FILE.jsonl [--n N] [--temperature 0.8]
                        [--top-p 0.95] [--max-new-tokens 1024] [--seed 42] [--engine auto|vllm|hf]
+                       [--max-prompt-tokens N] [--generation-batch-size B] [--dtype D]
     distillm2 pair     --teacher T.jsonl --student S.jsonl --output PAIRS.jsonl [--strict]
     distillm2 train    --teacher PATH --student PATH --data PAIRS.jsonl --output DIR [options of TrainConfig]
     distillm2 pipeline --prompts FILE --teacher PATH --student PATH --output DIR [--epochs 3]
