@@ -5,23 +5,39 @@ accumulation counter, the objective's curriculum state as a registered object, a
 weights — the LoRA/DoRA adapter only, or every weight when fully fine-tuning), plus `trainer_state.json`
 (global step, epoch, optimizer steps done in the epoch, the schedule's length, the number of pairs the batch
 plan was made for and the data file's SHA-256) and, for a LoRA run, the adapter in peft's format under `adapter/` (loadable with
-`PeftModel.from_pretrained`). It is written to a temporary folder and renamed when complete, so a run
-killed while saving leaves the previous checkpoints intact; `latest_checkpoint` only sees complete ones.
+`PeftModel.from_pretrained`). It is written to a temporary folder, listed with every file's size in
+`checkpoint_files.json`, made durable (every file and folder fsynced) and only then renamed into place, so a
+run killed or a disk filled while saving leaves the previous checkpoints intact; `checkpoints` only sees
+renamed ones. Before resuming, `usable_checkpoint` checks the newest one against its list (every file there,
+with its size) and loads its small pickles (RNG states, curriculum state), which accelerate would otherwise
+skip with a message at info level only; a damaged checkpoint is renamed to `checkpoint-<step>.damaged` and
+the previous complete one is used, with a warning that names the bad file. A failure while writing says
+"No space left on device" when the disk is full (torch's own message does not).
 Under DeepSpeed and FSDP `save_state` writes their own (sharded) formats.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["TrainerState", "checkpoints", "latest_checkpoint", "save_checkpoint", "register_trainable_weight_hooks"]
+from .jsonl import fsync_directory
+
+__all__ = [
+    "TrainerState", "checkpoints", "latest_checkpoint", "usable_checkpoint", "checkpoint_problem", "save_checkpoint",
+    "register_trainable_weight_hooks", "fsync_tree", "explain_write_error", "remove_stale_temporaries",
+]
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "checkpoint_files.json"  # {relative path: size in bytes} of every other file
+DAMAGED_SUFFIX = ".damaged"
+FULL_DISK_BYTES = 1 << 20  # a write that failed with less than this free on its file system: a full disk
 # fields of the run that a resumed run must share (a different value would change the data order or the math)
 RESUME_INVARIANTS = (
     "epochs", "max_steps", "loss", "preset", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "dora", "batch_size", "grad_accum",
@@ -86,6 +102,125 @@ def latest_checkpoint(output: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then every folder from the deepest up (so that their entries are
+    durable too)."""
+    folders = []
+    for root, _, files in os.walk(folder):
+        folders.append(root)
+        for name in files:
+            descriptor = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+    for root in reversed(folders):
+        fsync_directory(Path(root))
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {
+        path.relative_to(folder).as_posix(): path.stat().st_size
+        for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST_FILE
+    }
+
+
+def checkpoint_problem(folder: Path) -> Optional[str]:
+    """What is wrong with a checkpoint (naming the file), or None when it is complete: every file of its list
+    present with its size, its trainer state readable, the RNG state of each of its processes and the
+    curriculum state loadable. A checkpoint without a list (an older version) is checked for the latter."""
+    from accelerate.utils import load
+
+    manifest = folder / MANIFEST_FILE
+    if manifest.is_file():
+        try:
+            expected = json.loads(manifest.read_text())
+        except (ValueError, UnicodeDecodeError):
+            return f"{manifest} is not readable"
+        for name, size in expected.items():
+            path = folder / name
+            if not path.is_file():
+                return f"{path} is missing"
+            if path.stat().st_size != size:
+                return f"{path} holds {path.stat().st_size} bytes, {size} were written"
+    try:
+        world_size = TrainerState.load(folder).world_size
+    except (OSError, ValueError, TypeError) as error:
+        return f"{folder / STATE_FILE} is not readable ({error})"
+    pickles = [folder / f"random_states_{rank}.pkl" for rank in range(world_size)]
+    pickles += sorted(folder.glob("custom_checkpoint_*.pkl"))
+    for path in pickles:
+        if not path.is_file():
+            return f"{path} is missing"
+        try:
+            load(str(path), weights_only=False)
+        except Exception as error:  # anything unpickling can raise: the file is damaged
+            return f"{path} does not load ({type(error).__name__}: {error})"
+    return None
+
+
+def usable_checkpoint(output: Path) -> tuple[Optional[Path], list[tuple[Path, str]]]:
+    """The newest complete checkpoint in `output` (None when none is), and the (checkpoint, problem) of every
+    newer damaged one (see `checkpoint_problem`)."""
+    damaged = []
+    for folder in reversed(checkpoints(output)):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder, damaged
+        damaged.append((folder, problem))
+    return None, damaged
+
+
+def set_damaged_aside(folder: Path) -> Path:
+    """Rename a damaged checkpoint out of the way (kept for inspection; `checkpoints` no longer lists it)."""
+    target = folder.with_name(folder.name + DAMAGED_SUFFIX)
+    if target.exists():
+        shutil.rmtree(target)
+    folder.rename(target)
+    return target
+
+
+def explain_write_error(error: BaseException, what: str, folder: Path) -> Optional[OSError]:
+    """An OSError that says what failed, and "No space left on device" when the disk is full (torch's writer
+    reports that as `RuntimeError: ... unexpected pos ...`, safetensors as its own error), or None when
+    `error` is not a failed write (an interruption, a bug)."""
+    if not isinstance(error, Exception):
+        return None
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    code = getattr(error, "errno", None)
+    writer_failed = isinstance(error, (OSError, RuntimeError))
+    if code == errno.ENOSPC or "No space left on device" in str(error) or (
+        writer_failed and free is not None and free < FULL_DISK_BYTES
+    ):
+        return OSError(errno.ENOSPC, f"{what} failed: No space left on device ({free} bytes free in {folder}; "
+                                     f"the write failed with: {error})")
+    if isinstance(error, OSError):
+        return OSError(code, f"{what} failed: {error}")
+    return None
+
+
+def remove_stale_temporaries(output: Path) -> list[Path]:
+    """Delete what a run killed while saving leaves in `output` (`.checkpoint-<step>.tmp`, `.final.tmp`,
+    `.metrics.csv.tmp`; `.final.old` once `final` is back in place). Returns what was removed."""
+    output = Path(output)
+    removed = []
+    candidates = list(output.glob(f".{PREFIX}*.tmp")) + [output / ".final.tmp", output / ".metrics.csv.tmp"]
+    if (output / "final").is_dir():
+        candidates.append(output / ".final.old")
+    for path in candidates:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(path)
+    return removed
+
+
 def save_checkpoint(
     accelerator, output: Path, state: TrainerState, peft_model=None, total_limit: Optional[int] = None
 ) -> Path:
@@ -97,17 +232,34 @@ def save_checkpoint(
     if accelerator.is_main_process and temporary.exists():
         shutil.rmtree(temporary)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    if accelerator.is_main_process:
-        sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-        if peft_model is not None and not sharded:
-            peft_model.save_pretrained(temporary / "adapter")
-        state.save(temporary)  # last: marks the checkpoint complete
+    try:
+        accelerator.save_state(str(temporary))
+        if accelerator.is_main_process:
+            sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+            if peft_model is not None and not sharded:
+                peft_model.save_pretrained(temporary / "adapter")
+            state.save(temporary)
+    except BaseException as error:
+        explained = explain_write_error(error, f"writing checkpoint {final}", Path(output))
+        shutil.rmtree(temporary, ignore_errors=True)  # frees the space the partial checkpoint took
+        if explained is not None:
+            raise explained from error
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        try:
+            (temporary / MANIFEST_FILE).write_text(json.dumps(_files(temporary), indent=1) + "\n")
+            fsync_tree(temporary)
+        except BaseException as error:
+            explained = explain_write_error(error, f"writing checkpoint {final}", Path(output))
+            shutil.rmtree(temporary, ignore_errors=True)
+            if explained is not None:
+                raise explained from error
+            raise
         if final.exists():
             shutil.rmtree(final)
         temporary.rename(final)
+        fsync_directory(Path(output))
         if total_limit:
             for old in checkpoints(output)[:-total_limit]:
                 shutil.rmtree(old)

@@ -2,6 +2,7 @@
 
     distillm2 generate --model PATH --prompts FILE --output FILE.jsonl [--n N] [--temperature 0.8]
                        [--top-p 0.95] [--max-new-tokens 1024] [--seed 42] [--engine auto|vllm|hf]
+                       [--max-prompt-tokens N] [--generation-batch-size B] [--dtype D]
     distillm2 pair     --teacher T.jsonl --student S.jsonl --output PAIRS.jsonl [--strict]
     distillm2 train    --teacher PATH --student PATH --data PAIRS.jsonl --output DIR [options of TrainConfig]
     distillm2 pipeline --prompts FILE --teacher PATH --student PATH --output DIR [--epochs 3]
@@ -9,7 +10,10 @@
 
 `distillm2 <command> --help` lists every option. Errors in the input (a malformed data file, a missing
 folder, an impossible option or combination of options: a `ValueError` or `FileNotFoundError`) are printed
-as one line, naming the file and the line where there is one, with exit status 2.
+as one line, naming the file and the line where there is one, with exit status 2; so is an output that
+cannot be written (a read-only folder, a path under a file), checked before any model is loaded. A failure
+of the machine while writing (an `OSError`: a full disk, which says "No space left on device") is one line
+too, with exit status 1.
 """
 
 from __future__ import annotations
@@ -104,6 +108,9 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-new-tokens", type=int, default=1024, help="response length limit (default 1024)")
     group.add_argument("--engine", choices=ENGINES, default="auto",
                        help="auto = vLLM when installed and a GPU is present, else transformers (default)")
+    group.add_argument("--max-prompt-tokens", type=int, default=None,
+                       help="longer prompts keep their last tokens (default: the model's context length minus "
+                            "--max-new-tokens)")
     group.add_argument("--generation-batch-size", type=int, default=None,
                        help="prompts per engine call and per saved chunk (default 8 on transformers, 1024 on vLLM)")
 
@@ -113,7 +120,7 @@ def generation_arguments(options: dict, progress: bool = True) -> list[str]:
     argv = []
     for name, flag in (("n", "--n"), ("temperature", "--temperature"), ("top_p", "--top-p"),
                        ("max_new_tokens", "--max-new-tokens"), ("seed", "--seed"), ("engine", "--engine"),
-                       ("batch_size", "--generation-batch-size")):
+                       ("batch_size", "--generation-batch-size"), ("max_prompt_tokens", "--max-prompt-tokens")):
         if options.get(name) is not None:
             argv += [flag, str(options[name])]
     return argv + ([] if progress else ["--no-progress"])
@@ -179,7 +186,8 @@ def _run(args: argparse.Namespace) -> None:
         result = generate(
             args.model, args.prompts, args.output, n=args.n, temperature=args.temperature, top_p=args.top_p,
             max_new_tokens=args.max_new_tokens, seed=args.seed, engine=args.engine,
-            batch_size=args.generation_batch_size, dtype=args.dtype, progress=args.progress,
+            batch_size=args.generation_batch_size, dtype=args.dtype, max_prompt_tokens=args.max_prompt_tokens,
+            progress=args.progress,
         )
         print(f"{result.num_rows} responses in {result.output_path} ({result.num_generated} generated now, "
               f"{result.num_reused} from an earlier run)")
@@ -198,7 +206,8 @@ def _run(args: argparse.Namespace) -> None:
         result = run_pipeline(PipelineConfig(
             prompts=args.prompts, teacher=args.teacher, student=args.student, output=args.output, epochs=args.epochs,
             n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-            seed=args.seed, engine=args.engine, generation_batch_size=args.generation_batch_size, train=training,
+            seed=args.seed, engine=args.engine, generation_batch_size=args.generation_batch_size,
+            max_prompt_tokens=args.max_prompt_tokens, train=training,
             launcher=shlex.split(args.launcher) if args.launcher else None, progress=args.progress,
         ))
         print(f"{result.epochs_completed} epoch(s) done; model: {result.final_dir}; metrics: {result.metrics_csv}")
@@ -213,4 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as error:  # DataError is a ValueError
         print(f"distillm2 {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the machine, not the input: a full disk, an I/O error
+        print(f"distillm2 {args.command}: error: {error}", file=sys.stderr)
+        return 1
     return 0

@@ -5,28 +5,43 @@
 response per prompt, and writes JSON Lines rows, in prompt order::
 
     {"index": 0, "prompt": "...", "response": "...", "finish_reason": "stop" | "length",
-     "generation": {"model": ..., "engine": "hf" | "vllm", "temperature": ..., "top_p": ...,
-                    "max_new_tokens": ..., "seed": ...}}
+     "prompt_truncated": false,
+     "generation": {"model": ..., "engine": "hf" | "vllm", "dtype": ..., "temperature": ..., "top_p": ...,
+                    "max_new_tokens": ..., "seed": ..., "batch_size": ..., "max_prompt_tokens": ...}}
 
 `index` is the prompt's position in the prompt list; `finish_reason` is "stop" when the model ended its turn
-(an end-of-sequence token, not included in `response`) and "length" when `max_new_tokens` cut it.
+(an end-of-sequence token, not included in `response`) and "length" when `max_new_tokens` cut it. `model` is
+the model folder's resolved (absolute) path; `batch_size` is None on vLLM (it does not change the samples).
+`generation` also holds `model_relative` (the model's path relative to the output's folder) and
+`model_config_sha256` (of its config.json): a row whose model path differs is still this model's when both
+of these match, so that a folder holding the model and the output (a pipeline folder) can be moved.
+
+Long prompts: a prompt whose rendered conversation has more than `max_prompt_tokens` tokens (default: the
+model's `max_position_embeddings` minus `max_new_tokens`, when its config.json gives it) keeps its last
+tokens, as `train` cuts prompts to `max_length`: the user message is cut to its last tokens so that the
+rendered conversation fits. `prompt` still holds the whole prompt; the row says `"prompt_truncated": true` and
+gives `"prompt_tokens"`, the rendered conversation's length before the cut.
 
 Sampling follows the released DistiLLM-2 data generation (vLLM `SamplingParams(temperature, top_p,
 max_tokens, seed)`): no top-k, no repetition penalty, whatever the model's own generation_config says (on
 transformers the model's generation config is replaced by one holding only its special tokens, since
 `generate` would otherwise fill in its top_k, repetition_penalty, ...).
 `temperature=0` is greedy decoding (`do_sample=False`). Seeds: prompt `i` is sampled with seed `seed + i` on
-vLLM; on transformers each batch is seeded with `seed + <index of its first prompt>`. Either way a resumed
-run draws the same samples as an uninterrupted one (on transformers, with the same `batch_size`, which also
-fixes the batches' padding).
+vLLM. On transformers the prompts are cut into fixed batches, prompts `[k·B, (k+1)·B)` for batch size B, and
+batch k is seeded with `seed + k·B`; a batch is always generated whole (on resuming, a batch of which some
+rows were written is generated again and its missing rows kept), so its samples do not depend on which rows
+an interruption left. Either way a resumed run writes the rows the uninterrupted run would have (on the same
+hardware and software), and every setting that changes the samples (model, engine, dtype, temperature,
+top_p, max_new_tokens, seed, max_prompt_tokens, and on transformers the batch size) must match to resume.
 
 Resuming: rows are appended to `<output>.partial` (flushed and fsynced per batch) as they are generated; the
 final file is written atomically from the union of the rows of an existing `<output>`, of `<output>.partial`,
 and of the new rows, and the partial file is then removed. Rerunning an interrupted command skips every
 prompt whose row is already there (rows are matched by `index`, and their `prompt` must match the prompt
-list, and their settings these settings), so no row is duplicated or lost. Running again with a larger `n`
-extends a finished file; the output always holds exactly the rows of the prompts asked for (rows of prompts
-beyond `n` left by an earlier run are dropped).
+list, and their settings these settings), so no row is duplicated or lost. A last line torn by a crash or a
+full disk is dropped (and generated again). Running again with a larger `n` extends a finished file, keeping
+its rows (the new rows are those of an uninterrupted run with the larger `n`); the output always holds
+exactly the rows of the prompts asked for (rows of prompts beyond `n` left by an earlier run are dropped).
 
 Engines: "auto" uses vLLM when it is installed and a CUDA GPU is present, otherwise transformers (batched
 `model.generate`, left padding); "vllm" and "hf" force one. vLLM is optional (`pip install vllm`).
@@ -40,13 +55,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from .jsonl import DataError, JsonlAppender, read_jsonl, write_jsonl_atomic
+from .jsonl import (
+    DataError,
+    JsonlAppender,
+    check_writable_file,
+    file_sha256,
+    read_jsonl,
+    remove_stale_temporaries,
+    write_jsonl_atomic,
+)
 from .prompts import PromptSource, load_prompts
 
 __all__ = ["generate", "select_engine", "GenerationResult", "ENGINES", "user_conversation"]
 
 ENGINES = ("auto", "vllm", "hf")
-SETTINGS_KEYS = ("model", "temperature", "top_p", "max_new_tokens", "seed")  # must match to reuse a row
+# every setting that changes the samples: a row is reused only when all match
+SETTINGS_KEYS = (
+    "model", "engine", "dtype", "temperature", "top_p", "max_new_tokens", "seed", "batch_size", "max_prompt_tokens"
+)
 DEFAULT_BATCH_SIZE = {"hf": 8, "vllm": 1024}
 
 
@@ -97,6 +123,63 @@ def _check_model_dir(model_path) -> Path:
     return path
 
 
+def default_dtype(engine: str) -> str:
+    """The dtype a model is loaded in when none is given: vLLM's "auto"; on transformers bfloat16 on a CUDA
+    GPU that supports it, else float32."""
+    import torch
+
+    if engine == "vllm":
+        return "auto"
+    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+
+
+def _check_dtype(dtype: str, engine: str) -> None:
+    import torch
+
+    if engine == "vllm" and dtype == "auto":
+        return
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"dtype must name a torch dtype (bfloat16, float16, float32, ...), got {dtype!r}")
+
+
+def context_length(model_path: Path) -> Optional[int]:
+    """`max_position_embeddings` of the model's config.json (None when it does not say)."""
+    import json
+
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = config.get("max_position_embeddings")
+    if value is None and isinstance(config.get("text_config"), dict):
+        value = config["text_config"].get("max_position_embeddings")
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def fit_prompt(tokenizer, prompt: str, max_prompt_tokens: int) -> tuple[str, int, bool]:
+    """`(prompt, tokens of its rendered conversation, truncated)`: the prompt cut to its last tokens so that
+    its rendered conversation holds at most `max_prompt_tokens` tokens (unchanged when it fits)."""
+
+    def rendered_length(text: str) -> int:  # as the engines tokenise it: the template holds its special tokens
+        rendered = tokenizer.apply_chat_template(user_conversation(text), tokenize=False, add_generation_prompt=True)
+        return len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+    total = rendered_length(prompt)
+    if total <= max_prompt_tokens:
+        return prompt, total, False
+    content = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    keep = max_prompt_tokens - (total - len(content))
+    while keep > 0:
+        cut = tokenizer.decode(content[len(content) - keep:], skip_special_tokens=False)
+        if rendered_length(cut) <= max_prompt_tokens:
+            return cut, total, True
+        keep -= max(1, (rendered_length(cut) - max_prompt_tokens))
+    raise ValueError(
+        f"max_prompt_tokens={max_prompt_tokens} leaves no room for the prompt: the chat template alone takes "
+        f"{total - len(content)} tokens"
+    )
+
+
 class HFEngine:
     """Batched `model.generate` of transformers, left-padded, on CUDA when present else CPU."""
 
@@ -109,10 +192,8 @@ class HFEngine:
         from .models import torch_dtype_kwargs
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype is None:
-            dtype = "bfloat16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype must name a torch dtype (bfloat16, float16, float32, ...), got {dtype!r}")
+        dtype = dtype or default_dtype("hf")
+        _check_dtype(dtype, "hf")
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         if self.tokenizer.chat_template is None:
             raise ValueError(f"the tokenizer of {model_path} has no chat template to render the prompts with")
@@ -181,6 +262,10 @@ class VLLMEngine:
 
         self.llm = LLM(model=str(model_path), dtype=dtype or "auto", seed=seed)
 
+    @property
+    def tokenizer(self):
+        return self.llm.get_tokenizer()
+
     def generate(
         self, prompts: Sequence[str], indices: Sequence[int], *, temperature, top_p, max_new_tokens, seed
     ) -> list[tuple[str, str]]:
@@ -212,7 +297,30 @@ def _partial_path(output_path: Path) -> Path:
     return output_path.with_name(output_path.name + ".partial")
 
 
-def _existing_rows(path: Path, prompts: list[str], settings: dict, *, torn_tail: bool) -> dict[int, dict]:
+def model_identity(model_path: Path, output_path: Path) -> dict:
+    """What identifies the model besides its resolved path, so that a folder holding both the model and the
+    output (a pipeline folder) can be moved: the model's path relative to the output's folder, and the
+    SHA-256 of its config.json."""
+    config = model_path / "config.json"
+    return {
+        "model_relative": os.path.relpath(model_path.resolve(), output_path.parent.resolve()),
+        "model_config_sha256": file_sha256(config) if config.is_file() else None,
+    }
+
+
+def _same_model_moved(recorded: dict, identity: dict) -> bool:
+    """A row's model at another absolute path is this one when the model and the output moved together: the
+    same path relative to the output and the same config.json."""
+    return (
+        identity["model_config_sha256"] is not None
+        and recorded.get("model_config_sha256") == identity["model_config_sha256"]
+        and recorded.get("model_relative") == identity["model_relative"]
+    )
+
+
+def _existing_rows(
+    path: Path, prompts: list[str], settings: dict, identity: dict, *, torn_tail: bool
+) -> dict[int, dict]:
     """The rows of an earlier run that this run can keep, by index (rows beyond the prompt list are dropped)."""
     rows = {}
     if not path.exists():
@@ -228,7 +336,10 @@ def _existing_rows(path: Path, prompts: list[str], settings: dict, *, torn_tail:
                 f"{path}:{number}: row {index} is for another prompt than prompt {index} of this prompt list; "
                 "resume with the same prompts, or write to a new output file"
             )
-        previous = {key: (row.get("generation") or {}).get(key) for key in SETTINGS_KEYS}
+        recorded = row.get("generation") or {}
+        previous = {key: recorded.get(key) for key in SETTINGS_KEYS}
+        if previous["model"] != settings["model"] and _same_model_moved(recorded, identity):
+            previous["model"] = settings["model"]
         if previous != settings:
             raise ValueError(
                 f"{path}:{number}: generated with settings {previous}, this run uses {settings}; "
@@ -251,6 +362,7 @@ def generate(
     engine: str = "auto",
     batch_size: Optional[int] = None,
     dtype: Optional[str] = None,
+    max_prompt_tokens: Optional[int] = None,
     progress: bool = True,
 ) -> GenerationResult:
     """Sample one response per prompt from the model in the local folder `model_path` and write them to
@@ -260,7 +372,8 @@ def generate(
     of strings. n: use only the first n prompts (None: all). temperature: 0 is greedy decoding. batch_size:
     prompts per engine call and per durable append (default 8 on transformers, 1024 on vLLM). dtype: the
     model's dtype name ("bfloat16", "float32", ...; default bfloat16 on a GPU that supports it, else
-    float32, and vLLM's "auto").
+    float32, and vLLM's "auto"). max_prompt_tokens: longer prompts keep their last tokens (default: the
+    model's context length minus max_new_tokens, when its config.json gives it; see the module docstring).
     """
     model_path = _check_model_dir(model_path)
     output_path = Path(output_path)
@@ -278,37 +391,61 @@ def generate(
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     chosen_engine = select_engine(engine)
+    dtype = dtype or default_dtype(chosen_engine)
+    _check_dtype(dtype, chosen_engine)
+    if max_prompt_tokens is None:
+        context = context_length(model_path)
+        if context is not None:
+            max_prompt_tokens = context - max_new_tokens
+            if max_prompt_tokens < 1:
+                raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                                 f"context of {context} tokens: lower it, or set max_prompt_tokens")
+    elif max_prompt_tokens < 1:
+        raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+    batch_size = batch_size or DEFAULT_BATCH_SIZE[chosen_engine]
+    check_writable_file(output_path)
+    remove_stale_temporaries(output_path)
 
     settings = dict(
-        model=str(model_path), temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
+        model=str(model_path.resolve()), engine=chosen_engine, dtype=dtype, temperature=temperature, top_p=top_p,
+        max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size if chosen_engine == "hf" else None,
+        max_prompt_tokens=max_prompt_tokens,
     )
+    identity = model_identity(model_path, output_path)
     partial_path = _partial_path(output_path)
-    done = _existing_rows(output_path, prompt_list, settings, torn_tail=False)
-    done.update(_existing_rows(partial_path, prompt_list, settings, torn_tail=True))
+    done = _existing_rows(output_path, prompt_list, settings, identity, torn_tail=False)
+    done.update(_existing_rows(partial_path, prompt_list, settings, identity, torn_tail=True))
     reused = len(done)
-    todo = [index for index in range(len(prompt_list)) if index not in done]
+    batches = _batches(len(prompt_list), set(done), batch_size, whole=chosen_engine == "hf")
 
     generated = 0
-    if todo:
+    if batches:
         from tqdm.auto import tqdm
 
-        batch_size = batch_size or DEFAULT_BATCH_SIZE[chosen_engine]
         runner = _make_engine(chosen_engine, model_path, dtype, seed)
         with JsonlAppender(partial_path) as partial, tqdm(
             total=len(prompt_list), initial=reused, desc=f"generate ({chosen_engine})", unit="prompt",
             disable=not progress,
         ) as bar:
-            for start in range(0, len(todo), batch_size):
-                indices = todo[start:start + batch_size]
+            for indices in batches:
+                fitted = [
+                    fit_prompt(runner.tokenizer, prompt_list[i], max_prompt_tokens)
+                    if max_prompt_tokens is not None else (prompt_list[i], None, False)
+                    for i in indices
+                ]
                 outputs = runner.generate(
-                    [prompt_list[i] for i in indices], indices, temperature=temperature, top_p=top_p,
+                    [text for text, _, _ in fitted], indices, temperature=temperature, top_p=top_p,
                     max_new_tokens=max_new_tokens, seed=seed,
                 )
-                rows = [
-                    {"index": i, "prompt": prompt_list[i], "response": text, "finish_reason": reason,
-                     "generation": {**settings, "engine": chosen_engine}}
-                    for i, (text, reason) in zip(indices, outputs)
-                ]
+                rows = []
+                for i, (text, reason), (_, tokens, truncated) in zip(indices, outputs, fitted):
+                    if i in done:
+                        continue  # written before the interruption: its batch was generated again whole
+                    row = {"index": i, "prompt": prompt_list[i], "response": text, "finish_reason": reason,
+                           "prompt_truncated": truncated}
+                    if truncated:
+                        row["prompt_tokens"] = tokens
+                    rows.append({**row, "generation": {**settings, **identity}})
                 partial.append(rows)
                 done.update((row["index"], row) for row in rows)
                 generated += len(rows)
@@ -319,3 +456,13 @@ def generate(
     write_jsonl_atomic(output_path, (done[i] for i in sorted(done)))
     partial_path.unlink(missing_ok=True)
     return GenerationResult(output_path, len(done), generated, reused, chosen_engine if generated else None)
+
+
+def _batches(count: int, done: set, batch_size: int, *, whole: bool) -> list[list[int]]:
+    """The engine calls still to make: with `whole`, every fixed batch `[k·B, (k+1)·B)` that misses a row, in
+    full (its samples depend on all its rows); else the missing indices in runs of `batch_size`."""
+    if whole:
+        blocks = [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
+        return [block for block in blocks if not done.issuperset(block)]
+    todo = [index for index in range(count) if index not in done]
+    return [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]

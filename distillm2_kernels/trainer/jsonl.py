@@ -8,13 +8,15 @@ batch of rows, and `read_jsonl(..., allow_torn_tail=True)` drops the one incompl
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterable, Union
 
-__all__ = ["DataError", "read_jsonl", "write_jsonl_atomic", "JsonlAppender", "file_sha256"]
+__all__ = ["DataError", "read_jsonl", "read_text_lines", "write_jsonl_atomic", "JsonlAppender", "file_sha256",
+           "check_writable_folder", "check_writable_file", "remove_stale_temporaries"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -26,28 +28,57 @@ class DataError(ValueError):
 def read_jsonl(path: PathLike, *, allow_torn_tail: bool = False) -> list[tuple[int, dict]]:
     """`(line number, object)` for every non-blank line of a JSON Lines file.
 
-    Each line must hold one JSON object. `allow_torn_tail=True` drops a last line that has no newline and does
-    not parse (a write interrupted by a crash) instead of raising.
+    Each line must hold one JSON object in UTF-8. `allow_torn_tail=True` drops a last line that has no
+    newline and does not decode or parse (a write interrupted by a crash or a full disk, which may end inside
+    a multi-byte character) instead of raising. The file is split into lines as bytes and each line decoded
+    on its own, so an error names the line.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    torn_tail_allowed = allow_torn_tail and not data.endswith(b"\n")
     rows = []
-    for number, line in enumerate(lines, start=1):
+    for number, raw in enumerate(lines, start=1):
+        last = number == len(lines)
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            if last and torn_tail_allowed:
+                break
+            raise DataError(
+                f"{path}:{number}: not valid UTF-8 (byte {raw[error.start]:#04x} at byte {error.start + 1} of the "
+                "line); save the file as UTF-8"
+            ) from None
         if not line.strip():
             continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as error:
-            if allow_torn_tail and number == len(lines) and not text.endswith("\n"):
+            if last and torn_tail_allowed:
                 break
             raise DataError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
         if not isinstance(value, dict):
             raise DataError(f"{path}:{number}: expected a JSON object, got {type(value).__name__}")
         rows.append((number, value))
     return rows
+
+
+def read_text_lines(path: PathLike) -> list[tuple[int, str]]:
+    """`(line number, line)` of a UTF-8 text file, line endings removed; DataError naming the line that is
+    not UTF-8."""
+    path = Path(path)
+    lines = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            lines.append((number, raw.decode("utf-8")))
+        except UnicodeDecodeError as error:
+            raise DataError(
+                f"{path}:{number}: not valid UTF-8 (byte {raw[error.start]:#04x} at byte {error.start + 1} of the "
+                "line); save the file as UTF-8"
+            ) from None
+    return lines
 
 
 def _dumps(row: dict) -> str:
@@ -73,6 +104,10 @@ def write_jsonl_atomic(path: PathLike, rows: Iterable[dict]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+        fsync_directory(path.parent)  # the rename itself durable
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise OSError(error.errno, f"writing {path}: {error.strerror or error}") from error
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -85,7 +120,10 @@ class JsonlAppender:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._repair_tail()
+        created = not self.path.exists()
         self._handle = open(self.path, "a", encoding="utf-8")
+        if created:
+            fsync_directory(self.path.parent)
 
     def _repair_tail(self) -> None:
         """Cut an incomplete last line (no trailing newline) so that new rows start on a line of their own."""
@@ -97,10 +135,13 @@ class JsonlAppender:
                 handle.truncate(data.rfind(b"\n") + 1)
 
     def append(self, rows: Iterable[dict]) -> None:
-        for row in rows:
-            self._handle.write(_dumps(row) + "\n")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        try:
+            for row in rows:
+                self._handle.write(_dumps(row) + "\n")
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        except OSError as error:  # a full disk: say which file (the rows written so far are kept)
+            raise OSError(error.errno, f"writing {self.path}: {error.strerror or error}") from error
 
     def close(self) -> None:
         self._handle.close()
@@ -108,8 +149,60 @@ class JsonlAppender:
     def __enter__(self) -> "JsonlAppender":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        try:
+            self.close()
+        except OSError:
+            if exc_type is None:
+                raise  # else the error already raised (a full disk) says more than the failed flush at close
+
+
+def fsync_directory(folder: PathLike) -> None:
+    """fsync a folder, so that the files created or renamed in it are durable."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def check_writable_folder(folder: PathLike, role: str = "output") -> Path:
+    """Create `folder` (and its parents) and check that files can be written in it; ValueError naming it
+    otherwise (a read-only folder, a path under a file), so that a run fails before it loads anything."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        if isinstance(error, (FileExistsError, NotADirectoryError)):
+            reason = "a file is in the way (a path component is not a folder)"
+        raise ValueError(f"{role} folder {folder}: cannot write there ({reason})") from None
+    return folder
+
+
+def check_writable_file(path: PathLike, role: str = "output") -> Path:
+    """`check_writable_folder` for the folder of the file `path`, which must not be a folder itself."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{role} {path}: is a folder, expected a file name")
+    check_writable_folder(path.parent, f"{role} {path}:")
+    return path
+
+
+def remove_stale_temporaries(path: PathLike) -> list[Path]:
+    """Delete the `.<name>.*.tmp` files that `write_jsonl_atomic(path, ...)` leaves when killed before its
+    rename (the next run of the same command calls this). Returns what was removed."""
+    path = Path(path)
+    removed = []
+    if path.parent.is_dir():
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            if stale.is_file():
+                stale.unlink()
+                removed.append(stale)
+    return removed
 
 
 def file_sha256(path: PathLike) -> str:

@@ -5,8 +5,8 @@ sequences of each sequence's token mean), alpha_t, alpha_s (mean α of the teach
 rows), beta, lr (the learning rate of this step), grad_norm (before clipping), tokens (tokens of the step's
 forward passes, all processes), tokens_per_s, elapsed_s (wall time since the run or resumption started).
 Values that do not apply to the loss are left empty (srkl, alpha_s, beta with loss="skl" or "kd"; with
-loss="kd" the skl column is the forward KL, SKL at α = 0). On resume the rows after the checkpoint's step are
-dropped first, so the file never holds a step twice.
+loss="kd" the skl column is the forward KL, SKL at α = 0). On resume the rows after the checkpoint's step, and
+a last row torn by a crash, are dropped first, so the file never holds a step twice.
 """
 
 from __future__ import annotations
@@ -39,7 +39,10 @@ class MetricsLog:
             return
         kept = []
         if resume_step is not None and self.path.exists():
-            kept = [row for row in read_metrics(self.path) if int(row["step"]) <= resume_step]
+            kept = [  # a row torn by a crash (fields missing) is dropped: its step may read as an earlier one
+                row for row in read_metrics(self.path)
+                if None not in row.values() and None not in row and int(row["step"]) <= resume_step
+            ]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
@@ -60,8 +63,11 @@ class MetricsLog:
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
-        self._writer.writerow({key: ("" if row.get(key) is None else row[key]) for key in COLUMNS})
-        self._handle.flush()
+        try:
+            self._writer.writerow({key: ("" if row.get(key) is None else row[key]) for key in COLUMNS})
+            self._handle.flush()
+        except OSError as error:  # a full disk: say which file
+            raise OSError(error.errno, f"writing {self.path}: {error.strerror or error}") from error
         if self._tensorboard is not None:
             for key in COLUMNS[2:]:
                 if row.get(key) is not None:

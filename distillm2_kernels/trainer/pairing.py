@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
-from .jsonl import DataError, read_jsonl, write_jsonl_atomic
+from .jsonl import DataError, check_writable_file, read_jsonl, remove_stale_temporaries, write_jsonl_atomic
 
 __all__ = ["pair", "PairReport", "pair_row"]
 
@@ -73,6 +73,8 @@ def _responses(path: Path) -> list[tuple[str, str]]:
 def pair(teacher_path: PathLike, student_path: PathLike, output_path: PathLike, *, strict: bool = False) -> PairReport:
     """Join the teacher's and the student's responses on the prompt into `output_path` (see the module
     docstring). Returns a `PairReport`; with `strict=True` a prompt missing on either side raises ValueError."""
+    check_writable_file(output_path)
+    remove_stale_temporaries(output_path)
     teacher_rows, student_rows = _responses(Path(teacher_path)), _responses(Path(student_path))
     student_by_prompt = defaultdict(list)
     for prompt, response in student_rows:

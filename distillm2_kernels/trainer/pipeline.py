@@ -31,7 +31,8 @@ from typing import Optional, Sequence
 
 from .generation import generate
 from .pairing import pair
-from .training import TrainConfig, read_final_state, train
+from .jsonl import check_writable_folder
+from .training import TrainConfig, read_final_state, restore_final, train
 
 __all__ = ["PipelineConfig", "PipelineResult", "run_pipeline"]
 
@@ -44,6 +45,7 @@ class PipelineConfig:
     output: str  # pipeline folder (layout in the module docstring)
     epochs: int = 3
     n: Optional[int] = None  # use the first n prompts
+    max_prompt_tokens: Optional[int] = None  # longer prompts keep their last tokens (default: from the model)
     temperature: float = 0.8
     top_p: float = 0.95
     max_new_tokens: int = 1024
@@ -73,7 +75,8 @@ class PipelineResult:
 
 def _generation_options(config: PipelineConfig, seed: int) -> dict:
     return dict(n=config.n, temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-                seed=seed, engine=config.engine, batch_size=config.generation_batch_size)
+                seed=seed, engine=config.engine, batch_size=config.generation_batch_size,
+                max_prompt_tokens=config.max_prompt_tokens)
 
 
 def _module_command(subcommand: str) -> list[str]:
@@ -112,8 +115,9 @@ def run_pipeline(config: PipelineConfig) -> PipelineResult:
             "run the pipeline as a single process and give the training launcher as `launcher` "
             "(e.g. --launcher 'accelerate launch --num_processes 8'), not under `accelerate launch` itself"
         )
-    output = Path(config.output)
+    output = check_writable_folder(config.output, "output")
     train_dir, final_dir = output / "train", output / "train" / "final"
+    restore_final(train_dir)
     teacher_responses = output / "teacher.jsonl"
     _generate(config, Path(config.teacher), teacher_responses, config.seed)
 

@@ -2,7 +2,7 @@
 
 A file whose name ends in `.jsonl` or `.json` is read as JSON Lines (every line an object with a non-empty
 string `prompt`; other fields are ignored); any other file as plain text, one prompt per non-blank line
-(lines are stripped of their line ending only). A prompt may also be given directly as a list of strings.
+(lines are stripped of their line ending only; the file must be UTF-8). A prompt may also be given directly as a list of strings.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Sequence, Union
 
-from .jsonl import DataError, read_jsonl
+from .jsonl import DataError, read_jsonl, read_text_lines
 
 __all__ = ["load_prompts", "PromptSource"]
 
@@ -34,7 +34,7 @@ def load_prompts(source: PromptSource) -> list[str]:
                     raise DataError(f"{path}:{number}: expected a non-empty string field 'prompt', got {prompt!r}")
                 prompts.append(prompt)
         else:
-            prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            prompts = [line for _, line in read_text_lines(path) if line.strip()]
         if not prompts:
             raise DataError(f"{path}: no prompts")
         return prompts

@@ -39,6 +39,7 @@ import contextlib
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,12 +54,18 @@ from .batching import BatchPlan
 from .checkpoint import (
     RESUME_INVARIANTS,
     TrainerState,
+    explain_write_error,
+    fsync_directory,
+    fsync_tree,
     latest_checkpoint,
     register_trainable_weight_hooks,
+    remove_stale_temporaries,
     save_checkpoint,
+    set_damaged_aside,
+    usable_checkpoint,
 )
 from .data import PairBatch, collate_pairs, read_pairs, tokenize_pairs
-from .jsonl import file_sha256
+from .jsonl import check_writable_folder, file_sha256
 from .metrics_log import MetricsLog
 from .models import (
     HiddenStates,
@@ -253,23 +260,47 @@ def _student_for_saving(accelerator, student_forward: nn.Module, config: TrainCo
     return copy.model
 
 
+def restore_final(output: Path) -> None:
+    """Put `<output>/final` back when a run was killed between the two renames of `_save_final` (the old
+    model set aside as `.final.old`, the new one not yet renamed in)."""
+    final, old = Path(output) / "final", Path(output) / ".final.old"
+    if not final.exists() and old.is_dir():
+        old.rename(final)
+
+
 def _save_final(
     accelerator, student: Optional[nn.Module], tokenizer, output: Path, state: TrainerState
 ) -> tuple[Path, Optional[nn.Module]]:
-    """`<output>/final` from the main process, replaced as a whole (written to a temporary folder first).
+    """`<output>/final` from the main process, replaced as a whole: the new model is written to `.final.tmp`
+    and made durable, the old one renamed to `.final.old`, the new one renamed in, the old one deleted; so
+    `final` always holds a complete model (`restore_final` undoes a kill between the renames).
     Returns it and the student merged (a LoRA adapter folded in), on every process that holds one."""
     final = output / "final"
-    temporary = output / ".final.tmp"
+    temporary, old = output / ".final.tmp", output / ".final.old"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if temporary.exists():
             shutil.rmtree(temporary)
-        student = save_final_model(student, tokenizer, temporary)
-        marker = {"global_step": state.global_step, "epochs_completed": state.epoch, "total_steps": state.total_steps}
-        (temporary / FINAL_STATE_FILE).write_text(json.dumps(marker) + "\n")
+        try:
+            student = save_final_model(student, tokenizer, temporary)
+            marker = {"global_step": state.global_step, "epochs_completed": state.epoch, "total_steps": state.total_steps}
+            (temporary / FINAL_STATE_FILE).write_text(json.dumps(marker) + "\n")
+            fsync_tree(temporary)
+        except BaseException as error:
+            explained = explain_write_error(error, f"writing the final model {final}", output)
+            shutil.rmtree(temporary, ignore_errors=True)
+            if explained is not None:
+                raise explained from error
+            raise
+        restore_final(output)
+        if old.exists():
+            shutil.rmtree(old)
         if final.exists():
-            shutil.rmtree(final)
+            final.rename(old)
         temporary.rename(final)
+        fsync_directory(output)
+        if old.exists():
+            shutil.rmtree(old)
     elif student is not None and hasattr(student, "merge_and_unload"):
         student = student.merge_and_unload()
     accelerator.wait_for_everyone()
@@ -292,7 +323,11 @@ def train(config: TrainConfig) -> TrainResult:
     main = accelerator.is_main_process
     output = Path(config.output)
     if main:
-        output.mkdir(parents=True, exist_ok=True)
+        check_writable_folder(output, "output")
+        restore_final(output)
+        for path in remove_stale_temporaries(output):
+            print(f"removed {path}, left by a run that was stopped while saving")
+    accelerator.wait_for_everyone()
     bf16 = config.bf16 or accelerator.mixed_precision == "bf16"
     set_seed(config.seed)
 
@@ -312,6 +347,19 @@ def train(config: TrainConfig) -> TrainResult:
             "(--resume), or train into another folder"
         )
     if checkpoint is not None:
+        checkpoint, damaged = usable_checkpoint(output)
+        accelerator.wait_for_everyone()  # every process has checked before the damaged ones are moved
+        if damaged and checkpoint is None:
+            raise ValueError(
+                f"cannot resume from {output}: every checkpoint is damaged ("
+                + "; ".join(problem for _, problem in damaged) + "); remove them to start afresh"
+            )
+        for folder, problem in damaged:
+            if main:
+                aside = set_damaged_aside(folder)
+                print(f"warning: {folder.name} is damaged ({problem}): resuming from {checkpoint.name} instead; "
+                      f"the damaged checkpoint is kept as {aside}", file=sys.stderr, flush=True)
+        accelerator.wait_for_everyone()
         state = TrainerState.load(checkpoint)
         state.check_resumable(
             checkpoint, config.run_invariants(), accelerator.num_processes, str(config.data), sha256, len(pairs)
@@ -347,7 +395,10 @@ def train(config: TrainConfig) -> TrainResult:
     accelerator.register_for_checkpointing(objective)
     register_trainable_weight_hooks(accelerator)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
+        try:
+            accelerator.load_state(str(checkpoint))
+        except Exception as error:
+            raise ValueError(f"cannot resume from {checkpoint}: it does not load ({type(error).__name__}: {error})") from error
         if main:
             print(f"resuming from {checkpoint} (step {state.global_step} of {state.total_steps})")
     else:
