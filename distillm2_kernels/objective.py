@@ -298,8 +298,8 @@ def distillm2_loss(
     padding are `ignore_index`); the two halves may differ in T. `state` carries the curriculum (epoch and
     step for β, the α anchors, which are set on the first call when the adaptive α is on); without it the
     call is the first step of a fresh run (epoch 0, step 0: β = β₀, α = α₀, anchors from this batch, then
-    discarded); a trainer holds a `DistiLLM2Loss` instead. Returns `(loss, metrics)`; metrics (detached) hold, per sequence,
-    `skl` (_t rows), `srkl` (_s rows), the mean label log-probabilities `teacher_logprob_t`,
+    discarded); a trainer holds a `DistiLLM2Loss` instead. Returns `(loss, metrics)`; metrics (detached)
+    hold, per sequence, `skl` (_t rows), `srkl` (_s rows), the mean label log-probabilities `teacher_logprob_t`,
     `student_logprob_t`, `teacher_logprob_s`, `student_logprob_s`, the α of each row `alpha_t`,
     `alpha_s`, and the scalar `beta`.
 
