@@ -13,7 +13,7 @@ Sizes per device: benchmarks/sizes.py. Implementations: benchmarks/implementatio
 
 Examples:
   python -m benchmarks                          # everything, default sizes of the device (CUDA if present)
-  python -m benchmarks --quick                  # a smoke run in seconds, to benchmarks/results/quick/
+  python -m benchmarks --quick                  # a smoke run, ~1.5 min on 2 CPU cores, to benchmarks/results/quick/
   python -m benchmarks --suite fused_linear --N 8192 --V 128256 --impls triton,liger --out /tmp/fl
 """
 
@@ -32,6 +32,11 @@ from .worker import SUITES
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_REPEATS = {"cpu": 3, "cuda": 10}
 DEFAULT_WARMUP = {"cpu": 1, "cuda": 3}
+# --quick leaves out the compiled baseline unless --impls names it: torch.compile costs ~10 s per shape, which
+# was most of a quick run (3 min on 2 cores). Without it, every suite, --threads 1 on 2 shared Xeon cores at load
+# 5: 94 s wall clock, 46 s of CPU time.
+QUICK_RUN = "about 1.5 minutes on 2 CPU cores; naive_compiled is left out unless --impls names it"
+QUICK_EXCLUDED = ("naive_compiled",)
 
 
 def _list(text):
@@ -47,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", default="all", help="all, or a comma-separated subset of: " + ", ".join(SUITES))
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats (a smoke run)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a smoke run: tiny sizes, 2 repeats ({QUICK_RUN.replace('%', '%%')})")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per case (default: CPU 3, CUDA 10; quick 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: CPU 1, CUDA 3)")
     parser.add_argument("--out", type=Path, default=None,
@@ -85,7 +91,8 @@ def plan(args, device_type: str) -> list:
         suite = SUITES[name]
         ops = [op for op in suite.OPS if not args.ops or op in _list(args.ops)]
         modes = [mode for mode in suite.MODES if not args.modes or mode in _list(args.modes) or mode == "step"]
-        impl_names = [impl for impl in suite.IMPLS if not args.impl_list or impl in args.impl_list]
+        impl_names = [impl for impl in suite.IMPLS if (impl in args.impl_list if args.impl_list else
+                                                       not (args.quick and impl in QUICK_EXCLUDED))]
         for shape in sizes.shapes(name, device_type, args.quick, _list(args.dtypes), _ints(args.N), _ints(args.V)):
             for op in ops:
                 for impl in impl_names:

@@ -67,8 +67,19 @@ def fused_skl(
 
     alpha: a float in [0, 1], or a tensor broadcastable to the leading shape (`[B]` or `[B, 1]` per
     sequence, `[B, T]` per token). α is applied in float32 like the rest of the arithmetic (float64 on the
-    torch backend with float64 logits): an α below float32's normal range (~1e-38) acts as 0. labels: tokens whose label is `ignore_index` count 0. The loss is
-    float32; the gradient flows to `student_logits` only. backend: "auto", "triton" or "torch".
+    torch backend with float64 logits): an α below float32's normal range (~1e-38) acts as 0. labels: an
+    integer tensor of the leading shape, each a token id in [0, V) or `ignore_index` (any other value raises
+    ValueError; on CUDA and under torch.compile through an asynchronous assert, no host sync); tokens whose
+    label is `ignore_index` count 0. The loss is float32; the gradient flows to `student_logits` only.
+    backend: "auto", "triton", "cpu" or "torch".
+
+    >>> import torch
+    >>> student, teacher = torch.randn(2, 4, 16, requires_grad=True), torch.randn(2, 4, 16)
+    >>> labels = torch.tensor([[-100, 3, 5, 7], [-100, -100, 1, 2]])  # the prompt tokens are ignored
+    >>> loss = fused_skl(student, teacher, alpha=0.1, labels=labels, reduction="seqmean")
+    >>> loss.backward()
+    >>> bool(loss > 0), student.grad[0, 0].abs().max().item()  # an ignored token gets no gradient
+    (True, 0.0)
     """
     _check_reduction_name(reduction)
     per_token = skew_divergence(

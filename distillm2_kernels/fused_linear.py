@@ -559,8 +559,9 @@ def _forward(
     ctx.student_hidden_shape = student_hidden.shape
 
     label_logprobs = None
-    if want_token_outputs and options.labels is not None:
+    if options.labels is not None and (given_stats is None or want_token_outputs):  # as in the logits ops
         check_label_ids(options.labels, student_weight.shape[0], options.ignore_index)
+    if want_token_outputs and options.labels is not None:
         label_logprobs = torch.zeros((*leading, 2), dtype=cd, device=device)
     chunk_options = dict(
         statistics=given_stats, label_logprobs_out=None if label_logprobs is None else label_logprobs.view(-1, 2)

@@ -126,9 +126,9 @@ class CurriculumState:
     """Where training stands, and the anchors of the adaptive α (fixed on the first batch)."""
 
     epoch: int = 0  # 0-based
-    num_epochs: int = 1
+    num_epochs: Optional[int] = None  # E, the run's length: the β schedule needs it (None: not given)
     step: int = 0  # global optimizer step, 0-based
-    total_steps: int = 1
+    total_steps: Optional[int] = None  # T
     anchor_t: Optional[torch.Tensor] = None  # A_t: the reference gap p̃ − q̃ of the _t rows
     anchor_s: Optional[torch.Tensor] = None  # A_s: the reference gap q̃ − p̃ of the _s rows
 
@@ -142,11 +142,28 @@ class CurriculumState:
             setattr(self, name, value)
 
 
+def _check_run_length(config: ObjectiveConfig, num_epochs: Optional[int], total_steps: Optional[int]) -> None:
+    """The β schedule needs the run's length E and T: a missing one is an error, not a silent 1 (with E = T = 1,
+    β would reach 1 after one step and the SKL term weigh 0 from then on)."""
+    for name, value in (("num_epochs", num_epochs), ("total_steps", total_steps)):
+        if value is None:
+            if config.beta_schedule:
+                raise ValueError(
+                    f"the β schedule clip(e/E + τ/T, β₀, 1) needs the run's length: pass {name} (num_epochs = E, "
+                    "the number of epochs; total_steps = T, the number of optimizer steps of the whole run), "
+                    "e.g. DistiLLM2Loss(\"paper\", num_epochs=3, total_steps=3 * len(loader))"
+                )
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
 def beta_schedule(config: ObjectiveConfig, state: CurriculumState) -> float:
-    """β = clip(e/E + τ/T, β₀, 1) with the schedule on, else the constant `config.beta`."""
+    """β = clip(e/E + τ/T, β₀, 1) with the schedule on (E = `state.num_epochs`, T = `state.total_steps`,
+    both required), else the constant `config.beta`."""
     if not config.beta_schedule:
         return config.beta
-    progress = state.epoch / max(state.num_epochs, 1) + state.step / max(state.total_steps, 1)
+    _check_run_length(config, state.num_epochs, state.total_steps)
+    progress = state.epoch / state.num_epochs + state.step / state.total_steps
     return min(1.0, max(config.beta0, progress))
 
 
@@ -154,6 +171,12 @@ def adaptive_alpha(gap: torch.Tensor, anchor: torch.Tensor, config: ObjectiveCon
     """α = clip(1 − (1−α₀)·A / gap, α_min, α_max) per row (α₀ where A / gap is 0/0)."""
     alpha = 1.0 - (1.0 - config.alpha) * (anchor / gap)
     return alpha.nan_to_num(nan=config.alpha).clamp(config.alpha_min, config.alpha_max)
+
+
+def _first_step_state() -> CurriculumState:
+    """The state of a call without one: the first step of a run, where β = clip(0, β₀, 1) = β₀ whatever its
+    length (E = T = 1 stand for the unknown length; nothing steps this state)."""
+    return CurriculumState(num_epochs=1, total_steps=1)
 
 
 def _sequence_mean(per_token: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -273,9 +296,10 @@ def distillm2_loss(
     `*_t`: the rows of the teacher responses y_t; `*_s`: the rows of the student responses y_s. Logits
     `[B, T, V]` and labels `[B, T]`, already aligned (position k's logits predict `labels[:, k]`; prompt and
     padding are `ignore_index`); the two halves may differ in T. `state` carries the curriculum (epoch and
-    step for β, the α anchors, which are set on the first call when the adaptive α is on); without it a
-    fresh `CurriculumState` is used. Returns `(loss, metrics)`; metrics (detached) hold, per sequence,
-    `skl` (_t rows), `srkl` (_s rows), the mean label log-probabilities `teacher_logprob_t`,
+    step for β, the α anchors, which are set on the first call when the adaptive α is on); without it the
+    call is the first step of a fresh run (epoch 0, step 0: β = β₀, α = α₀, anchors from this batch, then
+    discarded); a trainer holds a `DistiLLM2Loss` instead. Returns `(loss, metrics)`; metrics (detached)
+    hold, per sequence, `skl` (_t rows), `srkl` (_s rows), the mean label log-probabilities `teacher_logprob_t`,
     `student_logprob_t`, `teacher_logprob_s`, `student_logprob_s`, the α of each row `alpha_t`,
     `alpha_s`, and the scalar `beta`.
 
@@ -283,7 +307,7 @@ def distillm2_loss(
     log-probabilities give the adaptive α and the metrics, and the loss sweep reuses it.
     """
     config = resolve_config(preset, **overrides)
-    state = CurriculumState() if state is None else state
+    state = _first_step_state() if state is None else state
     _check_halves("logits", "V", student_logits_t, labels_t, student_logits_s, labels_s)
     halves = {"t": (student_logits_t, teacher_logits_t, labels_t), "s": (student_logits_s, teacher_logits_s, labels_s)}
     common = dict(ignore_index=config.ignore_index, temperature=config.temperature, backend=backend)
@@ -347,7 +371,7 @@ def distillm2_loss_from_hidden(
     finished gradients: the hidden states' and one `[V, H_s]` weight gradient for both halves.
     """
     config = resolve_config(preset, **overrides)
-    state = CurriculumState() if state is None else state
+    state = _first_step_state() if state is None else state
     _check_halves("hidden", "H", student_hidden_t, labels_t, student_hidden_s, labels_s)
     halves = {"t": (student_hidden_t, teacher_hidden_t, labels_t), "s": (student_hidden_s, teacher_hidden_s, labels_s)}
     common = dict(
@@ -375,29 +399,56 @@ def distillm2_loss_from_hidden(
 class DistiLLM2Loss:
     """The objective with its curriculum state, for a trainer to hold.
 
-        objective = DistiLLM2Loss("paper", num_epochs=3, total_steps=len(loader) * 3)
-        loss, metrics = objective(s_t, t_t, labels_t, s_s, t_s, labels_s)
-        loss.backward(); optimizer.step(); objective.step()      # once per optimizer step
-        objective.set_epoch(epoch)                                # at the start of each epoch
+    `num_epochs` (E) and `total_steps` (T, optimizer steps of the whole run) are the run's length; the β
+    schedule ("paper") needs both and a missing one raises ValueError. `step()` after every optimizer step
+    advances τ; `set_epoch(e)` at the start of every epoch sets e, which the β schedule and the adaptive α
+    read (the adaptive α applies from `curriculum_start_epoch`, the second epoch: it never starts without
+    `set_epoch`). `state_dict()` / `load_state_dict()` carry the anchors and counters, so a resumed run
+    continues exactly. Three epochs of two steps, on random logits `[B, T, V]` (B = 2, T = 5, V = 32):
 
-    or from hidden states and lm_head weights, never building the logits:
+    >>> import torch
+    >>> def half():  # student logits, teacher logits, labels with the first two (prompt) tokens ignored
+    ...     labels = torch.randint(0, 32, (2, 5)); labels[:, :2] = -100
+    ...     return torch.randn(2, 5, 32, requires_grad=True), torch.randn(2, 5, 32), labels
+    >>> loader = [half() + half() for _ in range(2)]  # (s_t, t_t, labels_t, s_s, t_s, labels_s) per step
+    >>> objective = DistiLLM2Loss("paper", num_epochs=3, total_steps=3 * len(loader))
+    >>> for epoch in range(3):
+    ...     objective.set_epoch(epoch)                       # at the start of each epoch
+    ...     for s_t, t_t, labels_t, s_s, t_s, labels_s in loader:
+    ...         loss, metrics = objective(s_t, t_t, labels_t, s_s, t_s, labels_s)
+    ...         loss.backward(); objective.step()            # and optimizer.step(), once per step
+    ...         print(epoch, round(float(metrics["beta"]), 3))  # β = clip(e/E + τ/T, 0.5, 1)
+    0 0.5
+    0 0.5
+    1 0.667
+    1 0.833
+    2 1.0
+    2 1.0
 
-        loss, metrics = objective.from_hidden(h_s_t, h_t_t, labels_t, h_s_s, h_t_s, labels_s,
-                                              student_weight=W_s, teacher_weight=W_t)
+    From hidden states `[B, T, H]` and lm_head weights `[V, H]` (teacher and student may differ in H),
+    never building the logits:
 
-    `state_dict()` / `load_state_dict()` carry the anchors and counters, so a resumed run continues exactly.
+    >>> W_s, W_t = torch.randn(32, 8, requires_grad=True), torch.randn(32, 16)
+    >>> h_s_t, h_s_s = torch.randn(2, 5, 8, requires_grad=True), torch.randn(2, 5, 8, requires_grad=True)
+    >>> h_t_t, h_t_s = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    >>> loss, metrics = objective.from_hidden(h_s_t, h_t_t, labels_t, h_s_s, h_t_s, labels_s,
+    ...                                       student_weight=W_s, teacher_weight=W_t)
+    >>> loss.backward()
+    >>> W_s.grad.shape, sorted(metrics)[:3]
+    (torch.Size([32, 8]), ['alpha_s', 'alpha_t', 'beta'])
     """
 
     def __init__(
         self,
         preset: Union[str, ObjectiveConfig] = "distillm2",
         *,
-        num_epochs: int = 1,
-        total_steps: int = 1,
+        num_epochs: Optional[int] = None,
+        total_steps: Optional[int] = None,
         backend: str = "auto",
         **overrides,
     ):
         self.config = resolve_config(preset, **overrides)
+        _check_run_length(self.config, num_epochs, total_steps)
         self.state = CurriculumState(num_epochs=num_epochs, total_steps=total_steps)
         self.backend = backend
 
@@ -455,6 +506,12 @@ class DistiLLM2Loss:
         self.state.step += 1
 
     def set_epoch(self, epoch: int) -> None:
+        """Set the 0-based epoch e (call at the start of every epoch): the β schedule's e/E and the
+        adaptive α's start (`curriculum_start_epoch`) read it."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        if self.state.num_epochs is not None and epoch >= self.state.num_epochs:
+            raise ValueError(f"epoch {epoch} is past the run's num_epochs = {self.state.num_epochs} (epochs are 0-based)")
         self.state.epoch = epoch
 
     def state_dict(self) -> dict:

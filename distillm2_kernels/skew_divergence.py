@@ -10,6 +10,11 @@ log q(y_k), log p(y_k) as a by-product, and passing its result as `statistics` t
 logits skips sweep 1 there. The DistiLLM-2 objective uses this to pick α from sequence probabilities
 without an extra pass over the vocabulary.
 
+Labels must be token ids in [0, V) or `ignore_index`, in every op (as in the fused-linear ops): a label
+outside raises ValueError. The check is one reduction over the `[N]` labels and no host synchronisation where
+it matters: on CUDA and under torch.compile it is an asynchronous device-side assert (`_inputs.require`);
+on the CPU the flag is read directly, which waits for nothing.
+
 Under torch.compile the sweeps run as the custom ops `distillm2::skew_statistics` / `skew_forward` /
 `skew_backward` (`custom_ops`), so a step through these Functions traces without graph breaks; eager calls
 skip the dispatcher.
@@ -92,6 +97,8 @@ def _check_statistics(statistics: Optional[TokenStatistics], rows) -> Optional[t
 def _forward(ctx, student, teacher, alpha, labels, ignore_index, temperature, backend, reverse, detach, statistics):
     rows = prepare_rows(student, teacher, alpha, labels, ignore_index, temperature)
     given_stats = _check_statistics(statistics, rows)
+    if given_stats is None:  # else token_statistics checked the labels when it read their log-probabilities
+        check_label_ids(rows.labels, rows.vocab_size, rows.ignore_index)
     backend = resolve_backend_name(backend, rows.student.device)
     scalars = (rows.alpha, rows.ignore_index, rows.inv_temperature, reverse, detach, backend)
     loss, stats = custom_ops.forward(

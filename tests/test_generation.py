@@ -100,6 +100,21 @@ def test_prompt_files_jsonl_and_plain_text(tmp_path):
         load_prompts(tmp_path / "nofield.jsonl")
 
 
+def test_prompt_file_format_follows_the_name_and_a_mix_up_is_an_error(tmp_path):
+    """The README's rule: *.jsonl / *.json are JSON Lines, any other name plain text; a plain-text file named
+    *.jsonl, or JSON Lines under a plain-text name, is an error naming the rule, never misread."""
+    (tmp_path / "plain.jsonl").write_text("What is 2+3?\nSay hi.\n")
+    with pytest.raises(DataError, match=r"plain\.jsonl:1: not valid JSON.*read as JSON Lines.*prompts\.txt"):
+        load_prompts(tmp_path / "plain.jsonl")
+    write_prompts(tmp_path / "rows.txt")
+    with pytest.raises(DataError, match=r"rows\.txt: every line is a JSON object with a 'prompt' field.*rename it"):
+        load_prompts(tmp_path / "rows.txt")
+    write_prompts(tmp_path / "rows.json")
+    assert load_prompts(tmp_path / "rows.json") == PROMPTS
+    (tmp_path / "prompts").write_text('{"prompt": "a"}\nnot json\n')  # some lines JSON: plain text
+    assert load_prompts(tmp_path / "prompts") == ['{"prompt": "a"}', "not json"]
+
+
 def test_greedy_decoding_ignores_the_seed_and_follows_the_chat_template(tiny_models, tmp_path):
     _, student = tiny_models("llama")
     first = generate(student, PROMPTS[:3], tmp_path / "a.jsonl", temperature=0, max_new_tokens=6, seed=1,

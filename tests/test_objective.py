@@ -244,6 +244,29 @@ def test_state_round_trip(backend):
         DistiLLM2Loss("distillm2").load_state_dict(saved)
 
 
+def test_the_beta_schedule_needs_the_run_length():
+    """A missing length is an error, not a silent E = T = 1 (β = 1 after one step, SKL weighted 0 from then on);
+    presets without the schedule need none. `set_epoch` outside [0, E) is an error."""
+    for missing in (dict(), dict(num_epochs=3), dict(total_steps=30)):
+        with pytest.raises(ValueError, match="needs the run's length"):
+            DistiLLM2Loss("paper", **missing)
+        with pytest.raises(ValueError, match="needs the run's length"):
+            beta_schedule(PRESETS["paper"], CurriculumState(**missing, step=1))
+    for bad in (dict(num_epochs=0, total_steps=3), dict(num_epochs=2, total_steps=1.5)):
+        with pytest.raises(ValueError, match="must be an int >= 1"):
+            DistiLLM2Loss("paper", **bad)
+    assert DistiLLM2Loss("distillm2").state.total_steps is None and DistiLLM2Loss("distillm").state.num_epochs is None
+    objective = DistiLLM2Loss("paper", num_epochs=2, total_steps=10)
+    for epoch in (-1, 2):
+        with pytest.raises(ValueError, match="epoch"):
+            objective.set_epoch(epoch)
+    objective.step()  # after one step of ten, β is still β₀ (the schedule has its length)
+    assert beta_schedule(objective.config, objective.state) == 0.5
+    halves = make_pairs(seed=5)  # a call without a state is the first step of a run: β = β₀
+    _, metrics = distillm2_loss(*halves[0], *halves[1], preset="paper", backend="torch")
+    assert float(metrics["beta"]) == 0.5
+
+
 def test_all_tokens_ignored_gives_zero():
     halves = make_pairs(seed=9)
     (s_t, t_t, l_t), (s_s, t_s, l_s) = halves

@@ -60,9 +60,24 @@ def test_rows_missing_on_either_side_are_reported_not_silently_dropped(tmp_path)
     assert [(r["prompt"], r["chosen"][1]["content"], r["rejected"][1]["content"]) for r in rows] == [
         ("a", "T-a", "S-a"), ("b", "T-b", "S-b"), ("dup", "T-1", "S-1")
     ]
-    with pytest.raises(ValueError, match="no student response"):
+    with pytest.raises(ValueError, match="no student response") as error:
         pair(teacher, student, tmp_path / "strict.jsonl", strict=True)
     assert not (tmp_path / "strict.jsonl").exists()
+    message = str(error.value)  # says that nothing was written, never "3 pairs written"
+    assert "nothing written to" in message and "pairs written" not in message, message
+
+
+def test_strict_pair_on_the_command_line_exits_2_and_says_nothing_was_written(tmp_path, capsys):
+    from distillm2_kernels.trainer.cli import main
+
+    teacher = _responses(tmp_path / "t.jsonl", [("a", "T-a"), ("x", "T-x")])
+    student = _responses(tmp_path / "s.jsonl", [("a", "S-a")])
+    output = tmp_path / "pairs.jsonl"
+    assert main(["pair", "--teacher", str(teacher), "--student", str(student), "--output", str(output), "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert not output.exists()
+    assert err.startswith("distillm2 pair: error: not every prompt has both responses (strict): nothing written")
+    assert "pairs written" not in err and "1 prompt(s) have no student response" in err
 
 
 def test_a_malformed_line_is_reported_with_the_file_and_line_number(tmp_path):

@@ -67,6 +67,8 @@ TRAINING_OPTIONS = {
     "save_total_limit": dict(type=int, help="keep only the newest N checkpoints"),
 }
 PIPELINE_EXCLUDED = ("epochs", "max_steps", "resume", "stop_at_epoch", "seed", "progress")
+PROMPTS_HELP = ("prompts file: *.jsonl / *.json: JSON Lines with a 'prompt' field; any other name: plain text, "
+                "one prompt per line")
 ZERO_MEANS_NONE = ("save_steps", "max_grad_norm")  # options whose default is not None: 0 on the command line
 
 
@@ -113,6 +115,8 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
                             "--max-new-tokens)")
     group.add_argument("--generation-batch-size", type=int, default=None,
                        help="prompts per engine call and per saved chunk (default 8 on transformers, 1024 on vLLM)")
+    group.add_argument("--dtype", default=None,
+                       help="dtype of the generating model, e.g. bfloat16 (default: bf16 on GPU, else float32)")
 
 
 def generation_arguments(options: dict, progress: bool = True) -> list[str]:
@@ -120,7 +124,8 @@ def generation_arguments(options: dict, progress: bool = True) -> list[str]:
     argv = []
     for name, flag in (("n", "--n"), ("temperature", "--temperature"), ("top_p", "--top-p"),
                        ("max_new_tokens", "--max-new-tokens"), ("seed", "--seed"), ("engine", "--engine"),
-                       ("batch_size", "--generation-batch-size"), ("max_prompt_tokens", "--max-prompt-tokens")):
+                       ("batch_size", "--generation-batch-size"), ("max_prompt_tokens", "--max-prompt-tokens"),
+                       ("dtype", "--dtype")):
         if options.get(name) is not None:
             argv += [flag, str(options[name])]
     return argv + ([] if progress else ["--no-progress"])
@@ -132,11 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = commands.add_parser("generate", help="sample one response per prompt with the chat template")
     g.add_argument("--model", required=True, help="local model folder")
-    g.add_argument("--prompts", required=True, help="JSON Lines with a 'prompt' field, or one prompt per line")
+    g.add_argument("--prompts", required=True, help=PROMPTS_HELP)
     g.add_argument("--output", required=True, help="JSON Lines output (resumed when interrupted)")
     _add_generation_options(g)
     g.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
-    g.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 (default: bf16 on GPU, else float32)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
 
     p = commands.add_parser("pair", help="join teacher and student responses into training pairs")
@@ -153,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(t)
 
     q = commands.add_parser("pipeline", help="batched on-policy loop: regenerate student responses every epoch")
-    q.add_argument("--prompts", required=True, help="JSON Lines with a 'prompt' field, or one prompt per line")
+    q.add_argument("--prompts", required=True, help=PROMPTS_HELP)
     q.add_argument("--teacher", required=True, help="local folder of the teacher model")
     q.add_argument("--student", required=True, help="local folder of the initial student model")
     q.add_argument("--output", required=True, help="pipeline folder (rerun the command to continue it)")
@@ -207,7 +211,7 @@ def _run(args: argparse.Namespace) -> None:
             prompts=args.prompts, teacher=args.teacher, student=args.student, output=args.output, epochs=args.epochs,
             n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
             seed=args.seed, engine=args.engine, generation_batch_size=args.generation_batch_size,
-            max_prompt_tokens=args.max_prompt_tokens, train=training,
+            max_prompt_tokens=args.max_prompt_tokens, dtype=args.dtype, train=training,
             launcher=shlex.split(args.launcher) if args.launcher else None, progress=args.progress,
         ))
         print(f"{result.epochs_completed} epoch(s) done; model: {result.final_dir}; metrics: {result.metrics_csv}")

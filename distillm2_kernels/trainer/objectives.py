@@ -14,7 +14,7 @@ shifts them (hidden k predicts label k+1). The curriculum state (epoch, step, α
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -38,8 +38,8 @@ class TrainingObjective:
     `(loss, metrics)`; metrics are per-batch means (0-d tensors, no gradient) of `skl`, `srkl`, `alpha_t`,
     `alpha_s`, `beta` (the latter three absent or constant where they do not apply)."""
 
-    def __init__(self, loss: str = "distillm2", preset: str = "distillm2", *, num_epochs: int = 1,
-                 total_steps: int = 1, backend: str = "auto"):
+    def __init__(self, loss: str = "distillm2", preset: str = "distillm2", *, num_epochs: Optional[int] = None,
+                 total_steps: Optional[int] = None, backend: str = "auto"):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.loss = loss

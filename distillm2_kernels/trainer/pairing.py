@@ -41,13 +41,24 @@ class PairReport:
         return not self.missing_student and not self.missing_teacher
 
     def summary(self, show: int = 3) -> str:
-        lines = [f"{self.num_pairs} pairs written to {self.output_path}"]
+        """What `pair` wrote, and the prompts it could not pair."""
+        return "\n".join([f"{self.num_pairs} pairs written to {self.output_path}"] + self._missing_lines(show))
+
+    def _missing_lines(self, show: int = 3) -> list[str]:
+        lines = []
         for side, missing in (("student", self.missing_student), ("teacher", self.missing_teacher)):
             if missing:
                 examples = "; ".join(repr(p[:60]) for p in missing[:show])
                 more = f" (and {len(missing) - show} more)" if len(missing) > show else ""
                 lines.append(f"{len(missing)} prompt(s) have no {side} response and were not paired: {examples}{more}")
-        return "\n".join(lines)
+        return lines
+
+    def strict_error(self) -> str:
+        """The error of `strict=True`: nothing was written."""
+        return "\n".join(
+            [f"not every prompt has both responses (strict): nothing written to {self.output_path}, "
+             f"{self.num_pairs} pairs were possible"] + self._missing_lines()
+        )
 
 
 def pair_row(prompt: str, teacher_response: str, student_response: str) -> dict:
@@ -89,6 +100,6 @@ def pair(teacher_path: PathLike, student_path: PathLike, output_path: PathLike, 
     missing_teacher = [prompt for prompt, left in student_by_prompt.items() for _ in left]
     report = PairReport(Path(output_path), len(pairs), missing_student, missing_teacher)
     if strict and not report.complete:
-        raise ValueError(report.summary())
+        raise ValueError(report.strict_error())
     write_jsonl_atomic(output_path, pairs)
     return report

@@ -52,6 +52,7 @@ class PipelineConfig:
     seed: int = 42  # generation seeds (teacher: seed, student at epoch e: seed + e) and the training seed
     engine: str = "auto"
     generation_batch_size: Optional[int] = None
+    dtype: Optional[str] = None  # the generating models' dtype (default: bf16 on GPU, else float32)
     train: dict = field(default_factory=dict)  # further TrainConfig options: preset, loss, lr, batch_size, ...
     launcher: Optional[Sequence[str]] = None  # run training (and generation) in subprocesses, see above
     progress: bool = True
@@ -76,7 +77,7 @@ class PipelineResult:
 def _generation_options(config: PipelineConfig, seed: int) -> dict:
     return dict(n=config.n, temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
                 seed=seed, engine=config.engine, batch_size=config.generation_batch_size,
-                max_prompt_tokens=config.max_prompt_tokens)
+                max_prompt_tokens=config.max_prompt_tokens, dtype=config.dtype)
 
 
 def _module_command(subcommand: str) -> list[str]:
