@@ -9,7 +9,11 @@
 //          detached mixture (q inside r constant): ∂loss/∂s = q·(d − C),   C = L
 // Both mixtures are "α·self + (1−α)·other" (self = p for SKL, q for SRKL), formed in log space; ā and e are the
 // share of (1−α)·other in the mixture (1 where the mixture is 0). Every term is bounded and α = 1 gives exactly
-// zero (ā = e = d = 0). A zero probability contributes exactly 0.
+// zero (ā = e = d = 0). A zero probability contributes exactly 0 (the guards test p == 0, q == 0: false for NaN).
+// A row holding a NaN or +inf logit (and not ignored) gets log-sum NaN in sweep 1, so every log-probability of
+// the row is NaN and its loss, C, label log-probabilities and whole gradient row are NaN (NaN flows through
+// at::vec::maximum/minimum, which propagate it, and through every blend; a zero probability's gradient is NaN
+// when C is).
 //
 // Sweep 1 (statistics): online log-sum-exp of both rows, kept as max z and log Σ exp((z − max z)/T) in two floats
 // so that log q is as accurate as a log_softmax (one float lse near 100 would carry an absolute error of ~1e-5
@@ -173,7 +177,11 @@ struct OnlineLogSumExp {
     return max == kNegInf ? 0.0f : max;
   }
 
-  float log_sum() const {  // log Σ exp((z − shift)/T), in [0, log V] (−inf for a row of −inf)
+  float log_sum() const {  // log Σ exp((z − shift)/T), in [0, log V] (−inf for a row of −inf, NaN for a row
+                           // holding NaN or +inf)
+    if (std::isnan(max) || max == std::numeric_limits<float>::infinity()) {
+      return kNaN;
+    }
     return static_cast<float>(std::log(sum));
   }
 };
@@ -245,7 +253,7 @@ void loss_block(const float* s, const float* t, int64_t length, const RowConstan
     if constexpr (REVERSE) {
       const Mixture r = mixture<true>(k.log_alpha + log_q, k.log_one_minus_alpha + log_p);
       const fVec q = log_q.exp();
-      const fVec d = fVec::blendv(zero, log_q - r.log_mix, q > zero);
+      const fVec d = fVec::blendv(log_q - r.log_mix, zero, q == zero);
       loss_acc += q * d;
       if constexpr (!DETACH) {
         c_acc += q * r.other_share;
@@ -253,7 +261,7 @@ void loss_block(const float* s, const float* t, int64_t length, const RowConstan
     } else {
       const Mixture m = mixture<true>(k.log_alpha + log_p, k.log_one_minus_alpha + log_q);
       const fVec p = log_p.exp();
-      loss_acc += fVec::blendv(zero, p * (log_p - m.log_mix), p > zero);
+      loss_acc += fVec::blendv(p * (log_p - m.log_mix), zero, p == zero);
       c_acc += p * m.other_share;
     }
   }
@@ -264,6 +272,8 @@ template <bool REVERSE, bool DETACH>
 void grad_block(const float* s, const float* t, int64_t length, const RowConstants& k, float c, float scale,
                 float* grad) {
   const fVec zero(0.0f), c_vec(c), scale_vec(scale);
+  // A zero probability gets a zero gradient, unless the row holds NaN or +inf (then C is NaN): NaN.
+  const fVec zero_probability_grad(std::isnan(c) ? kNaN : 0.0f);
   for (int64_t i = 0; i < length; i += fVec::size()) {
     const fVec log_q = fVec::loadu(s + i) - k.log_sum_s;
     const fVec log_p = fVec::loadu(t + i) - k.log_sum_t;
@@ -273,7 +283,7 @@ void grad_block(const float* s, const float* t, int64_t length, const RowConstan
       const Mixture r = mixture<true>(k.log_alpha + log_q, k.log_one_minus_alpha + log_p);
       const fVec d = log_q - r.log_mix;
       g = DETACH ? q * (d - c_vec) : q * (d + r.other_share - c_vec);
-      g = fVec::blendv(zero, g, q > zero);
+      g = fVec::blendv(g, zero_probability_grad, q == zero);
     } else {
       const Mixture m = mixture<false>(k.log_alpha + log_p, k.log_one_minus_alpha + log_q);
       const fVec p = log_p.exp();

@@ -4,7 +4,8 @@ Runs on any device. Rows are processed in chunks sized so that each float32 temp
 `CHUNK_BYTES`, so no full-size `[N, V]` float32 tensor is built. The forward keeps the seven row statistics
 of `triton_backend` (max z and log Σ exp((z − max z)/T) of both logits, the row constant C, the label
 tokens' log-probabilities) and the backward recomputes the rest (see `triton_backend` for the formulas).
-float64 logits are computed in float64, everything else in float32.
+float64 logits are computed in float64, everything else in float32. A row holding NaN or +inf gets NaN
+statistics, so its loss and its whole gradient row are NaN (the guards test `p == 0`, false for NaN).
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ def _compute_dtype(rows: SkewRows) -> torch.dtype:
 
 
 def _max_and_log_sum(z: torch.Tensor, inv_temperature: float):
-    """(max z, log Σ exp((z − max z)/T)) per row; a row of −inf gives max 0 and log-sum −inf."""
+    """(max z, log Σ exp((z − max z)/T)) per row; a row of −inf gives max 0 and log-sum −inf, a row holding
+    NaN or +inf gives log-sum NaN."""
     row_max = z.amax(-1)
     row_max = torch.where(row_max == float("-inf"), 0.0, row_max)
-    return row_max, torch.log(torch.exp((z - row_max.unsqueeze(-1)) * inv_temperature).sum(-1))
+    log_sum = torch.log(torch.exp((z - row_max.unsqueeze(-1)) * inv_temperature).sum(-1))
+    return row_max, torch.where(row_max == float("inf"), float("nan"), log_sum)
 
 
 class _Chunk:
@@ -62,19 +65,19 @@ class _Chunk:
         """SKL per entry: p, the loss terms p·(log p − log m), and ā = (1−α) q / m."""
         log_m = torch.logaddexp(self.log_alpha + self.log_p, self.log_one_minus_alpha + self.log_q)
         p = self.log_p.exp()
-        loss_terms = torch.where(p > 0, p * (self.log_p - log_m), 0.0)
-        finite_m = log_m > float("-inf")
-        a_bar = torch.exp(self.log_one_minus_alpha + self.log_q - torch.where(finite_m, log_m, 0.0))
-        return p, loss_terms, torch.where(finite_m, a_bar, 1.0)
+        loss_terms = torch.where(p == 0, 0.0, p * (self.log_p - log_m))
+        empty_m = log_m == float("-inf")
+        a_bar = torch.exp(self.log_one_minus_alpha + self.log_q - torch.where(empty_m, 0.0, log_m))
+        return p, loss_terms, torch.where(empty_m, 1.0, a_bar)
 
     def srkl_terms(self):
         """SRKL per entry: q, d = log q − log r (0 where q = 0), and e = (1−α) p / r."""
         log_r = torch.logaddexp(self.log_one_minus_alpha + self.log_p, self.log_alpha + self.log_q)
         q = self.log_q.exp()
-        d = torch.where(q > 0, self.log_q - log_r, 0.0)
-        finite_r = log_r > float("-inf")
-        e = torch.exp(self.log_one_minus_alpha + self.log_p - torch.where(finite_r, log_r, 0.0))
-        return q, d, torch.where(finite_r, e, 1.0)
+        d = torch.where(q == 0, 0.0, self.log_q - log_r)
+        empty_r = log_r == float("-inf")
+        e = torch.exp(self.log_one_minus_alpha + self.log_p - torch.where(empty_r, 0.0, log_r))
+        return q, d, torch.where(empty_r, 1.0, e)
 
 
 def _label_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -146,7 +149,9 @@ def skew_backward(
         c = chunk_stats[:, 4:5]
         if reverse:
             q, d, e = chunk.srkl_terms()
-            g = torch.where(q > 0, q * (d - c if detach else d + e - c), 0.0)
+            # a zero probability gets 0, NaN in a row holding NaN or +inf (whose C is NaN)
+            zero_probability_grad = torch.where(c.isnan(), float("nan"), 0.0)
+            g = torch.where(q == 0, zero_probability_grad, q * (d - c if detach else d + e - c))
         else:
             p, _, a_bar = chunk.skl_terms()
             g = chunk.log_q.exp() * c - p * a_bar

@@ -12,6 +12,8 @@ subtracting the maximum before scaling keeps log q as accurate as `log_softmax`'
 These are DESIGN.md's `q − p + α(p²/m − q·W)` and `q ⊙ (d − αq/r − L + αU)` rewritten with Σp = Σq = 1, so
 that every term is bounded (ā, e ∈ [0, 1]) and α = 1 gives exactly zero (ā = e = d = 0). A zero
 probability contributes exactly zero; a zero mixture (only possible at α = 0) gives an infinite loss.
+A row holding a NaN or +inf logit (that is not ignored) gets NaN statistics in sweep 1, so its loss, its C
+and its whole gradient row are NaN: the zero-probability guards test `p == 0` (false for NaN), never `p > 0`.
 
 Sweep 1 (forward, `_row_statistics_kernel`): online log-sum-exp of both rows, and the label tokens'
 log-probabilities as a by-product (one load each). Sweep 2 (forward, `_skew_loss_kernel`): the loss and the
@@ -71,9 +73,9 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _log_add_exp(a, b):
-        """log(exp a + exp b), exact −inf when both are −inf."""
-        hi = tl.maximum(a, b)
-        lo = tl.minimum(a, b)
+        """log(exp a + exp b), exact −inf when both are −inf, NaN when either is NaN."""
+        hi = tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+        lo = tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
         hi_shift = tl.where(hi == float("-inf"), 0.0, hi)
         return hi + tl.log(1.0 + tl.exp(lo - hi_shift))
 
@@ -92,9 +94,9 @@ if TRITON_AVAILABLE:
         """SKL per entry: p, the loss terms p·(log p − log m), and ā = (1−α) q / m."""
         log_m = _log_add_exp(log_alpha + log_p, log_one_minus_alpha + log_q)
         p = tl.exp(log_p)
-        loss_terms = tl.where(p > 0, p * (log_p - log_m), 0.0)
-        finite_m = log_m > float("-inf")
-        a_bar = tl.where(finite_m, tl.exp(log_one_minus_alpha + log_q - tl.where(finite_m, log_m, 0.0)), 1.0)
+        loss_terms = tl.where(p == 0, 0.0, p * (log_p - log_m))
+        empty_m = log_m == float("-inf")
+        a_bar = tl.where(empty_m, 1.0, tl.exp(log_one_minus_alpha + log_q - tl.where(empty_m, 0.0, log_m)))
         return p, loss_terms, a_bar
 
     @triton.jit
@@ -102,14 +104,15 @@ if TRITON_AVAILABLE:
         """SRKL per entry: q, d = log q − log r (0 where q = 0), and e = (1−α) p / r."""
         log_r = _log_add_exp(log_one_minus_alpha + log_p, log_alpha + log_q)
         q = tl.exp(log_q)
-        d = tl.where(q > 0, log_q - log_r, 0.0)
-        finite_r = log_r > float("-inf")
-        e = tl.where(finite_r, tl.exp(log_one_minus_alpha + log_p - tl.where(finite_r, log_r, 0.0)), 1.0)
+        d = tl.where(q == 0, 0.0, log_q - log_r)
+        empty_r = log_r == float("-inf")
+        e = tl.where(empty_r, 1.0, tl.exp(log_one_minus_alpha + log_p - tl.where(empty_r, 0.0, log_r)))
         return q, d, e
 
     @triton.jit
     def _row_log_sum(row_ptr, V, inv_temperature, BLOCK_V: tl.constexpr):
-        """Online (max z, log Σ exp((z − max z)/T)) over `row[:V]`; a row of −inf gives max 0, log-sum −inf."""
+        """Online (max z, log Σ exp((z − max z)/T)) over `row[:V]`; a row of −inf gives max 0, log-sum −inf,
+        a row holding NaN or +inf gives log-sum NaN (so every log-probability of the row is NaN)."""
         offsets = tl.arange(0, BLOCK_V)
         running_max = float("-inf")
         running_sum = 0.0
@@ -122,7 +125,8 @@ if TRITON_AVAILABLE:
                 tl.exp((z - shift) * inv_temperature), 0
             )
             running_max = new_max
-        return tl.where(running_max == float("-inf"), 0.0, running_max), tl.log(running_sum)
+        log_sum = tl.where(running_max == float("inf"), float("nan"), tl.log(running_sum))
+        return tl.where(running_max == float("-inf"), 0.0, running_max), log_sum
 
     @triton.jit
     def _block_log_probs(row_ptr, cols, in_row, row_max, log_sum, inv_temperature):
@@ -280,6 +284,8 @@ if TRITON_AVAILABLE:
         teacher_row = teacher_ptr + row * teacher_row_stride
         log_alpha = tl.log(alpha)
         log_one_minus_alpha = tl.log(1.0 - alpha)
+        # A zero probability gets a zero gradient, unless the row holds NaN or +inf (then C is NaN): NaN.
+        zero_probability_grad = tl.where(c == c, 0.0, float("nan"))
 
         # Sweep 3: the gradient.
         for start in range(0, V, BLOCK_V):
@@ -293,7 +299,7 @@ if TRITON_AVAILABLE:
                     g = q * (d - c)
                 else:
                     g = q * (d + e - c)
-                g = tl.where(q > 0, g, 0.0)
+                g = tl.where(q == 0, zero_probability_grad, g)
             else:
                 p, _, a_bar = _skl_terms(log_q, log_p, log_alpha, log_one_minus_alpha)
                 g = tl.exp(log_q) * c - p * a_bar
