@@ -293,6 +293,25 @@ void grad_block(const float* s, const float* t, int64_t length, const RowConstan
   }
 }
 
+// The first logit of row `row` of `base` (see SkewProblem for the layout).
+template <typename scalar_t>
+const scalar_t* row_start(const void* base, int64_t row, int64_t inner_rows, int64_t outer_stride,
+                          int64_t inner_stride) {
+  return static_cast<const scalar_t*>(base) + (row / inner_rows) * outer_stride + (row % inner_rows) * inner_stride;
+}
+
+template <typename scalar_t>
+const scalar_t* student_row(const SkewProblem& problem, int64_t row) {
+  return row_start<scalar_t>(problem.student, row, problem.inner_rows, problem.student_outer_stride,
+                             problem.student_inner_stride);
+}
+
+template <typename scalar_t>
+const scalar_t* teacher_row(const SkewProblem& problem, int64_t row) {
+  return row_start<scalar_t>(problem.teacher, row, problem.inner_rows, problem.teacher_outer_stride,
+                             problem.teacher_inner_stride);
+}
+
 bool row_ignored(const SkewProblem& problem, int64_t row) {
   return problem.labels != nullptr && problem.labels[row] == problem.ignore_index;
 }
@@ -385,8 +404,6 @@ float row_loss(const SkewProblem& problem, int64_t row, const student_t* s_row, 
 
 template <typename student_t, typename teacher_t>
 void statistics_rows(const SkewProblem& problem, float* stats) {
-  const auto* student = static_cast<const student_t*>(problem.student);
-  const auto* teacher = static_cast<const teacher_t*>(problem.teacher);
   at::parallel_for(0, problem.num_rows, grain_rows(problem), [&](int64_t begin, int64_t end) {
     Blocks blocks;
     for (int64_t row = begin; row < end; ++row) {
@@ -395,16 +412,14 @@ void statistics_rows(const SkewProblem& problem, float* stats) {
         std::fill(row_stats, row_stats + kStats, 0.0f);
         continue;
       }
-      row_statistics(problem, row, student + row * problem.student_row_stride,
-                     teacher + row * problem.teacher_row_stride, blocks, row_stats);
+      row_statistics(problem, row, student_row<student_t>(problem, row), teacher_row<teacher_t>(problem, row), blocks,
+                     row_stats);
     }
   });
 }
 
 template <typename student_t, typename teacher_t>
 void forward_rows(const SkewProblem& problem, bool compute_statistics, float* loss, float* stats) {
-  const auto* student = static_cast<const student_t*>(problem.student);
-  const auto* teacher = static_cast<const teacher_t*>(problem.teacher);
   at::parallel_for(0, problem.num_rows, grain_rows(problem), [&](int64_t begin, int64_t end) {
     Blocks blocks;
     for (int64_t row = begin; row < end; ++row) {
@@ -418,8 +433,8 @@ void forward_rows(const SkewProblem& problem, bool compute_statistics, float* lo
         }
         continue;
       }
-      const student_t* s_row = student + row * problem.student_row_stride;
-      const teacher_t* t_row = teacher + row * problem.teacher_row_stride;
+      const student_t* s_row = student_row<student_t>(problem, row);
+      const teacher_t* t_row = teacher_row<teacher_t>(problem, row);
       if (compute_statistics) {  // sweep 1 on the same thread, while the row is still in cache
         row_statistics(problem, row, s_row, t_row, blocks, row_stats);
       }
@@ -431,8 +446,6 @@ void forward_rows(const SkewProblem& problem, bool compute_statistics, float* lo
 template <typename student_t, typename teacher_t>
 void backward_rows(const SkewProblem& problem, const float* stats, const float* grad_loss,
                    int64_t grad_loss_stride, student_t* grad) {
-  const auto* student = static_cast<const student_t*>(problem.student);
-  const auto* teacher = static_cast<const teacher_t*>(problem.teacher);
   const int64_t vocab = problem.vocab_size;
   at::parallel_for(0, problem.num_rows, grain_rows(problem), [&](int64_t begin, int64_t end) {
     Blocks blocks;
@@ -446,8 +459,8 @@ void backward_rows(const SkewProblem& problem, const float* stats, const float* 
       const RowConstants k = row_constants(problem, row, row_stats);
       const float c = row_stats[kC];
       const float scale = grad_loss[row * grad_loss_stride] * problem.inv_temperature;
-      const student_t* s_row = student + row * problem.student_row_stride;
-      const teacher_t* t_row = teacher + row * problem.teacher_row_stride;
+      const student_t* s_row = student_row<student_t>(problem, row);
+      const teacher_t* t_row = teacher_row<teacher_t>(problem, row);
       for (int64_t start = 0; start < vocab; start += kBlock) {  // sweep 3
         const int64_t count = std::min(kBlock, vocab - start);
         const int64_t length = stage_block(s_row + start, count, k.max_s, problem.temperature, blocks.student);

@@ -628,11 +628,16 @@ def test_registry():
 # --- custom ops and torch.compile -------------------------------------------------------------------------
 
 
-def test_custom_ops_pass_opcheck():
-    student, teacher = make_logits((3, 40), torch.bfloat16)
-    student = student[:, :33]  # a row-strided view
-    teacher = teacher[:, :33]
+@pytest.mark.parametrize("layout", ["rows", "outer_inner"])
+def test_custom_ops_pass_opcheck(layout):
+    if layout == "rows":
+        student, teacher = make_logits((3, 40), torch.bfloat16)
+        student, teacher = student[:, :33], teacher[:, :33]  # a row-strided view
+    else:  # [outer, inner, V] with a stride per level: the rows of a [B, T−1, V] slice
+        student, teacher = make_logits((3, 4, 33), torch.bfloat16)
+        student, teacher = student[:, :1], teacher[:, 1:2]
     labels, alpha_rows = torch.tensor([0, -100, 2]), torch.tensor([0.0, 0.5, 1.0])
+    torch.library.opcheck(torch.ops.distillm2.skew_statistics.default, (student, teacher, labels, -100, 0.8, "cpu"))
     for reverse, detach in ((False, False), (True, False), (True, True)):
         args = (student, teacher, labels, alpha_rows, 0.0, -100, 0.8, reverse, detach, "cpu")
         torch.library.opcheck(torch.ops.distillm2.skew_forward.default, args)
@@ -640,18 +645,20 @@ def test_custom_ops_pass_opcheck():
         torch.library.opcheck(torch.ops.distillm2.skew_backward.default, args + (stats, torch.rand(3)))
 
 
+@pytest.mark.parametrize("sliced", [False, True])
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
-def test_torch_compile_traces_a_training_step_without_graph_breaks(backend):
+def test_torch_compile_traces_a_training_step_without_graph_breaks(backend, sliced):
+    """`sliced`: the logits are `[:, :-1]` slices, rows with a stride per sequence and one per token."""
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(15)
     head = torch.nn.Linear(16, 101)
-    hidden = torch.randn(2, 5, 16, generator=gen)
-    teacher = torch.randn(2, 5, 101, generator=gen)
+    hidden = torch.randn(2, 5 + sliced, 16, generator=gen)
+    teacher = torch.randn(2, 5 + sliced, 101, generator=gen)
     labels = torch.randint(0, 101, (2, 5), generator=gen)
     labels[0, :2] = -100
 
     def step(hidden, teacher, labels, alpha):
-        student = head(hidden)
+        student, teacher = head(hidden)[:, :5], teacher[:, -5:]
         skl = fused_skl(student, teacher, alpha, labels=labels, reduction="seqmean", backend=backend)
         srkl = fused_srkl(student, teacher, 0.2, labels=labels, temperature=2.0, detach_mixture=True, backend=backend)
         return skl + srkl

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from allocations import NewStorages
 from conftest import kernel_device
 from hypothesis import given
 from hypothesis import strategies as st
@@ -20,7 +21,7 @@ from distillm2_kernels import (
     fused_srkl,
     token_statistics,
 )
-from distillm2_kernels.backends import available_backends
+from distillm2_kernels.backends import available_backends, torch_backend
 
 DEVICE = kernel_device()
 BACKENDS = available_backends(DEVICE)
@@ -212,6 +213,121 @@ def test_rows_stay_views():
     rows = prepare_rows(big[..., :40], big[..., 5:45], 0.1, None, -100, 1.0)
     assert rows.student.data_ptr() == big.data_ptr() and rows.student.stride() == (50, 1)
     assert rows.teacher.data_ptr() == big[..., 5:].data_ptr()
+
+
+# --- leading dims with strides of their own: [B, T−1, V] slices of [B, T, V] logits are read in place ------
+
+STRIDED_LAYOUTS = ["shifted", "shifted_pair", "contiguous_teacher", "vocab_slice", "four_dims", "expanded_teacher"]
+
+
+def strided_logits(layout, dtype=torch.float32, seed=21):
+    """(student, teacher, full student) for leading dims that need two strided levels (rows V apart within a
+    sequence, T·V apart across sequences): no single row stride, so a reshape to [N, V] would copy."""
+    shape = (2, 2, 6, 130) if layout == "four_dims" else (3, 6, 130)
+    full_student, full_teacher = make_logits(shape, dtype, seed=seed)
+    student, teacher = full_student[..., :-1, :], full_teacher[..., :-1, :]
+    if layout == "shifted_pair":
+        teacher = full_teacher[..., 1:, :]
+    elif layout == "contiguous_teacher":
+        teacher = teacher.contiguous()
+    elif layout == "expanded_teacher":  # one sequence for all: outer stride 0
+        teacher = teacher[:1].expand(student.shape)
+    elif layout == "vocab_slice":
+        student, teacher = full_student[:, :-1, :100], full_teacher[:, 1:, 30:]
+    return student, teacher, full_student
+
+
+@pytest.mark.parametrize("layout", STRIDED_LAYOUTS)
+def test_strided_leading_dims_stay_views(layout):
+    from distillm2_kernels._inputs import prepare_rows
+
+    student, teacher, _ = strided_logits(layout)
+    rows = prepare_rows(student, teacher, 0.1, None, -100, 1.0)
+    for given, seen in ((student, rows.student), (teacher, rows.teacher)):
+        assert seen.data_ptr() == given.data_ptr()
+        assert seen.untyped_storage().data_ptr() == given.untyped_storage().data_ptr()
+    assert rows.student.dim() == 3 and rows.student.shape == rows.teacher.shape
+    assert rows.num_rows == math.prod(student.shape[:-1]) and rows.vocab_size == student.shape[-1]
+
+
+def test_leading_dims_that_need_copies():
+    """Three strided levels, a vocabulary stride other than 1, or different splits for student and teacher
+    (the teacher is then copied): documented copies, still correct (checked against the oracle)."""
+    from distillm2_kernels._inputs import prepare_rows
+
+    full_student, full_teacher = make_logits((2, 4, 6, 50), torch.float32, seed=22)
+    other_student, other_teacher = make_logits((2, 3, 7, 50), torch.float32, seed=24)
+    cases = {  # student, teacher, (student copied, teacher copied)
+        "three levels": (full_student[:, :-1, :-1], full_teacher[:, :-1, :-1], (True, True)),
+        "different splits": (full_student[:, :-1, :], other_teacher[:, :, 1:], (False, True)),
+        "vocabulary stride": (other_student[..., :6, :6].transpose(-1, -2), full_teacher[:, 1:, :, :6], (True, False)),
+    }
+    for name, (student, teacher, copied) in cases.items():
+        rows = prepare_rows(student, teacher, 0.1, None, -100, 1.0)
+        for given, seen, was_copied in zip((student, teacher), (rows.student, rows.teacher), copied):
+            same = seen.untyped_storage().data_ptr() == given.untyped_storage().data_ptr()
+            assert same != was_copied, name
+        check_against_oracle("srkl", student, teacher, 0.3, "torch", what=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", STRIDED_LAYOUTS)
+def test_strided_leading_dims_match_oracle(backend, op, layout):
+    """Loss and gradient on the views against the float64 oracle, and the gradient of the full tensor:
+    the view's gradient in place, zeros at the positions the slice leaves out."""
+    student, teacher, full_student = strided_logits(layout, torch.bfloat16)
+    leading = student.shape[:-1]
+    labels = torch.arange(math.prod(leading)).reshape(leading) % 97
+    labels.view(-1)[[0, 4]] = -100
+    alpha = torch.rand(leading, generator=torch.Generator().manual_seed(23))
+    _, view_grad = check_against_oracle(
+        op, student, teacher, alpha, backend, labels=labels, temperature=0.8, what=f"{backend}/{op}/{layout}"
+    )
+    full = full_student.detach().requires_grad_(True)
+    sliced = full[..., :-1, :] if layout != "vocab_slice" else full[:, :-1, :100]
+    upstream = torch.rand(leading, generator=torch.Generator().manual_seed(1))
+    loss = run_fused(op, sliced, teacher, alpha, backend, labels=labels, temperature=0.8, reduction="none")
+    (full_grad,) = torch.autograd.grad((loss * upstream).sum(), full)
+    in_view = torch.zeros_like(full, dtype=torch.bool)
+    in_view[..., :-1, :] = True
+    if layout == "vocab_slice":
+        in_view[..., 100:] = False
+    assert torch.equal(full_grad[..., :-1, :][..., : student.shape[-1]].reshape(view_grad.shape), view_grad)
+    assert torch.equal(full_grad[~in_view], torch.zeros_like(full_grad[~in_view]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", ["shifted", "contiguous_teacher", "four_dims", "expanded_teacher"])
+@pytest.mark.parametrize("chunk_rows", [2, 10])
+def test_strided_leading_dims_are_not_copied(backend, op, layout, chunk_rows, monkeypatch):
+    """The backend gets the caller's storage (by data pointer), and the forward allocates nothing of the
+    logits' size (the allocator spy); the backward only the [N, V] gradient. `chunk_rows`: the torch
+    backend's rows per chunk, below one sequence (blocks within a sequence) or above (whole sequences)."""
+    from distillm2_kernels.backends import BACKEND_MODULES
+
+    student, teacher, _ = strided_logits(layout, torch.bfloat16)
+    student = student.detach().requires_grad_(True)  # a leaf view: its gradient is the op's own output
+    n, vocab = math.prod(student.shape[:-1]), student.shape[-1]
+    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", chunk_rows * vocab * 4)
+    module = BACKEND_MODULES[backend]
+    seen = []
+    for name in ("skew_forward", "skew_backward"):
+        def spy(rows, *args, _real=getattr(module, name)):
+            seen.append((rows.student.data_ptr(), rows.teacher.data_ptr()))
+            return _real(rows, *args)
+
+        monkeypatch.setattr(module, name, spy)
+    with NewStorages() as forward:
+        loss = run_fused(op, student, teacher, 0.2, backend, reduction="sum")
+    with NewStorages() as backward:
+        loss.backward()
+    assert seen == [(student.data_ptr(), teacher.data_ptr())] * 2
+    assert max(size for size, _ in forward.sizes) < n * vocab, forward.sizes
+    full = [op_name for size, op_name in backward.sizes if size >= n * vocab]
+    assert len(full) == 1, full  # the gradient itself
+    assert student.grad.shape == student.shape
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

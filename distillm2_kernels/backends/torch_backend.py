@@ -22,11 +22,31 @@ CHUNK_BYTES = 8 * 1024 * 1024  # bytes of one float32 [rows, V] temporary per ch
 ROW_TEMPORARIES = 18
 
 
-def _chunks(rows: SkewRows):
+def _chunks(rows: SkewRows, dtype: torch.dtype):
+    """(start, end, student rows [end − start, V], teacher rows) in `dtype`, over blocks of rows. Blocks of
+    `[N, V]` logits, and blocks within one outer index of `[outer, inner, V]` logits, are views (unless
+    converted to `dtype`); blocks of whole outer indices are flattened, a copy of the block at most (one
+    with the conversion), never of the whole tensor."""
     n, v = rows.num_rows, rows.vocab_size
     step = max(1, CHUNK_BYTES // (4 * v))
-    for start in range(0, n, step):
-        yield start, min(n, start + step)
+    if rows.student.dim() == 2:
+        for start in range(0, n, step):
+            end = min(n, start + step)
+            yield start, end, rows.student[start:end].to(dtype), rows.teacher[start:end].to(dtype)
+        return
+    inner = rows.student.shape[1]
+    if step < inner:
+        for outer in range(rows.student.shape[0]):
+            for a in range(0, inner, step):
+                b = min(inner, a + step)
+                start = outer * inner
+                yield start + a, start + b, rows.student[outer, a:b].to(dtype), rows.teacher[outer, a:b].to(dtype)
+        return
+    outer_step = step // inner
+    for a in range(0, rows.student.shape[0], outer_step):
+        b = min(rows.student.shape[0], a + outer_step)
+        student, teacher = rows.student[a:b].to(dtype), rows.teacher[a:b].to(dtype)
+        yield a * inner, b * inner, student.reshape(-1, v), teacher.reshape(-1, v)
 
 
 def _compute_dtype(rows: SkewRows) -> torch.dtype:
@@ -47,9 +67,7 @@ def _max_and_log_sum(z: torch.Tensor, inv_temperature: float):
 class _Chunk:
     """The recomputable per-entry quantities of rows [start, end)."""
 
-    def __init__(self, rows: SkewRows, start: int, end: int, dtype: torch.dtype, row_stats):
-        s = rows.student[start:end].to(dtype)
-        t = rows.teacher[start:end].to(dtype)
+    def __init__(self, rows: SkewRows, start: int, end: int, s, t, dtype: torch.dtype, row_stats):
         max_s, log_sum_s, max_t, log_sum_t = (x.unsqueeze(-1) for x in row_stats)
         self.log_q = (s - max_s) * rows.inv_temperature - log_sum_s
         self.log_p = (t - max_t) * rows.inv_temperature - log_sum_t
@@ -91,9 +109,7 @@ def skew_statistics(rows: SkewRows) -> torch.Tensor:
     """Sweep 1: the row statistics `[N, 7]` (C, column 4, is 0 until `skew_forward` fills it)."""
     dtype = _compute_dtype(rows)
     stats = torch.empty((rows.num_rows, STATS), dtype=dtype, device=rows.student.device)
-    for start, end in _chunks(rows):
-        s = rows.student[start:end].to(dtype)
-        t = rows.teacher[start:end].to(dtype)
+    for start, end, s, t in _chunks(rows, dtype):
         max_s, log_sum_s = _max_and_log_sum(s, rows.inv_temperature)
         max_t, log_sum_t = _max_and_log_sum(t, rows.inv_temperature)
         columns = [max_s, log_sum_s, max_t, log_sum_t, torch.zeros_like(max_s)]
@@ -119,8 +135,8 @@ def skew_forward(
     stats = skew_statistics(rows) if stats is None else stats.clone()
     dtype = stats.dtype
     loss = torch.empty(rows.num_rows, dtype=dtype, device=rows.student.device)
-    for start, end in _chunks(rows):
-        chunk = _Chunk(rows, start, end, dtype, row_stats=stats[start:end, :4].unbind(-1))
+    for start, end, s, t in _chunks(rows, dtype):
+        chunk = _Chunk(rows, start, end, s, t, dtype, row_stats=stats[start:end, :4].unbind(-1))
         if reverse:
             q, d, e = chunk.srkl_terms()
             row_loss = (q * d).sum(-1)
@@ -143,9 +159,9 @@ def skew_backward(
     """Gradient w.r.t. the student logits, `[N, V]` contiguous in the student's dtype."""
     dtype = _compute_dtype(rows)
     grad = torch.empty((rows.num_rows, rows.vocab_size), dtype=rows.student.dtype, device=rows.student.device)
-    for start, end in _chunks(rows):
+    for start, end, s, t in _chunks(rows, dtype):
         chunk_stats = stats[start:end].to(dtype)
-        chunk = _Chunk(rows, start, end, dtype, row_stats=chunk_stats[:, :4].unbind(-1))
+        chunk = _Chunk(rows, start, end, s, t, dtype, row_stats=chunk_stats[:, :4].unbind(-1))
         c = chunk_stats[:, 4:5]
         if reverse:
             q, d, e = chunk.srkl_terms()

@@ -1,4 +1,5 @@
-"""Triton kernels for SKL and SRKL over `[N, V]` logits, one program per row, three sweeps per row.
+"""Triton kernels for SKL and SRKL over rows of logits (`[N, V]`, or `[outer, inner, V]` with a stride per
+level, see `_inputs`), one program per row, three sweeps per row.
 
 Math (per row; `log q = (z_s − max z_s)/T − log Σ exp((z_s − max z_s)/T)`, `log p` likewise from z_t;
 subtracting the maximum before scaling keeps log q as accurate as `log_softmax`'s):
@@ -30,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from .._inputs import STATS, SkewRows
+from .._inputs import STATS, SkewRows, row_layout
 
 try:
     import triton
@@ -129,6 +130,11 @@ if TRITON_AVAILABLE:
         return tl.where(running_max == float("-inf"), 0.0, running_max), log_sum
 
     @triton.jit
+    def _row_start(base_ptr, row, inner_rows, outer_stride, inner_stride):
+        """Row `row` (int64) of logits laid out as [outer, inner, V]: [N, V] logits are one outer index."""
+        return base_ptr + (row // inner_rows) * outer_stride + (row % inner_rows) * inner_stride
+
+    @triton.jit
     def _block_log_probs(row_ptr, cols, in_row, row_max, log_sum, inv_temperature):
         """log softmax(z/T) of one block, from the row's max and log-sum; −inf outside the row."""
         z = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
@@ -136,10 +142,13 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _row_statistics_kernel(
-        student_ptr,  # [N, V] student logits, rows `student_row_stride` elements apart
-        teacher_ptr,  # [N, V] teacher logits, rows `teacher_row_stride` elements apart
-        student_row_stride,  # elements between consecutive student rows
-        teacher_row_stride,  # elements between consecutive teacher rows
+        student_ptr,  # student logits, N rows of V (row layout: see `_row_start`), unit column stride
+        teacher_ptr,  # teacher logits, the same rows with strides of their own
+        student_outer_stride,  # elements between student rows r and r + inner_rows
+        student_inner_stride,  # elements between consecutive student rows of one outer index
+        teacher_outer_stride,  # elements between teacher rows r and r + inner_rows
+        teacher_inner_stride,  # elements between consecutive teacher rows of one outer index
+        inner_rows,  # rows per outer index (N for [N, V] logits)
         labels_ptr,  # [N] integer labels; read only when HAS_LABELS
         ignore_index,  # rows whose label equals this get zero statistics
         inv_temperature,  # 1 / T
@@ -152,8 +161,8 @@ if TRITON_AVAILABLE:
         outside [0, V)). Ignored rows are skipped and get zeros."""
         row = tl.program_id(0).to(tl.int64)
         out = stats_ptr + row * 7
-        student_row = student_ptr + row * student_row_stride
-        teacher_row = teacher_ptr + row * teacher_row_stride
+        student_row = _row_start(student_ptr, row, inner_rows, student_outer_stride, student_inner_stride)
+        teacher_row = _row_start(teacher_ptr, row, inner_rows, teacher_outer_stride, teacher_inner_stride)
         label_log_q = 0.0
         label_log_p = 0.0
         if HAS_LABELS:
@@ -180,10 +189,13 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _skew_loss_kernel(
-        student_ptr,  # [N, V] student logits, rows `student_row_stride` elements apart
-        teacher_ptr,  # [N, V] teacher logits, rows `teacher_row_stride` elements apart
-        student_row_stride,  # elements between consecutive student rows
-        teacher_row_stride,  # elements between consecutive teacher rows
+        student_ptr,  # student logits, N rows of V (row layout: see `_row_start`), unit column stride
+        teacher_ptr,  # teacher logits, the same rows with strides of their own
+        student_outer_stride,  # elements between student rows r and r + inner_rows
+        student_inner_stride,  # elements between consecutive student rows of one outer index
+        teacher_outer_stride,  # elements between teacher rows r and r + inner_rows
+        teacher_inner_stride,  # elements between consecutive teacher rows of one outer index
+        inner_rows,  # rows per outer index (N for [N, V] logits)
         labels_ptr,  # [N] integer labels; read only when HAS_LABELS
         alpha_ptr,  # [N] float32 per-row α; read only when ALPHA_PER_ROW
         alpha,  # scalar α, used when not ALPHA_PER_ROW
@@ -208,8 +220,8 @@ if TRITON_AVAILABLE:
                 return
         if ALPHA_PER_ROW:
             alpha = tl.load(alpha_ptr + row)
-        student_row = student_ptr + row * student_row_stride
-        teacher_row = teacher_ptr + row * teacher_row_stride
+        student_row = _row_start(student_ptr, row, inner_rows, student_outer_stride, student_inner_stride)
+        teacher_row = _row_start(teacher_ptr, row, inner_rows, teacher_outer_stride, teacher_inner_stride)
         max_s = tl.load(stats_row + 0)
         log_sum_s = tl.load(stats_row + 1)
         max_t = tl.load(stats_row + 2)
@@ -245,10 +257,13 @@ if TRITON_AVAILABLE:
         grad_student_ptr,  # [N, V] out: gradient w.r.t. the student logits, contiguous, input dtype
         grad_loss_ptr,  # [N] float32 incoming gradient of each row's loss, `grad_loss_stride` apart
         grad_loss_stride,  # elements between consecutive grad_loss entries (0 when broadcast)
-        student_ptr,  # [N, V] student logits, as in the forward
-        teacher_ptr,  # [N, V] teacher logits, as in the forward
-        student_row_stride,  # elements between consecutive student rows
-        teacher_row_stride,  # elements between consecutive teacher rows
+        student_ptr,  # student logits, N rows of V (row layout: see `_row_start`), unit column stride
+        teacher_ptr,  # teacher logits, the same rows with strides of their own
+        student_outer_stride,  # elements between student rows r and r + inner_rows
+        student_inner_stride,  # elements between consecutive student rows of one outer index
+        teacher_outer_stride,  # elements between teacher rows r and r + inner_rows
+        teacher_inner_stride,  # elements between consecutive teacher rows of one outer index
+        inner_rows,  # rows per outer index (N for [N, V] logits)
         labels_ptr,  # [N] integer labels; read only when HAS_LABELS
         alpha_ptr,  # [N] float32 per-row α; read only when ALPHA_PER_ROW
         alpha,  # scalar α, used when not ALPHA_PER_ROW
@@ -280,8 +295,8 @@ if TRITON_AVAILABLE:
         max_t = tl.load(stats_ptr + row * 7 + 2)
         log_sum_t = tl.load(stats_ptr + row * 7 + 3)
         c = tl.load(stats_ptr + row * 7 + 4)
-        student_row = student_ptr + row * student_row_stride
-        teacher_row = teacher_ptr + row * teacher_row_stride
+        student_row = _row_start(student_ptr, row, inner_rows, student_outer_stride, student_inner_stride)
+        teacher_row = _row_start(teacher_ptr, row, inner_rows, teacher_outer_stride, teacher_inner_stride)
         log_alpha = tl.log(alpha)
         log_one_minus_alpha = tl.log(1.0 - alpha)
         # A zero probability gets a zero gradient, unless the row holds NaN or +inf (then C is NaN): NaN.
@@ -315,15 +330,19 @@ def _check_runnable(rows: SkewRows) -> None:
             raise TypeError(f"the triton backend takes float16, bfloat16 or float32 {name}, got float64")
 
 
+def _logits_args(rows: SkewRows) -> tuple:
+    """student_ptr, teacher_ptr, their outer and inner strides, inner_rows."""
+    inner, student_outer, student_inner = row_layout(rows.student)
+    _, teacher_outer, teacher_inner = row_layout(rows.teacher)
+    return rows.student, rows.teacher, student_outer, student_inner, teacher_outer, teacher_inner, inner
+
+
 def _common_args(rows: SkewRows) -> tuple:
     dummy = rows.student  # any tensor on the device: never read when its flag is off
     labels = rows.labels if rows.labels is not None else dummy
     alpha_rows = rows.alpha_rows if rows.alpha_rows is not None else dummy
     return (
-        rows.student,
-        rows.teacher,
-        rows.student.stride(0),
-        rows.teacher.stride(0),
+        *_logits_args(rows),
         labels,
         alpha_rows,
         _as_float32(rows.alpha),
@@ -347,10 +366,7 @@ def skew_statistics(rows: SkewRows) -> torch.Tensor:
     block, warps = launch_config(v)
     labels = rows.labels if rows.labels is not None else rows.student
     _row_statistics_kernel[(n,)](
-        rows.student,
-        rows.teacher,
-        rows.student.stride(0),
-        rows.teacher.stride(0),
+        *_logits_args(rows),
         labels,
         rows.ignore_index,
         _as_float32(rows.inv_temperature),
