@@ -13,14 +13,18 @@
 //       sweep 3: writes grad [N, V] contiguous, student dtype
 //
 // The caller allocates the outputs (so that tests can poison them) and every element is written.
-// student and teacher are [N, V] CPU tensors with unit column stride; labels is an optional int64 [N] tensor,
+// student and teacher are CPU tensors of one shape, [N, V] or [outer, inner, V] (N = outer · inner rows, each level
+// with its own stride, not necessarily the same for both), with unit column stride; labels is an optional int64
+// [N] tensor,
 // alpha_rows an optional float32 [N] tensor (per-row α, replacing `alpha`). The math is in
 // skew_divergence_kernel.h.
 #include <ATen/Context.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "skew_divergence.h"
 
@@ -75,11 +79,20 @@ bool is_logits_dtype(at::ScalarType dtype) {
 
 void check_logits(const char* name, const at::Tensor& logits) {
   TORCH_CHECK(logits.device().is_cpu(), name, " must be a CPU tensor, got one on ", logits.device());
-  TORCH_CHECK(logits.dim() == 2, name, " must be [N, V], got ", logits.sizes());
+  TORCH_CHECK(logits.dim() == 2 || logits.dim() == 3, name, " must be [N, V] or [outer, inner, V], got ",
+              logits.sizes());
   TORCH_CHECK(is_logits_dtype(logits.scalar_type()), name, " must be float32, bfloat16 or float16, got ",
               logits.scalar_type());
-  TORCH_CHECK(logits.size(1) <= 1 || logits.stride(1) == 1, name, " must have unit column stride, got strides ",
+  TORCH_CHECK(logits.size(-1) <= 1 || logits.stride(-1) == 1, name, " must have unit column stride, got strides ",
               logits.strides());
+}
+
+// (outer stride, inner stride) of [N, V] (one outer index) or [outer, inner, V] logits.
+std::pair<int64_t, int64_t> level_strides(const at::Tensor& logits) {
+  if (logits.dim() == 2) {
+    return {0, logits.stride(0)};
+  }
+  return {logits.stride(0), logits.stride(1)};
 }
 
 void check_row_vector(const char* name, const at::Tensor& tensor, at::ScalarType dtype, int64_t num_rows) {
@@ -96,8 +109,12 @@ SkewProblem make_problem(const at::Tensor& student, const at::Tensor& teacher,
   check_logits("teacher", teacher);
   TORCH_CHECK(student.sizes() == teacher.sizes(), "student ", student.sizes(), " and teacher ", teacher.sizes(),
               " differ in shape");
-  const int64_t num_rows = student.size(0);
-  TORCH_CHECK(student.size(1) > 0, "empty vocabulary (V = 0)");
+  const int64_t vocab_size = student.size(-1);
+  const int64_t inner_rows = student.dim() == 2 ? student.size(0) : student.size(1);
+  const int64_t num_rows = student.dim() == 2 ? student.size(0) : student.size(0) * student.size(1);
+  TORCH_CHECK(vocab_size > 0, "empty vocabulary (V = 0)");
+  const auto [student_outer_stride, student_inner_stride] = level_strides(student);
+  const auto [teacher_outer_stride, teacher_inner_stride] = level_strides(teacher);
   if (labels.has_value()) {
     check_row_vector("labels", *labels, at::kLong, num_rows);
     TORCH_CHECK(labels->is_contiguous(), "labels must be contiguous");
@@ -113,10 +130,13 @@ SkewProblem make_problem(const at::Tensor& student, const at::Tensor& teacher,
       teacher.data_ptr(),
       student.scalar_type(),
       teacher.scalar_type(),
-      student.stride(0),
-      teacher.stride(0),
+      student_outer_stride,
+      student_inner_stride,
+      teacher_outer_stride,
+      teacher_inner_stride,
+      std::max<int64_t>(1, inner_rows),
       num_rows,
-      student.size(1),
+      vocab_size,
       labels.has_value() ? labels->data_ptr<int64_t>() : nullptr,
       ignore_index,
       alpha_rows.has_value() ? alpha_rows->data_ptr<float>() : nullptr,

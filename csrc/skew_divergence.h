@@ -1,6 +1,8 @@
 // The problem one call of the CPU kernels solves, and the entry points each instruction-set build provides.
 //
-// Rows are [N, V] logits with unit column stride and any row stride; see skew_divergence_kernel.h for the math.
+// Rows are N = outer · inner rows of V logits with unit column stride, row r at
+// (r / inner_rows) · outer_stride + (r % inner_rows) · inner_stride elements (strides of their own for student and
+// teacher; [N, V] logits are one outer index); see skew_divergence_kernel.h for the math.
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -14,9 +16,12 @@ struct SkewProblem {
   const void* teacher;  // [N, V] teacher logits (float, bfloat16 or half)
   c10::ScalarType student_dtype;
   c10::ScalarType teacher_dtype;
-  int64_t student_row_stride;  // elements between consecutive student rows
-  int64_t teacher_row_stride;  // elements between consecutive teacher rows
-  int64_t num_rows;            // N
+  int64_t student_outer_stride;  // elements between student rows r and r + inner_rows
+  int64_t student_inner_stride;  // elements between consecutive student rows of one outer index
+  int64_t teacher_outer_stride;  // elements between teacher rows r and r + inner_rows
+  int64_t teacher_inner_stride;  // elements between consecutive teacher rows of one outer index
+  int64_t inner_rows;            // rows per outer index (N for [N, V] logits; at least 1)
+  int64_t num_rows;              // N
   int64_t vocab_size;          // V
   const int64_t* labels;       // [N], or nullptr when every row counts
   int64_t ignore_index;        // rows whose label equals this are skipped (loss, stats and gradient 0)

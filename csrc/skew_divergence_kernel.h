@@ -9,7 +9,11 @@
 //          detached mixture (q inside r constant): ∂loss/∂s = q·(d − C),   C = L
 // Both mixtures are "α·self + (1−α)·other" (self = p for SKL, q for SRKL), formed in log space; ā and e are the
 // share of (1−α)·other in the mixture (1 where the mixture is 0). Every term is bounded and α = 1 gives exactly
-// zero (ā = e = d = 0). A zero probability contributes exactly 0.
+// zero (ā = e = d = 0). A zero probability contributes exactly 0 (the guards test p == 0, q == 0: false for NaN).
+// A row holding a NaN or +inf logit (and not ignored) gets log-sum NaN in sweep 1, so every log-probability of
+// the row is NaN and its loss, C, label log-probabilities and whole gradient row are NaN (NaN flows through
+// at::vec::maximum/minimum, which propagate it, and through every blend; a zero probability's gradient is NaN
+// when C is).
 //
 // Sweep 1 (statistics): online log-sum-exp of both rows, kept as max z and log Σ exp((z − max z)/T) in two floats
 // so that log q is as accurate as a log_softmax (one float lse near 100 would carry an absolute error of ~1e-5
@@ -173,7 +177,11 @@ struct OnlineLogSumExp {
     return max == kNegInf ? 0.0f : max;
   }
 
-  float log_sum() const {  // log Σ exp((z − shift)/T), in [0, log V] (−inf for a row of −inf)
+  float log_sum() const {  // log Σ exp((z − shift)/T), in [0, log V] (−inf for a row of −inf, NaN for a row
+                           // holding NaN or +inf)
+    if (std::isnan(max) || max == std::numeric_limits<float>::infinity()) {
+      return kNaN;
+    }
     return static_cast<float>(std::log(sum));
   }
 };
@@ -245,7 +253,7 @@ void loss_block(const float* s, const float* t, int64_t length, const RowConstan
     if constexpr (REVERSE) {
       const Mixture r = mixture<true>(k.log_alpha + log_q, k.log_one_minus_alpha + log_p);
       const fVec q = log_q.exp();
-      const fVec d = fVec::blendv(zero, log_q - r.log_mix, q > zero);
+      const fVec d = fVec::blendv(log_q - r.log_mix, zero, q == zero);
       loss_acc += q * d;
       if constexpr (!DETACH) {
         c_acc += q * r.other_share;
@@ -253,7 +261,7 @@ void loss_block(const float* s, const float* t, int64_t length, const RowConstan
     } else {
       const Mixture m = mixture<true>(k.log_alpha + log_p, k.log_one_minus_alpha + log_q);
       const fVec p = log_p.exp();
-      loss_acc += fVec::blendv(zero, p * (log_p - m.log_mix), p > zero);
+      loss_acc += fVec::blendv(p * (log_p - m.log_mix), zero, p == zero);
       c_acc += p * m.other_share;
     }
   }
@@ -264,6 +272,8 @@ template <bool REVERSE, bool DETACH>
 void grad_block(const float* s, const float* t, int64_t length, const RowConstants& k, float c, float scale,
                 float* grad) {
   const fVec zero(0.0f), c_vec(c), scale_vec(scale);
+  // A zero probability gets a zero gradient, unless the row holds NaN or +inf (then C is NaN): NaN.
+  const fVec zero_probability_grad(std::isnan(c) ? kNaN : 0.0f);
   for (int64_t i = 0; i < length; i += fVec::size()) {
     const fVec log_q = fVec::loadu(s + i) - k.log_sum_s;
     const fVec log_p = fVec::loadu(t + i) - k.log_sum_t;
@@ -273,7 +283,7 @@ void grad_block(const float* s, const float* t, int64_t length, const RowConstan
       const Mixture r = mixture<true>(k.log_alpha + log_q, k.log_one_minus_alpha + log_p);
       const fVec d = log_q - r.log_mix;
       g = DETACH ? q * (d - c_vec) : q * (d + r.other_share - c_vec);
-      g = fVec::blendv(zero, g, q > zero);
+      g = fVec::blendv(g, zero_probability_grad, q == zero);
     } else {
       const Mixture m = mixture<false>(k.log_alpha + log_p, k.log_one_minus_alpha + log_q);
       const fVec p = log_p.exp();
@@ -281,6 +291,25 @@ void grad_block(const float* s, const float* t, int64_t length, const RowConstan
     }
     (g * scale_vec).store(grad + i);
   }
+}
+
+// The first logit of row `row` of `base` (see SkewProblem for the layout).
+template <typename scalar_t>
+const scalar_t* row_start(const void* base, int64_t row, int64_t inner_rows, int64_t outer_stride,
+                          int64_t inner_stride) {
+  return static_cast<const scalar_t*>(base) + (row / inner_rows) * outer_stride + (row % inner_rows) * inner_stride;
+}
+
+template <typename scalar_t>
+const scalar_t* student_row(const SkewProblem& problem, int64_t row) {
+  return row_start<scalar_t>(problem.student, row, problem.inner_rows, problem.student_outer_stride,
+                             problem.student_inner_stride);
+}
+
+template <typename scalar_t>
+const scalar_t* teacher_row(const SkewProblem& problem, int64_t row) {
+  return row_start<scalar_t>(problem.teacher, row, problem.inner_rows, problem.teacher_outer_stride,
+                             problem.teacher_inner_stride);
 }
 
 bool row_ignored(const SkewProblem& problem, int64_t row) {
@@ -375,8 +404,6 @@ float row_loss(const SkewProblem& problem, int64_t row, const student_t* s_row, 
 
 template <typename student_t, typename teacher_t>
 void statistics_rows(const SkewProblem& problem, float* stats) {
-  const auto* student = static_cast<const student_t*>(problem.student);
-  const auto* teacher = static_cast<const teacher_t*>(problem.teacher);
   at::parallel_for(0, problem.num_rows, grain_rows(problem), [&](int64_t begin, int64_t end) {
     Blocks blocks;
     for (int64_t row = begin; row < end; ++row) {
@@ -385,16 +412,14 @@ void statistics_rows(const SkewProblem& problem, float* stats) {
         std::fill(row_stats, row_stats + kStats, 0.0f);
         continue;
       }
-      row_statistics(problem, row, student + row * problem.student_row_stride,
-                     teacher + row * problem.teacher_row_stride, blocks, row_stats);
+      row_statistics(problem, row, student_row<student_t>(problem, row), teacher_row<teacher_t>(problem, row), blocks,
+                     row_stats);
     }
   });
 }
 
 template <typename student_t, typename teacher_t>
 void forward_rows(const SkewProblem& problem, bool compute_statistics, float* loss, float* stats) {
-  const auto* student = static_cast<const student_t*>(problem.student);
-  const auto* teacher = static_cast<const teacher_t*>(problem.teacher);
   at::parallel_for(0, problem.num_rows, grain_rows(problem), [&](int64_t begin, int64_t end) {
     Blocks blocks;
     for (int64_t row = begin; row < end; ++row) {
@@ -408,8 +433,8 @@ void forward_rows(const SkewProblem& problem, bool compute_statistics, float* lo
         }
         continue;
       }
-      const student_t* s_row = student + row * problem.student_row_stride;
-      const teacher_t* t_row = teacher + row * problem.teacher_row_stride;
+      const student_t* s_row = student_row<student_t>(problem, row);
+      const teacher_t* t_row = teacher_row<teacher_t>(problem, row);
       if (compute_statistics) {  // sweep 1 on the same thread, while the row is still in cache
         row_statistics(problem, row, s_row, t_row, blocks, row_stats);
       }
@@ -421,8 +446,6 @@ void forward_rows(const SkewProblem& problem, bool compute_statistics, float* lo
 template <typename student_t, typename teacher_t>
 void backward_rows(const SkewProblem& problem, const float* stats, const float* grad_loss,
                    int64_t grad_loss_stride, student_t* grad) {
-  const auto* student = static_cast<const student_t*>(problem.student);
-  const auto* teacher = static_cast<const teacher_t*>(problem.teacher);
   const int64_t vocab = problem.vocab_size;
   at::parallel_for(0, problem.num_rows, grain_rows(problem), [&](int64_t begin, int64_t end) {
     Blocks blocks;
@@ -436,8 +459,8 @@ void backward_rows(const SkewProblem& problem, const float* stats, const float* 
       const RowConstants k = row_constants(problem, row, row_stats);
       const float c = row_stats[kC];
       const float scale = grad_loss[row * grad_loss_stride] * problem.inv_temperature;
-      const student_t* s_row = student + row * problem.student_row_stride;
-      const teacher_t* t_row = teacher + row * problem.teacher_row_stride;
+      const student_t* s_row = student_row<student_t>(problem, row);
+      const teacher_t* t_row = teacher_row<teacher_t>(problem, row);
       for (int64_t start = 0; start < vocab; start += kBlock) {  // sweep 3
         const int64_t count = std::min(kBlock, vocab - start);
         const int64_t length = stage_block(s_row + start, count, k.max_s, problem.temperature, blocks.student);

@@ -1,7 +1,10 @@
 """Validation of the public arguments and their flattening into rows.
 
-Every backend sees the same normalised view of a call: `[N, V]` logits with a unit column stride (any
-row stride), optional `[N]` labels, and α either as one float or as an `[N]` float32 tensor.
+Every backend sees the same normalised view of a call: logits as rows with a unit column stride, either
+`[N, V]` (any row stride) or `[outer, inner, V]` (rows = outer × inner, each level with its own stride: a
+`[B, T−1, V]` slice of `[B, T, V]` logits), both of the same shape; optional `[N]` labels; and α either as one
+float or as an `[N]` float32 tensor (N = outer · inner). Row r lies at
+`(r // inner) · outer_stride + (r % inner) · inner_stride` (`row_layout`).
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ STATS = 7
 class SkewRows:
     """One call's inputs, flattened to rows."""
 
-    student: torch.Tensor  # [N, V], unit column stride
-    teacher: torch.Tensor  # [N, V], unit column stride
+    student: torch.Tensor  # [N, V] or [outer, inner, V], unit column stride
+    teacher: torch.Tensor  # the student's shape, unit column stride (strides of its own)
     labels: Optional[torch.Tensor]  # [N] integer, or None when every row counts
     alpha_rows: Optional[torch.Tensor]  # [N] float32 per-row α, or None
     alpha: float  # the scalar α, used when alpha_rows is None
@@ -38,21 +41,62 @@ class SkewRows:
 
     @property
     def num_rows(self) -> int:
-        return self.student.shape[0]
+        return num_rows(self.student)
 
     @property
     def vocab_size(self) -> int:
-        return self.student.shape[1]
+        return self.student.shape[-1]
 
 
-def _as_rows(logits: torch.Tensor) -> torch.Tensor:
-    """`[..., V]` -> `[N, V]`; a view whenever the leading dims can be merged (sliced rows stay views)."""
-    if logits.dim() == 0:
-        raise ValueError("logits must have at least one dimension (the vocabulary), got a 0-d tensor")
-    rows = logits.reshape(-1, logits.shape[-1])
-    if rows.shape[1] > 1 and rows.stride(1) != 1:
-        rows = rows.contiguous()
-    return rows
+def num_rows(logits: torch.Tensor) -> int:
+    """N of row logits `[N, V]` or `[outer, inner, V]`."""
+    return logits.shape[0] if logits.dim() == 2 else logits.shape[0] * logits.shape[1]
+
+
+def row_layout(logits: torch.Tensor) -> tuple[int, int, int]:
+    """(inner, outer_stride, inner_stride) of row logits: row r starts `(r // inner) · outer_stride +
+    (r % inner) · inner_stride` elements after the first. `[N, V]` has one level: inner = N (at least 1)."""
+    if logits.dim() == 2:
+        return max(1, logits.shape[0]), 0, logits.stride(0)
+    return max(1, logits.shape[1]), logits.stride(0), logits.stride(1)
+
+
+def _level_breaks(logits: torch.Tensor) -> list[int]:
+    """The positions p among the leading dims where dim p cannot merge with the last dim before it of size
+    above 1 into one strided level (size-1 dims merge with anything, so they are skipped)."""
+    kept = [d for d in range(logits.dim() - 1) if logits.shape[d] != 1]
+    return [
+        inner
+        for outer, inner in zip(kept, kept[1:])
+        if logits.stride(outer) != logits.stride(inner) * logits.shape[inner]
+    ]
+
+
+def _as_rows_pair(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[..., V]` logits (one leading shape) -> views of the same shape, `[N, V]` when each one's leading dims
+    merge into one strided level, else `[outer, inner, V]` when they merge into two at a split both share.
+    No copy then: sliced rows (`logits[..., :V]`) and sliced sequences (`logits[:, :-1]`) are read in place.
+    Copied (`contiguous`): logits whose vocabulary stride is not 1, logits whose leading dims need three or
+    more strided levels, and the teacher when the two need different splits."""
+    vocab = student.shape[-1]
+    leading = student.shape[:-1]
+    if math.prod(leading) == 0:
+        return student.reshape(0, vocab), teacher.reshape(0, vocab)
+    if vocab > 1 and student.stride(-1) != 1:
+        student = student.contiguous()
+    if vocab > 1 and teacher.stride(-1) != 1:
+        teacher = teacher.contiguous()
+    if len(_level_breaks(student)) > 1:
+        student = student.contiguous()
+    breaks = set(_level_breaks(student)) | set(_level_breaks(teacher))
+    if len(breaks) > 1:
+        teacher = teacher.contiguous()
+        breaks = set(_level_breaks(student))
+    if not breaks:
+        return student.view(-1, vocab), teacher.view(-1, vocab)
+    (split,) = breaks
+    shape = (math.prod(leading[:split]), math.prod(leading[split:]), vocab)
+    return student.view(shape), teacher.view(shape)
 
 
 def _check_logits(name: str, logits: object) -> torch.Tensor:
@@ -198,7 +242,8 @@ def prepare_rows(
     options = prepare_token_options(
         student.shape[:-1], student.device, alpha, labels, ignore_index, temperature, "the logits"
     )
-    return SkewRows(student=_as_rows(student), teacher=_as_rows(teacher), **vars(options))
+    student_rows, teacher_rows = _as_rows_pair(student, teacher)
+    return SkewRows(student=student_rows, teacher=teacher_rows, **vars(options))
 
 
 def check_reduction(

@@ -7,10 +7,11 @@
     distillm2::skew_backward(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature,
                              reverse, detach, backend, stats, grad_loss [N]) -> grad_student [N, V]   (sweep 3)
 
-The arguments are the fields of `_inputs.SkewRows` (already validated); `backend` is a concrete backend name
+The arguments are the fields of `_inputs.SkewRows` (already validated: student and teacher are `[N, V]` or
+`[outer, inner, V]` row logits, read in place); `backend` is a concrete backend name
 ("triton", "cpu" or "torch", see `backends.resolve_backend_name`). `skew_forward` given `stats` from
 `skew_statistics` skips sweep 1. The fake implementations give the output shapes and dtypes: float32 loss
-and stats (float64 for float64 logits) and a contiguous gradient in the student's dtype. The autograd
+and stats (float64 for float64 logits) and a contiguous `[N, V]` gradient in the student's dtype. The autograd
 formulas live in `skew_divergence`; its Functions call `statistics` / `forward` / `backward`, which use the
 ops only while torch.compile traces.
 """
@@ -21,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from ._inputs import SkewRows
+from ._inputs import SkewRows, num_rows
 from .backends import BACKEND_MODULES, STATS
 
 
@@ -42,7 +43,7 @@ def _rows(
         alpha=alpha,
         ignore_index=ignore_index,
         inv_temperature=inv_temperature,
-        leading_shape=student.shape[:-1],
+        leading_shape=torch.Size([num_rows(student)]),
     )
 
 
@@ -69,7 +70,7 @@ skew_statistics = torch.library.custom_op("distillm2::skew_statistics", mutates_
 
 @skew_statistics.register_fake
 def _skew_statistics_fake(student, teacher, labels, ignore_index, inv_temperature, backend):
-    return student.new_empty((student.shape[0], STATS), dtype=_result_dtype(student, teacher))
+    return student.new_empty((num_rows(student), STATS), dtype=_result_dtype(student, teacher))
 
 
 def skew_forward_eager(
@@ -98,8 +99,8 @@ def _skew_forward_fake(
     student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature, reverse, detach, backend, stats=None
 ):
     dtype = _result_dtype(student, teacher)
-    num_rows = student.shape[0]
-    return student.new_empty((num_rows,), dtype=dtype), student.new_empty((num_rows, STATS), dtype=dtype)
+    n = num_rows(student)
+    return student.new_empty((n,), dtype=dtype), student.new_empty((n, STATS), dtype=dtype)
 
 
 def skew_backward_eager(
@@ -128,7 +129,7 @@ skew_backward = torch.library.custom_op("distillm2::skew_backward", mutates_args
 def _skew_backward_fake(
     student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature, reverse, detach, backend, stats, grad_loss
 ):
-    return student.new_empty(student.shape, dtype=student.dtype).contiguous()
+    return student.new_empty((num_rows(student), student.shape[-1]), dtype=student.dtype)
 
 
 def _eager_or_op(op, eager):

@@ -458,6 +458,114 @@ def test_other_instruction_set_builds_match_the_oracle(capability, tmp_path):
                               scale=grad_scale, what=f"{capability} {op} grad")
 
 
+NON_FINITE_SCRIPT = textwrap.dedent(
+    """
+    import math, sys, torch
+    from distillm2_kernels import fused_skl, fused_srkl, token_statistics
+    from distillm2_kernels.backends import cpu_backend
+    inputs = torch.load(sys.argv[1])
+    results = {"isa": cpu_backend.kernel_isa()}
+    for name in ("poisoned", "finite"):
+        student, teacher = inputs[name]
+        labels = inputs["labels"]
+        results[name, "stats"] = token_statistics(student, teacher, labels, temperature=0.8, backend="cpu").stats
+        for op in ("skl", "srkl", "srkl_detach"):
+            for alpha in (0.3, 0.0, 1.0, inputs["alpha_rows"]):
+                leaf = student.clone().requires_grad_(True)
+                kw = dict(labels=labels, temperature=0.8, reduction="none", backend="cpu")
+                if op == "skl":
+                    loss = fused_skl(leaf, teacher, alpha, **kw)
+                else:
+                    loss = fused_srkl(leaf, teacher, alpha, detach_mixture=op == "srkl_detach", **kw)
+                (grad,) = torch.autograd.grad(loss.sum(), leaf)
+                results[name, op, str(alpha)] = (loss.detach(), grad)
+    torch.save(results, sys.argv[2])
+    """
+)
+
+
+def non_finite_inputs(dtype):
+    """Rows of V = 1500 (two blocks of 1024, a scalar tail of 12 entries) holding NaN or +inf in the first
+    entry, the second block, or the tail, in the student, the teacher or both, with masked (−inf) entries;
+    rows 1 and 8 are ignored (row 1 is poisoned). Returns the poisoned inputs, the same with the poisoned
+    entries made finite, which rows are poisoned, and the labels."""
+    vocab = 1500
+    student, teacher = make_logits((10, vocab), torch.float32, seed=30)
+    student[:, 200:260], teacher[:, 200:260] = -math.inf, -math.inf
+    finite = (student.to(dtype), teacher.to(dtype))
+    poisons = {  # row: (logits, column, value)
+        0: ("student", 0, math.nan),
+        1: ("teacher", 5, math.nan),
+        2: ("teacher", 1030, math.inf),
+        3: ("student", vocab - 1, math.inf),
+        4: ("both", vocab - 3, math.nan),
+        6: ("teacher", 230, math.nan),  # inside the masked entries
+        7: ("student", 1100, math.nan),
+    }
+    for row, (side, column, value) in poisons.items():
+        if side in ("student", "both"):
+            student[row, column] = value
+        if side in ("teacher", "both"):
+            teacher[row, column] = value
+    poisoned = torch.zeros(10, dtype=torch.bool)
+    poisoned[list(poisons)] = True
+    labels = torch.tensor([3, IGNORE_INDEX, 5, 1499, 7, 8, 9, 10, IGNORE_INDEX, 11])
+    return (student.to(dtype), teacher.to(dtype)), finite, poisoned, labels
+
+
+def check_non_finite_results(results, poisoned, labels, what):
+    """The poisoned counted rows are NaN (loss, every gradient entry, the label log-probabilities of the
+    poisoned model), the ignored rows exactly 0, the others bit for bit the finite inputs' results."""
+    counted = labels != IGNORE_INDEX
+    bad, clean = poisoned & counted, ~poisoned & counted
+    for key, (loss, grad) in ((k, v) for k, v in results.items() if isinstance(k, tuple) and k[0] == "poisoned" and k[1] != "stats"):
+        expected_loss, expected_grad = results[("finite",) + key[1:]]
+        assert loss[bad].isnan().all() and grad[bad].isnan().all(), f"{what} {key}: a poisoned row is not all NaN"
+        assert torch.equal(loss[~counted], torch.zeros_like(loss[~counted])), f"{what} {key}"
+        assert torch.equal(grad[~counted], torch.zeros_like(grad[~counted])), f"{what} {key}"
+        assert torch.isfinite(loss[clean]).all() and torch.isfinite(grad[clean]).all(), f"{what} {key}"
+        assert torch.equal(loss[clean], expected_loss[clean]), f"{what} {key}: a finite row changed"
+        assert torch.equal(grad[clean], expected_grad[clean]), f"{what} {key}: a finite row's gradient changed"
+    stats, expected = results["poisoned", "stats"], results["finite", "stats"]
+    assert stats[bad][:, [1, 3]].isnan().any(-1).all(), f"{what}: a poisoned row's log-sums are not NaN"
+    assert stats[bad][:, [5, 6]].isnan().any(-1).all(), f"{what}: a poisoned row's label log-probabilities"
+    assert torch.equal(stats[~counted], torch.zeros_like(stats[~counted]))
+    assert torch.equal(stats[clean], expected[clean])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("capability", ["native", "DEFAULT", "AVX2", "AVX512"])
+def test_non_finite_rows_are_nan_on_every_instruction_set(capability, dtype, tmp_path):
+    """A NaN or +inf logit makes its row NaN (loss, gradient, label log-probabilities) on every build: the
+    vector paths (at::vec maximum/minimum, blends, comparisons) and the scalar tail alike."""
+    poisoned_inputs, finite_inputs, poisoned, labels = non_finite_inputs(dtype)
+    alpha_rows = torch.linspace(0.0, 1.0, 10)
+    torch.save(dict(poisoned=poisoned_inputs, finite=finite_inputs, labels=labels, alpha_rows=alpha_rows),
+               tmp_path / "in.pt")
+    extra = {} if capability == "native" else {"ATEN_CPU_CAPABILITY": capability.lower()}
+    subprocess.run([sys.executable, "-c", NON_FINITE_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                   env=_subprocess_env(**extra), check=True, timeout=120)
+    results = torch.load(tmp_path / "out.pt")
+    if capability != "native" and results["isa"] != capability:
+        pytest.skip(f"this CPU or build runs {results['isa']} when {capability} is requested")
+    check_non_finite_results(results, poisoned, labels, f"{results['isa']} {dtype}")
+
+
+def test_non_finite_rows_through_the_backend_interface():
+    """skew_statistics gives NaN log-sums for a row holding NaN or +inf, and skew_forward on those statistics
+    (the path of the DistiLLM-2 objective) and skew_backward carry the NaN to the loss, C and the gradient."""
+    (student, teacher), _, poisoned, labels = non_finite_inputs(torch.float32)
+    bad = poisoned & (labels != IGNORE_INDEX)
+    for reverse, detach in REVERSE_DETACH.values():
+        rows = prepare_rows(student, teacher, 0.4, labels, IGNORE_INDEX, 1.0)
+        stats = cpu_backend.skew_statistics(rows)
+        loss, stats_with_c = cpu_backend.skew_forward(rows, reverse, detach, stats=stats)
+        assert loss[bad].isnan().all() and stats_with_c[bad, 4].isnan().all()
+        grad = cpu_backend.skew_backward(rows, reverse, detach, stats_with_c, torch.ones(10))
+        assert grad[bad].isnan().all()
+        assert torch.isfinite(grad[~bad]).all() and torch.isfinite(loss[~bad]).all()
+
+
 FALLBACK_SCRIPT = textwrap.dedent(
     """
     import sys, warnings
@@ -521,11 +629,16 @@ def test_registry():
 # --- custom ops and torch.compile -------------------------------------------------------------------------
 
 
-def test_custom_ops_pass_opcheck():
-    student, teacher = make_logits((3, 40), torch.bfloat16)
-    student = student[:, :33]  # a row-strided view
-    teacher = teacher[:, :33]
+@pytest.mark.parametrize("layout", ["rows", "outer_inner"])
+def test_custom_ops_pass_opcheck(layout):
+    if layout == "rows":
+        student, teacher = make_logits((3, 40), torch.bfloat16)
+        student, teacher = student[:, :33], teacher[:, :33]  # a row-strided view
+    else:  # [outer, inner, V] with a stride per level: the rows of a [B, T−1, V] slice
+        student, teacher = make_logits((3, 4, 33), torch.bfloat16)
+        student, teacher = student[:, :1], teacher[:, 1:2]
     labels, alpha_rows = torch.tensor([0, -100, 2]), torch.tensor([0.0, 0.5, 1.0])
+    torch.library.opcheck(torch.ops.distillm2.skew_statistics.default, (student, teacher, labels, -100, 0.8, "cpu"))
     for reverse, detach in ((False, False), (True, False), (True, True)):
         args = (student, teacher, labels, alpha_rows, 0.0, -100, 0.8, reverse, detach, "cpu")
         torch.library.opcheck(torch.ops.distillm2.skew_forward.default, args)
@@ -533,18 +646,20 @@ def test_custom_ops_pass_opcheck():
         torch.library.opcheck(torch.ops.distillm2.skew_backward.default, args + (stats, torch.rand(3)))
 
 
+@pytest.mark.parametrize("sliced", [False, True])
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
-def test_torch_compile_traces_a_training_step_without_graph_breaks(backend):
+def test_torch_compile_traces_a_training_step_without_graph_breaks(backend, sliced):
+    """`sliced`: the logits are `[:, :-1]` slices, rows with a stride per sequence and one per token."""
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(15)
     head = torch.nn.Linear(16, 101)
-    hidden = torch.randn(2, 5, 16, generator=gen)
-    teacher = torch.randn(2, 5, 101, generator=gen)
+    hidden = torch.randn(2, 5 + sliced, 16, generator=gen)
+    teacher = torch.randn(2, 5 + sliced, 101, generator=gen)
     labels = torch.randint(0, 101, (2, 5), generator=gen)
     labels[0, :2] = -100
 
     def step(hidden, teacher, labels, alpha):
-        student = head(hidden)
+        student, teacher = head(hidden)[:, :5], teacher[:, -5:]
         skl = fused_skl(student, teacher, alpha, labels=labels, reduction="seqmean", backend=backend)
         srkl = fused_srkl(student, teacher, 0.2, labels=labels, temperature=2.0, detach_mixture=True, backend=backend)
         return skl + srkl

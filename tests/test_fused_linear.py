@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import distillm2_kernels as dk
 from distillm2_kernels import reference
-from distillm2_kernels.backends import triton_backend
+from distillm2_kernels.backends import cpu_backend, triton_backend
 from distillm2_kernels.backends import resolve_backend
 from distillm2_kernels.fused_linear import (
     LIVE_ROW_TENSORS,
@@ -360,6 +360,49 @@ def test_alpha_and_labels_on_all_leading_shapes():
     assert torch.allclose(per_token, logits_api, atol=1e-6)
     one = dk.fused_linear_skl(hidden[0, 0, 0], weight, teacher_hidden[0, 0, 0], teacher_weight, reduction="none")
     assert one.shape == () and torch.allclose(one, per_token[0, 0, 0], atol=1e-6)
+
+
+FUSED_BACKENDS = [
+    "torch",
+    pytest.param("cpu", marks=pytest.mark.skipif(cpu_backend.unavailable_reason() is not None, reason="no C++ backend")),
+    pytest.param("triton", marks=needs_interpreter),
+]
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("kind", ["skl", "srkl", "srkl_detached"])
+@pytest.mark.parametrize("poison", ["student_hidden", "teacher_hidden", "teacher_weight"])
+def test_nan_inputs_give_nan_rows(backend, kind, poison):
+    """NaN in a counted row's hidden state gives that row a NaN loss and a NaN hidden gradient, the other
+    rows unchanged; NaN in a vocabulary row of a weight makes every counted row NaN; NaN in an ignored row's
+    hidden state changes nothing (the row stays exactly 0)."""
+    case = Case(kind, "none", torch.float32, softcap=(None, 3.0), backend=backend)
+    tensors, labels, alpha, grad_out = make_inputs(case)  # labels[0, 1] is ignored
+    loss_clean, grads_clean = fused_result(case, tensors, labels, alpha, grad_out)
+    poisoned = dict(tensors)
+    poisoned[poison] = tensors[poison].clone()
+    if poison == "teacher_weight":
+        poisoned[poison][7, 3] = math.nan
+        bad = labels != -100
+    else:
+        poisoned[poison][1, 2, 5] = math.nan  # a counted row
+        poisoned[poison][0, 1, 0] = math.nan  # an ignored row
+        bad = torch.zeros(B, T, dtype=torch.bool)
+        bad[1, 2] = True
+    loss, grads = fused_result(case, poisoned, labels, alpha, grad_out)
+    assert loss[bad].isnan().all()
+    assert torch.equal(loss[~bad], loss_clean[~bad])
+    assert grads["student_hidden"][bad].isnan().all()
+    assert torch.equal(grads["student_hidden"][~bad], grads_clean["student_hidden"][~bad])
+    ignored_only = dict(tensors)
+    ignored_only["student_hidden"] = tensors["student_hidden"].clone()
+    ignored_only["student_hidden"][0, 1] = math.nan
+    ignored_only["teacher_hidden"] = tensors["teacher_hidden"].clone()
+    ignored_only["teacher_hidden"][0, 1] = math.inf
+    loss, grads = fused_result(case, ignored_only, labels, alpha, grad_out)
+    assert torch.equal(loss, loss_clean)
+    for name, grad in grads.items():
+        assert torch.equal(grad, grads_clean[name]), name
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from allocations import NewStorages
 from conftest import kernel_device
 
 from distillm2_kernels import fused_skl, fused_srkl
@@ -112,24 +113,6 @@ def test_non_tensor_logits(fn):
         fn([[1.0, 2.0]], torch.randn(1, 2))
 
 
-class _NewStorages(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the size (in elements of the output) of every new storage an op creates; views and
-    in-place ops reuse their inputs' storage and are not counted."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = torch.utils._pytree.tree_leaves((args, kwargs))
-        seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-                self.sizes.append((t.untyped_storage().nbytes() // t.element_size(), str(func)))
-        return out
-
-
 @pytest.mark.parametrize("backend", available_backends(DEVICE))
 @pytest.mark.parametrize("fn", [fused_skl, fused_srkl])
 def test_no_full_size_temporaries(backend, fn, monkeypatch):
@@ -139,9 +122,9 @@ def test_no_full_size_temporaries(backend, fn, monkeypatch):
     monkeypatch.setattr(torch_backend, "CHUNK_BYTES", 16 * v * 4)  # 16 rows per chunk
     student = torch.randn(n, v, device=DEVICE, requires_grad=True)
     teacher = torch.randn(n, v, device=DEVICE)
-    with _NewStorages() as forward:
+    with NewStorages() as forward:
         loss = fn(student, teacher, 0.1, backend=backend)
-    with _NewStorages() as backward:
+    with NewStorages() as backward:
         loss.backward()
     assert max(size for size, _ in forward.sizes) <= 16 * v
     full = [op for size, op in backward.sizes if size >= n * v]

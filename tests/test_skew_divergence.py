@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from allocations import NewStorages
 from conftest import kernel_device
 from hypothesis import given
 from hypothesis import strategies as st
@@ -18,8 +19,9 @@ from distillm2_kernels import (
     SkewReverseKLLoss,
     fused_skl,
     fused_srkl,
+    token_statistics,
 )
-from distillm2_kernels.backends import available_backends
+from distillm2_kernels.backends import available_backends, torch_backend
 
 DEVICE = kernel_device()
 BACKENDS = available_backends(DEVICE)
@@ -213,6 +215,121 @@ def test_rows_stay_views():
     assert rows.teacher.data_ptr() == big[..., 5:].data_ptr()
 
 
+# --- leading dims with strides of their own: [B, T−1, V] slices of [B, T, V] logits are read in place ------
+
+STRIDED_LAYOUTS = ["shifted", "shifted_pair", "contiguous_teacher", "vocab_slice", "four_dims", "expanded_teacher"]
+
+
+def strided_logits(layout, dtype=torch.float32, seed=21):
+    """(student, teacher, full student) for leading dims that need two strided levels (rows V apart within a
+    sequence, T·V apart across sequences): no single row stride, so a reshape to [N, V] would copy."""
+    shape = (2, 2, 6, 130) if layout == "four_dims" else (3, 6, 130)
+    full_student, full_teacher = make_logits(shape, dtype, seed=seed)
+    student, teacher = full_student[..., :-1, :], full_teacher[..., :-1, :]
+    if layout == "shifted_pair":
+        teacher = full_teacher[..., 1:, :]
+    elif layout == "contiguous_teacher":
+        teacher = teacher.contiguous()
+    elif layout == "expanded_teacher":  # one sequence for all: outer stride 0
+        teacher = teacher[:1].expand(student.shape)
+    elif layout == "vocab_slice":
+        student, teacher = full_student[:, :-1, :100], full_teacher[:, 1:, 30:]
+    return student, teacher, full_student
+
+
+@pytest.mark.parametrize("layout", STRIDED_LAYOUTS)
+def test_strided_leading_dims_stay_views(layout):
+    from distillm2_kernels._inputs import prepare_rows
+
+    student, teacher, _ = strided_logits(layout)
+    rows = prepare_rows(student, teacher, 0.1, None, -100, 1.0)
+    for given, seen in ((student, rows.student), (teacher, rows.teacher)):
+        assert seen.data_ptr() == given.data_ptr()
+        assert seen.untyped_storage().data_ptr() == given.untyped_storage().data_ptr()
+    assert rows.student.dim() == 3 and rows.student.shape == rows.teacher.shape
+    assert rows.num_rows == math.prod(student.shape[:-1]) and rows.vocab_size == student.shape[-1]
+
+
+def test_leading_dims_that_need_copies():
+    """Three strided levels, a vocabulary stride other than 1, or different splits for student and teacher
+    (the teacher is then copied): documented copies, still correct (checked against the oracle)."""
+    from distillm2_kernels._inputs import prepare_rows
+
+    full_student, full_teacher = make_logits((2, 4, 6, 50), torch.float32, seed=22)
+    other_student, other_teacher = make_logits((2, 3, 7, 50), torch.float32, seed=24)
+    cases = {  # student, teacher, (student copied, teacher copied)
+        "three levels": (full_student[:, :-1, :-1], full_teacher[:, :-1, :-1], (True, True)),
+        "different splits": (full_student[:, :-1, :], other_teacher[:, :, 1:], (False, True)),
+        "vocabulary stride": (other_student[..., :6, :6].transpose(-1, -2), full_teacher[:, 1:, :, :6], (True, False)),
+    }
+    for name, (student, teacher, copied) in cases.items():
+        rows = prepare_rows(student, teacher, 0.1, None, -100, 1.0)
+        for given, seen, was_copied in zip((student, teacher), (rows.student, rows.teacher), copied):
+            same = seen.untyped_storage().data_ptr() == given.untyped_storage().data_ptr()
+            assert same != was_copied, name
+        check_against_oracle("srkl", student, teacher, 0.3, "torch", what=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", STRIDED_LAYOUTS)
+def test_strided_leading_dims_match_oracle(backend, op, layout):
+    """Loss and gradient on the views against the float64 oracle, and the gradient of the full tensor:
+    the view's gradient in place, zeros at the positions the slice leaves out."""
+    student, teacher, full_student = strided_logits(layout, torch.bfloat16)
+    leading = student.shape[:-1]
+    labels = torch.arange(math.prod(leading)).reshape(leading) % 97
+    labels.view(-1)[[0, 4]] = -100
+    alpha = torch.rand(leading, generator=torch.Generator().manual_seed(23))
+    _, view_grad = check_against_oracle(
+        op, student, teacher, alpha, backend, labels=labels, temperature=0.8, what=f"{backend}/{op}/{layout}"
+    )
+    full = full_student.detach().requires_grad_(True)
+    sliced = full[..., :-1, :] if layout != "vocab_slice" else full[:, :-1, :100]
+    upstream = torch.rand(leading, generator=torch.Generator().manual_seed(1))
+    loss = run_fused(op, sliced, teacher, alpha, backend, labels=labels, temperature=0.8, reduction="none")
+    (full_grad,) = torch.autograd.grad((loss * upstream).sum(), full)
+    in_view = torch.zeros_like(full, dtype=torch.bool)
+    in_view[..., :-1, :] = True
+    if layout == "vocab_slice":
+        in_view[..., 100:] = False
+    assert torch.equal(full_grad[..., :-1, :][..., : student.shape[-1]].reshape(view_grad.shape), view_grad)
+    assert torch.equal(full_grad[~in_view], torch.zeros_like(full_grad[~in_view]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", ["shifted", "contiguous_teacher", "four_dims", "expanded_teacher"])
+@pytest.mark.parametrize("chunk_rows", [2, 10])
+def test_strided_leading_dims_are_not_copied(backend, op, layout, chunk_rows, monkeypatch):
+    """The backend gets the caller's storage (by data pointer), and the forward allocates nothing of the
+    logits' size (the allocator spy); the backward only the [N, V] gradient. `chunk_rows`: the torch
+    backend's rows per chunk, below one sequence (blocks within a sequence) or above (whole sequences)."""
+    from distillm2_kernels.backends import BACKEND_MODULES
+
+    student, teacher, _ = strided_logits(layout, torch.bfloat16)
+    student = student.detach().requires_grad_(True)  # a leaf view: its gradient is the op's own output
+    n, vocab = math.prod(student.shape[:-1]), student.shape[-1]
+    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", chunk_rows * vocab * 4)
+    module = BACKEND_MODULES[backend]
+    seen = []
+    for name in ("skew_forward", "skew_backward"):
+        def spy(rows, *args, _real=getattr(module, name)):
+            seen.append((rows.student.data_ptr(), rows.teacher.data_ptr()))
+            return _real(rows, *args)
+
+        monkeypatch.setattr(module, name, spy)
+    with NewStorages() as forward:
+        loss = run_fused(op, student, teacher, 0.2, backend, reduction="sum")
+    with NewStorages() as backward:
+        loss.backward()
+    assert seen == [(student.data_ptr(), teacher.data_ptr())] * 2
+    assert max(size for size, _ in forward.sizes) < n * vocab, forward.sizes
+    full = [op_name for size, op_name in backward.sizes if size >= n * vocab]
+    assert len(full) == 1, full  # the gradient itself
+    assert student.grad.shape == student.shape
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 def test_reductions(backend, op):
@@ -306,6 +423,126 @@ def test_property_matches_oracle(backend, op, case):
     labels.view(-1)[torch.tensor(ignored)] = -100
     check_against_oracle(
         op, student, teacher, alpha, backend, labels=labels.to(DEVICE), temperature=temperature, what=str(case)
+    )
+
+
+# --- non-finite inputs: NaN and +inf logits are never hidden --------------------------------------------
+
+POISONS = {"nan": math.nan, "inf": math.inf}
+
+
+def run_with_gradient(op, student, teacher, alpha, backend, labels, temperature):
+    """Per-token loss (reduction "none") and the gradient of its sum w.r.t. the student logits."""
+    leaf = student.detach().requires_grad_(True)
+    loss = run_fused(op, leaf, teacher, alpha, backend, labels=labels, temperature=temperature, reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), leaf)
+    return loss.detach(), grad
+
+
+def check_non_finite_rows(op, student, teacher, poisoned, alpha, backend, *, labels=None, temperature=1.0):
+    """`poisoned` [N] marks the rows whose logits hold NaN or +inf. A counted poisoned row: NaN loss, a
+    gradient row of NaN only, NaN label log-probabilities. An ignored row: exactly 0, also when poisoned. The
+    other rows: bit for bit what the same call gives with the poisoned rows made finite, and finite."""
+    vocab = student.shape[-1]
+    loss, grad = run_with_gradient(op, student, teacher, alpha, backend, labels, temperature)
+    loss, grad = loss.reshape(-1), grad.reshape(-1, vocab)
+    poisoned = poisoned.to(loss.device)
+    counted = torch.ones_like(poisoned) if labels is None else (labels != -100).reshape(-1)
+    bad, clean = poisoned & counted, ~poisoned & counted
+    assert loss[bad].isnan().all(), f"{backend}/{op}: a poisoned row's loss is not NaN: {loss[bad]}"
+    assert grad[bad].isnan().all(), f"{backend}/{op}: a poisoned row's gradient is not all NaN"
+    assert torch.equal(loss[~counted], torch.zeros_like(loss[~counted]))
+    assert torch.equal(grad[~counted], torch.zeros_like(grad[~counted]))
+    finite_student = student.reshape(-1, vocab).clone()
+    finite_teacher = teacher.reshape(-1, vocab).clone()
+    for logits in (finite_student, finite_teacher):
+        logits[poisoned] = logits[poisoned].nan_to_num(0.0, 0.0, -math.inf)
+    expected_loss, expected_grad = run_with_gradient(
+        op, finite_student.view(student.shape), finite_teacher.view(teacher.shape), alpha, backend, labels, temperature
+    )
+    expected_loss, expected_grad = expected_loss.reshape(-1), expected_grad.reshape(-1, vocab)
+    assert torch.isfinite(loss[clean]).all() and torch.isfinite(grad[clean]).all()
+    assert torch.equal(loss[clean], expected_loss[clean]), f"{backend}/{op}: a finite row changed"
+    assert torch.equal(grad[clean], expected_grad[clean]), f"{backend}/{op}: a finite row's gradient changed"
+    if labels is not None:
+        stats = token_statistics(student, teacher, labels, temperature=temperature, backend=backend)
+        log_probs = stats.label_logprobs.reshape(-1, 2)
+        for column, logits in enumerate((student, teacher)):  # the poisoned model's log-probability is NaN
+            rows = logits.reshape(-1, vocab)
+            holds_nan_or_inf = (rows.isnan() | (rows == math.inf)).any(-1) & counted
+            assert log_probs[holds_nan_or_inf, column].isnan().all(), f"{backend}: a label log-probability is not NaN"
+        assert torch.equal(log_probs[~counted], torch.zeros_like(log_probs[~counted]))
+        assert not log_probs[clean].isnan().any()  # −inf for a label at a masked entry
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("poison", ["nan", "inf"])
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_non_finite_logits_give_nan_rows(backend, op, poison, side):
+    """The cases of the issue (a NaN or +inf teacher logit gave SKL loss 0; a +inf student logit gave SRKL
+    a zero gradient), with masked (−inf) entries, an ignored poisoned row, and α scalar, 0, 1 or per row."""
+    student, teacher = make_logits((2, 3, 300), torch.float32, seed=20)
+    student[..., :40] = -math.inf  # masked in both: zero probabilities stay exact zeros in the clean rows
+    teacher[..., :40] = -math.inf
+    target = student if side == "student" else teacher
+    target[0, 1, 7] = POISONS[poison]  # counted
+    target[1, 2, 299] = POISONS[poison]  # counted, the last entry
+    target[1, 0, 100] = POISONS[poison]  # ignored
+    poisoned = torch.zeros(6, dtype=torch.bool)
+    poisoned[[1, 5, 3]] = True
+    labels = torch.tensor([[41, 42, 3], [-100, 44, 45]], device=DEVICE)
+    per_row = torch.tensor([[0.0, 1.0, 0.5], [0.3, 1.0, 0.0]], device=DEVICE)
+    for alpha in (0.2, 0.0, 1.0, per_row):
+        for temperature in (1.0, 0.7):
+            check_non_finite_rows(op, student, teacher, poisoned, alpha, backend, labels=labels, temperature=temperature)
+    check_non_finite_rows(op, student, teacher, poisoned, 0.2, backend)  # without labels every row counts
+
+
+@st.composite
+def non_finite_cases(draw):
+    rows = draw(st.integers(1, 6))
+    vocab = draw(st.integers(1, 700))
+    dtype = draw(st.sampled_from(DTYPES))
+    alpha = draw(st.one_of(st.sampled_from([0.0, 1.0, "per_row"]), st.floats(0.0, 1.0, width=32, allow_subnormal=False)))
+    temperature = draw(st.sampled_from([0.7, 1.0, 1.9]))
+    # per row: None (finite) or (which logits, value, column)
+    poison = st.one_of(
+        st.none(),
+        st.tuples(st.sampled_from(["student", "teacher", "both"]), st.sampled_from(["nan", "inf"]), st.integers(0, vocab - 1)),
+    )
+    poisons = draw(st.lists(poison, min_size=rows, max_size=rows))
+    use_labels = draw(st.booleans())
+    ignored = draw(st.lists(st.booleans(), min_size=rows, max_size=rows))
+    masked = draw(st.integers(0, vocab - 1))  # leading entries masked (−inf) in both logits
+    seed = draw(st.integers(0, 2**16))
+    return rows, vocab, dtype, alpha, temperature, poisons, use_labels, ignored, masked, seed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@given(case=non_finite_cases())
+def test_property_non_finite_rows(backend, op, case):
+    rows, vocab, dtype, alpha, temperature, poisons, use_labels, ignored, masked, seed = case
+    student, teacher = make_logits((rows, vocab), torch.float32, seed=seed)
+    student[:, :masked], teacher[:, :masked] = -math.inf, -math.inf
+    poisoned = torch.zeros(rows, dtype=torch.bool)
+    for row, poison in enumerate(poisons):
+        if poison is not None:
+            side, value, column = poison
+            for name, logits in (("student", student), ("teacher", teacher)):
+                if side in (name, "both"):
+                    logits[row, column] = POISONS[value]
+            poisoned[row] = True
+    if alpha == "per_row":
+        alpha = torch.rand(rows, 1, generator=torch.Generator().manual_seed(seed)).squeeze(1).to(DEVICE)
+    labels = None
+    if use_labels:
+        labels = torch.zeros(rows, dtype=torch.long)
+        labels[torch.tensor(ignored)] = -100
+        labels = labels.to(DEVICE)
+    check_non_finite_rows(
+        op, student.to(dtype), teacher.to(dtype), poisoned, alpha, backend, labels=labels, temperature=temperature
     )
 
 

@@ -1,4 +1,5 @@
-"""Triton kernels for SKL and SRKL over `[N, V]` logits, one program per row, three sweeps per row.
+"""Triton kernels for SKL and SRKL over rows of logits (`[N, V]`, or `[outer, inner, V]` with a stride per
+level, see `_inputs`), one program per row, three sweeps per row.
 
 Math (per row; `log q = (z_s − max z_s)/T − log Σ exp((z_s − max z_s)/T)`, `log p` likewise from z_t;
 subtracting the maximum before scaling keeps log q as accurate as `log_softmax`'s):
@@ -12,6 +13,8 @@ subtracting the maximum before scaling keeps log q as accurate as `log_softmax`'
 These are DESIGN.md's `q − p + α(p²/m − q·W)` and `q ⊙ (d − αq/r − L + αU)` rewritten with Σp = Σq = 1, so
 that every term is bounded (ā, e ∈ [0, 1]) and α = 1 gives exactly zero (ā = e = d = 0). A zero
 probability contributes exactly zero; a zero mixture (only possible at α = 0) gives an infinite loss.
+A row holding a NaN or +inf logit (that is not ignored) gets NaN statistics in sweep 1, so its loss, its C
+and its whole gradient row are NaN: the zero-probability guards test `p == 0` (false for NaN), never `p > 0`.
 
 Sweep 1 (forward, `_row_statistics_kernel`): online log-sum-exp of both rows, and the label tokens'
 log-probabilities as a by-product (one load each). Sweep 2 (forward, `_skew_loss_kernel`): the loss and the
@@ -28,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from .._inputs import STATS, SkewRows
+from .._inputs import STATS, SkewRows, row_layout
 
 try:
     import triton
@@ -71,9 +74,9 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _log_add_exp(a, b):
-        """log(exp a + exp b), exact −inf when both are −inf."""
-        hi = tl.maximum(a, b)
-        lo = tl.minimum(a, b)
+        """log(exp a + exp b), exact −inf when both are −inf, NaN when either is NaN."""
+        hi = tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+        lo = tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
         hi_shift = tl.where(hi == float("-inf"), 0.0, hi)
         return hi + tl.log(1.0 + tl.exp(lo - hi_shift))
 
@@ -92,9 +95,9 @@ if TRITON_AVAILABLE:
         """SKL per entry: p, the loss terms p·(log p − log m), and ā = (1−α) q / m."""
         log_m = _log_add_exp(log_alpha + log_p, log_one_minus_alpha + log_q)
         p = tl.exp(log_p)
-        loss_terms = tl.where(p > 0, p * (log_p - log_m), 0.0)
-        finite_m = log_m > float("-inf")
-        a_bar = tl.where(finite_m, tl.exp(log_one_minus_alpha + log_q - tl.where(finite_m, log_m, 0.0)), 1.0)
+        loss_terms = tl.where(p == 0, 0.0, p * (log_p - log_m))
+        empty_m = log_m == float("-inf")
+        a_bar = tl.where(empty_m, 1.0, tl.exp(log_one_minus_alpha + log_q - tl.where(empty_m, 0.0, log_m)))
         return p, loss_terms, a_bar
 
     @triton.jit
@@ -102,14 +105,15 @@ if TRITON_AVAILABLE:
         """SRKL per entry: q, d = log q − log r (0 where q = 0), and e = (1−α) p / r."""
         log_r = _log_add_exp(log_one_minus_alpha + log_p, log_alpha + log_q)
         q = tl.exp(log_q)
-        d = tl.where(q > 0, log_q - log_r, 0.0)
-        finite_r = log_r > float("-inf")
-        e = tl.where(finite_r, tl.exp(log_one_minus_alpha + log_p - tl.where(finite_r, log_r, 0.0)), 1.0)
+        d = tl.where(q == 0, 0.0, log_q - log_r)
+        empty_r = log_r == float("-inf")
+        e = tl.where(empty_r, 1.0, tl.exp(log_one_minus_alpha + log_p - tl.where(empty_r, 0.0, log_r)))
         return q, d, e
 
     @triton.jit
     def _row_log_sum(row_ptr, V, inv_temperature, BLOCK_V: tl.constexpr):
-        """Online (max z, log Σ exp((z − max z)/T)) over `row[:V]`; a row of −inf gives max 0, log-sum −inf."""
+        """Online (max z, log Σ exp((z − max z)/T)) over `row[:V]`; a row of −inf gives max 0, log-sum −inf,
+        a row holding NaN or +inf gives log-sum NaN (so every log-probability of the row is NaN)."""
         offsets = tl.arange(0, BLOCK_V)
         running_max = float("-inf")
         running_sum = 0.0
@@ -122,7 +126,13 @@ if TRITON_AVAILABLE:
                 tl.exp((z - shift) * inv_temperature), 0
             )
             running_max = new_max
-        return tl.where(running_max == float("-inf"), 0.0, running_max), tl.log(running_sum)
+        log_sum = tl.where(running_max == float("inf"), float("nan"), tl.log(running_sum))
+        return tl.where(running_max == float("-inf"), 0.0, running_max), log_sum
+
+    @triton.jit
+    def _row_start(base_ptr, row, inner_rows, outer_stride, inner_stride):
+        """Row `row` (int64) of logits laid out as [outer, inner, V]: [N, V] logits are one outer index."""
+        return base_ptr + (row // inner_rows) * outer_stride + (row % inner_rows) * inner_stride
 
     @triton.jit
     def _block_log_probs(row_ptr, cols, in_row, row_max, log_sum, inv_temperature):
@@ -132,10 +142,13 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _row_statistics_kernel(
-        student_ptr,  # [N, V] student logits, rows `student_row_stride` elements apart
-        teacher_ptr,  # [N, V] teacher logits, rows `teacher_row_stride` elements apart
-        student_row_stride,  # elements between consecutive student rows
-        teacher_row_stride,  # elements between consecutive teacher rows
+        student_ptr,  # student logits, N rows of V (row layout: see `_row_start`), unit column stride
+        teacher_ptr,  # teacher logits, the same rows with strides of their own
+        student_outer_stride,  # elements between student rows r and r + inner_rows
+        student_inner_stride,  # elements between consecutive student rows of one outer index
+        teacher_outer_stride,  # elements between teacher rows r and r + inner_rows
+        teacher_inner_stride,  # elements between consecutive teacher rows of one outer index
+        inner_rows,  # rows per outer index (N for [N, V] logits)
         labels_ptr,  # [N] integer labels; read only when HAS_LABELS
         ignore_index,  # rows whose label equals this get zero statistics
         inv_temperature,  # 1 / T
@@ -148,8 +161,8 @@ if TRITON_AVAILABLE:
         outside [0, V)). Ignored rows are skipped and get zeros."""
         row = tl.program_id(0).to(tl.int64)
         out = stats_ptr + row * 7
-        student_row = student_ptr + row * student_row_stride
-        teacher_row = teacher_ptr + row * teacher_row_stride
+        student_row = _row_start(student_ptr, row, inner_rows, student_outer_stride, student_inner_stride)
+        teacher_row = _row_start(teacher_ptr, row, inner_rows, teacher_outer_stride, teacher_inner_stride)
         label_log_q = 0.0
         label_log_p = 0.0
         if HAS_LABELS:
@@ -176,10 +189,13 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _skew_loss_kernel(
-        student_ptr,  # [N, V] student logits, rows `student_row_stride` elements apart
-        teacher_ptr,  # [N, V] teacher logits, rows `teacher_row_stride` elements apart
-        student_row_stride,  # elements between consecutive student rows
-        teacher_row_stride,  # elements between consecutive teacher rows
+        student_ptr,  # student logits, N rows of V (row layout: see `_row_start`), unit column stride
+        teacher_ptr,  # teacher logits, the same rows with strides of their own
+        student_outer_stride,  # elements between student rows r and r + inner_rows
+        student_inner_stride,  # elements between consecutive student rows of one outer index
+        teacher_outer_stride,  # elements between teacher rows r and r + inner_rows
+        teacher_inner_stride,  # elements between consecutive teacher rows of one outer index
+        inner_rows,  # rows per outer index (N for [N, V] logits)
         labels_ptr,  # [N] integer labels; read only when HAS_LABELS
         alpha_ptr,  # [N] float32 per-row α; read only when ALPHA_PER_ROW
         alpha,  # scalar α, used when not ALPHA_PER_ROW
@@ -204,8 +220,8 @@ if TRITON_AVAILABLE:
                 return
         if ALPHA_PER_ROW:
             alpha = tl.load(alpha_ptr + row)
-        student_row = student_ptr + row * student_row_stride
-        teacher_row = teacher_ptr + row * teacher_row_stride
+        student_row = _row_start(student_ptr, row, inner_rows, student_outer_stride, student_inner_stride)
+        teacher_row = _row_start(teacher_ptr, row, inner_rows, teacher_outer_stride, teacher_inner_stride)
         max_s = tl.load(stats_row + 0)
         log_sum_s = tl.load(stats_row + 1)
         max_t = tl.load(stats_row + 2)
@@ -241,10 +257,13 @@ if TRITON_AVAILABLE:
         grad_student_ptr,  # [N, V] out: gradient w.r.t. the student logits, contiguous, input dtype
         grad_loss_ptr,  # [N] float32 incoming gradient of each row's loss, `grad_loss_stride` apart
         grad_loss_stride,  # elements between consecutive grad_loss entries (0 when broadcast)
-        student_ptr,  # [N, V] student logits, as in the forward
-        teacher_ptr,  # [N, V] teacher logits, as in the forward
-        student_row_stride,  # elements between consecutive student rows
-        teacher_row_stride,  # elements between consecutive teacher rows
+        student_ptr,  # student logits, N rows of V (row layout: see `_row_start`), unit column stride
+        teacher_ptr,  # teacher logits, the same rows with strides of their own
+        student_outer_stride,  # elements between student rows r and r + inner_rows
+        student_inner_stride,  # elements between consecutive student rows of one outer index
+        teacher_outer_stride,  # elements between teacher rows r and r + inner_rows
+        teacher_inner_stride,  # elements between consecutive teacher rows of one outer index
+        inner_rows,  # rows per outer index (N for [N, V] logits)
         labels_ptr,  # [N] integer labels; read only when HAS_LABELS
         alpha_ptr,  # [N] float32 per-row α; read only when ALPHA_PER_ROW
         alpha,  # scalar α, used when not ALPHA_PER_ROW
@@ -276,10 +295,12 @@ if TRITON_AVAILABLE:
         max_t = tl.load(stats_ptr + row * 7 + 2)
         log_sum_t = tl.load(stats_ptr + row * 7 + 3)
         c = tl.load(stats_ptr + row * 7 + 4)
-        student_row = student_ptr + row * student_row_stride
-        teacher_row = teacher_ptr + row * teacher_row_stride
+        student_row = _row_start(student_ptr, row, inner_rows, student_outer_stride, student_inner_stride)
+        teacher_row = _row_start(teacher_ptr, row, inner_rows, teacher_outer_stride, teacher_inner_stride)
         log_alpha = tl.log(alpha)
         log_one_minus_alpha = tl.log(1.0 - alpha)
+        # A zero probability gets a zero gradient, unless the row holds NaN or +inf (then C is NaN): NaN.
+        zero_probability_grad = tl.where(c == c, 0.0, float("nan"))
 
         # Sweep 3: the gradient.
         for start in range(0, V, BLOCK_V):
@@ -293,7 +314,7 @@ if TRITON_AVAILABLE:
                     g = q * (d - c)
                 else:
                     g = q * (d + e - c)
-                g = tl.where(q > 0, g, 0.0)
+                g = tl.where(q == 0, zero_probability_grad, g)
             else:
                 p, _, a_bar = _skl_terms(log_q, log_p, log_alpha, log_one_minus_alpha)
                 g = tl.exp(log_q) * c - p * a_bar
@@ -309,15 +330,19 @@ def _check_runnable(rows: SkewRows) -> None:
             raise TypeError(f"the triton backend takes float16, bfloat16 or float32 {name}, got float64")
 
 
+def _logits_args(rows: SkewRows) -> tuple:
+    """student_ptr, teacher_ptr, their outer and inner strides, inner_rows."""
+    inner, student_outer, student_inner = row_layout(rows.student)
+    _, teacher_outer, teacher_inner = row_layout(rows.teacher)
+    return rows.student, rows.teacher, student_outer, student_inner, teacher_outer, teacher_inner, inner
+
+
 def _common_args(rows: SkewRows) -> tuple:
     dummy = rows.student  # any tensor on the device: never read when its flag is off
     labels = rows.labels if rows.labels is not None else dummy
     alpha_rows = rows.alpha_rows if rows.alpha_rows is not None else dummy
     return (
-        rows.student,
-        rows.teacher,
-        rows.student.stride(0),
-        rows.teacher.stride(0),
+        *_logits_args(rows),
         labels,
         alpha_rows,
         _as_float32(rows.alpha),
@@ -341,10 +366,7 @@ def skew_statistics(rows: SkewRows) -> torch.Tensor:
     block, warps = launch_config(v)
     labels = rows.labels if rows.labels is not None else rows.student
     _row_statistics_kernel[(n,)](
-        rows.student,
-        rows.teacher,
-        rows.student.stride(0),
-        rows.teacher.stride(0),
+        *_logits_args(rows),
         labels,
         rows.ignore_index,
         _as_float32(rows.inv_temperature),
