@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import pytest
@@ -186,11 +187,19 @@ def test_quick_experiment_writes_table_csv_and_plot(tmp_path, capsys):
     with open(output / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["model"] for r in rows] == models
+    vocab = json.loads((output / "runs" / "distillm2" / "final" / "config.json").read_text())["vocab_size"]
     for row in rows:
-        assert 0.0 <= float(row["accuracy"]) <= 1.0
-        assert 0.0 < float(row["nll"]) < 10.0
+        correct = float(row["accuracy"]) * QUICK["num_heldout"]  # a count of exact matches
+        assert abs(correct - round(correct)) < 1e-4 and 0 <= round(correct) <= QUICK["num_heldout"], row
+        # the printed table shows the CSV's numbers
+        line = next(line for line in printed.splitlines() if line.startswith(row["model"] + " "))
+        assert f"{100 * float(row['accuracy']):.1f} %" in line and f"{float(row['nll']):.3f}" in line, line
         assert float(row["train_seconds"]) > 0
         assert row["seed"] == "1" and row["distil_steps"] == str(QUICK["distil_steps"])
+    # the trained teacher predicts the answers better than a uniform guess over the vocabulary
+    assert float(rows[0]["nll"]) < math.log(vocab), rows[0]
+    # and four distillation steps toward it lower every method's NLL below the student's starting point
+    assert all(float(r["nll"]) < float(rows[1]["nll"]) for r in rows[2:]), rows
     assert {r["steps"] for r in rows[2:]} == {str(QUICK["distil_steps"])}  # the same budget for every method
 
     markdown = (output / "results.md").read_text()

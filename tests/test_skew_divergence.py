@@ -10,7 +10,7 @@ from allocations import NewStorages
 from conftest import kernel_device
 from hypothesis import given
 from hypothesis import strategies as st
-from oracle import EPS, assert_matches_oracle, logit_magnitude, oracle_loss_and_grad
+from oracle import assert_matches_oracle, logit_magnitude, oracle_loss_and_grad
 
 from distillm2_kernels import (
     FusedSKLFunction,
@@ -558,9 +558,8 @@ def test_tolerance_rejects_wrong_gradients(dtype):
     _, grad_lo = oracle_loss_and_grad("skl", student, teacher, 0.1, dtype=dtype)
     _, wrong = oracle_loss_and_grad("skl", student, teacher, 0.0)
     assert_matches_oracle(grad64.to(dtype), grad64, grad_lo, out_dtype=dtype, magnitude=magnitude)
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match=r": error \S+ > "):  # the rule's bound, not a NaN or shape check
         assert_matches_oracle(wrong.to(dtype), grad64, grad_lo, out_dtype=dtype, magnitude=magnitude)
-    assert EPS[dtype] > 0
 
 
 # --- modules and the Function API ------------------------------------------------------------------------
