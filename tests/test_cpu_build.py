@@ -6,15 +6,19 @@ tests/test_install.py."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from distillm2_kernels.backends import cpu_backend, cpu_build, cpu_jit
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
@@ -95,6 +99,39 @@ def test_a_stale_installed_extension_gives_way_to_the_first_use_compile(monkeypa
     module, reason, origin = cpu_backend._load_extension()
     assert module is None and origin == ""
     assert "built against torch 0.0.1" in reason and "no C++ compiler found" in reason, reason
+
+
+FIRST_USE_UNDER_COMPILE = """
+import sys, warnings
+import torch
+from distillm2_kernels import fused_skl
+from distillm2_kernels.backends import cpu_backend
+step = torch.compile(lambda s, t: fused_skl(s, t, 0.1), fullgraph=True, backend="eager")  # a break is an error
+student, teacher = torch.randn(4, 64, requires_grad=True), torch.randn(4, 64)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    loss = step(student, teacher)
+loss.backward()
+assert torch.allclose(loss, fused_skl(student, teacher, 0.1, backend="torch"), rtol=1e-5, atol=1e-6)
+fallbacks = [w for w in caught if "C++ CPU backend is unavailable" in str(w.message)]
+print("cpu" if cpu_backend.unavailable_reason() is None else "torch", len(fallbacks))
+"""
+
+
+@pytest.mark.parametrize("compiler_found", [True, False])
+def test_first_use_inside_torch_compile_does_not_break_the_graph(compiler_found, tmp_path):
+    """The extension is looked up (or compiled) on first use, which may be inside a compiled training step."""
+    if compiler_found and cpu_backend.unavailable_reason() is not None:
+        pytest.skip(f"the C++ CPU backend is unavailable: {cpu_backend.unavailable_reason()}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.pop("TRITON_INTERPRET", None)
+    script = FIRST_USE_UNDER_COMPILE
+    if not compiler_found:
+        script = 'import sys; sys.modules["distillm2_kernels._C"] = None\n' + script
+        env.update(CXX=str(tmp_path / "no-such-compiler"), DISTILLM2_KERNELS_CACHE=str(tmp_path / "cache"))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == (["cpu", "0"] if compiler_found else ["torch", "1"]), result.stdout
 
 
 def _disassembly_by_function(path: str) -> dict[str, list[str]]:

@@ -52,6 +52,15 @@ def _warn_cpu_fallback_once() -> None:
         )
 
 
+# torch.compile runs it while tracing (its result is a constant), so that the warning does not break the graph
+@torch.compiler.assume_constant_result
+def _auto_cpu_backend_name() -> str:
+    if cpu_backend.unavailable_reason() is None:
+        return "cpu"
+    _warn_cpu_fallback_once()
+    return "torch"
+
+
 def available_backends(device: torch.device) -> list[str]:
     """The backend names (other than "auto") that can run on tensors on `device`."""
     device = torch.device(device)
@@ -69,9 +78,7 @@ def resolve_backend_name(name: str, device: torch.device) -> str:
         if device.type == "cuda" and triton_backend.unavailable_reason(device) is None:
             return "triton"
         if device.type == "cpu":
-            if cpu_backend.unavailable_reason() is None:
-                return "cpu"
-            _warn_cpu_fallback_once()
+            return _auto_cpu_backend_name()
         return "torch"
     if name == "triton":
         reason = triton_backend.unavailable_reason(device)

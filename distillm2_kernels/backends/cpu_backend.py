@@ -31,6 +31,7 @@ from . import cpu_jit, torch_backend
 
 ROW_TEMPORARIES = 0  # [rows, V] temporaries the kernels allocate besides their output (see torch_backend)
 
+
 def _load_installed_extension() -> tuple[Optional[ModuleType], str]:
     """(the module installed with the package, where it is), or (None, why it cannot be used)."""
     try:
@@ -75,6 +76,8 @@ def _extension_state() -> tuple[Optional[ModuleType], Optional[str], str]:
     return _state
 
 
+# torch.compile calls it while tracing (backend resolution) instead of tracing the loading, locking and compiling
+@torch.compiler.assume_constant_result
 def unavailable_reason() -> Optional[str]:
     """Why the cpu backend cannot run, or None when it can (the first call may compile the extension)."""
     return _extension_state()[1]
