@@ -5,24 +5,25 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
-# The C++ CPU backend is compiled by the editable install: rebuild it when its sources change.
-CSRC := $(wildcard csrc/*.cpp csrc/*.h)
 
-.PHONY: install demo kernel-demo test bench clean
+.PHONY: install demo kernel-demo test lint bench clean
 
 # Options of the benchmark suite, e.g. make bench BENCH_ARGS="--quick" (see python -m benchmarks --help)
 BENCH_ARGS ?=
 
+# The package is installed as a user would (an isolated build, no torch in it); the C++ CPU backend is then
+# compiled on first use and cached per torch version and source hash (~/.cache/distillm2_kernels), so an edit
+# of distillm2_kernels/csrc/ recompiles it. An in-place build (setup.py build_ext --inplace) would shadow that
+# cache, so the install removes it. `python -m distillm2_kernels.env` compiles it if needed and reports.
 install: $(STAMP)
+	$(PY) -m distillm2_kernels.env
 
-$(STAMP): setup.py requirements-test.txt $(CSRC)
+$(STAMP): pyproject.toml setup.py requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -r requirements-test.txt
-	$(PY) -m pip install --quiet --no-build-isolation -e .
-	# pip's editable install does not compile extensions here: build the C++ backend in place explicitly
-	$(PY) setup.py --quiet build_ext --inplace
-	$(PY) -c "from distillm2_kernels.backends import cpu_backend as c; print('C++ CPU backend:', c.unavailable_reason() or 'built (' + c.kernel_isa() + ')')"
+	$(PY) -m pip install --quiet -e .
+	rm -f distillm2_kernels/_C.*.so
 	touch $(STAMP)
 
 # the miniature distillation experiment (teacher and student trained from scratch, three methods compared)
@@ -35,6 +36,10 @@ kernel-demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# ruff with the rules in pyproject.toml (tests/test_lint.py runs the same check in `make test`)
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 bench: install
 	$(PY) -m benchmarks $(BENCH_ARGS)

@@ -1,4 +1,4 @@
-"""The C++ CPU backend (`backend="cpu"`, csrc/) against the float64 oracle, plus what is specific to it:
+"""The C++ CPU backend (`backend="cpu"`, distillm2_kernels/csrc/) against the float64 oracle, plus what is specific to it:
 the backend interface (row statistics, precomputed statistics, exact zero at α = 1), thread-count determinism, every instruction-set build, large rows, the fallback when the extension is missing,
 and the custom ops under torch.compile.
 
@@ -570,7 +570,7 @@ def test_non_finite_rows_through_the_backend_interface():
 FALLBACK_SCRIPT = textwrap.dedent(
     """
     import sys, warnings
-    sys.modules["distillm2_kernels._C"] = None  # a build-less install: the extension cannot be imported
+    sys.modules["distillm2_kernels._C"] = None  # a build-less install (the environment has no C++ compiler)
     import torch
     warnings.simplefilter("always")
     with warnings.catch_warnings(record=True) as caught:
@@ -585,6 +585,8 @@ FALLBACK_SCRIPT = textwrap.dedent(
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1, messages
     assert "C++ CPU backend is unavailable" in messages[0] and "'torch' backend" in messages[0], messages[0]
+    assert "no C++ compiler found" in messages[0] and "apt install g++" in messages[0], messages[0]
+    assert "python -m distillm2_kernels.env" in messages[0], messages[0]
     assert cpu_backend.unavailable_reason() is not None
     assert "cpu" not in available_backends(torch.device("cpu"))
     expected = [fused_skl(student, teacher, 0.1, backend="torch"), fused_srkl(student, teacher, 0.1, backend="torch")]
@@ -600,9 +602,10 @@ FALLBACK_SCRIPT = textwrap.dedent(
 )
 
 
-def test_buildless_install_falls_back_to_torch_with_one_warning():
-    result = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], env=_subprocess_env(), capture_output=True,
-                            text=True, timeout=120)
+def test_buildless_install_without_a_compiler_falls_back_to_torch_with_one_warning(tmp_path):
+    env = _subprocess_env(CXX=str(tmp_path / "no-such-compiler"), DISTILLM2_KERNELS_CACHE=str(tmp_path / "cache"))
+    result = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stderr
     assert "fallback ok" in result.stdout
 
@@ -612,7 +615,7 @@ def test_extension_built_against_another_torch_is_not_used(monkeypatch):
         built_with_torch = "0.0.1"
 
     monkeypatch.setitem(sys.modules, "distillm2_kernels._C", StaleExtension)
-    extension, reason = cpu_backend._load_extension()
+    extension, reason = cpu_backend._load_installed_extension()
     assert extension is None and "built against torch 0.0.1" in reason
 
 

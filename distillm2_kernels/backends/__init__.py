@@ -15,11 +15,12 @@ column 0 on ignored rows). `ROW_TEMPORARIES` says how many `[rows, V]` float32 t
 | name     | runs on                                             | module           |
 | -------- | --------------------------------------------------- | ---------------- |
 | "triton" | CUDA tensors; CPU tensors with TRITON_INTERPRET=1   | `triton_backend` |
-| "cpu"    | CPU tensors (the C++ extension built from csrc/)    | `cpu_backend`    |
+| "cpu"    | CPU tensors (the C++ extension from csrc/)          | `cpu_backend`    |
 | "torch"  | any device (chunked pure PyTorch)                   | `torch_backend`  |
 
 "auto" picks "triton" for CUDA tensors and "cpu" for CPU tensors; where that one cannot run it uses "torch"
-(for CPU tensors with a one-time warning that the C++ extension is unavailable).
+(for CPU tensors with a one-time warning that the C++ extension is unavailable). The C++ extension is looked
+up, or compiled and cached, the first time CPU tensors need it (see `cpu_backend`).
 """
 
 from __future__ import annotations
@@ -44,10 +45,20 @@ def _warn_cpu_fallback_once() -> None:
         _warned_cpu_fallback = True
         warnings.warn(
             f"distillm2_kernels: the C++ CPU backend is unavailable ({cpu_backend.unavailable_reason()}); "
-            "CPU tensors use the slower chunked 'torch' backend",
+            "CPU tensors use the slower chunked 'torch' backend (`python -m distillm2_kernels.env` shows what "
+            "each device gets and why)",
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+# torch.compile runs it while tracing (its result is a constant), so that the warning does not break the graph
+@torch.compiler.assume_constant_result
+def _auto_cpu_backend_name() -> str:
+    if cpu_backend.unavailable_reason() is None:
+        return "cpu"
+    _warn_cpu_fallback_once()
+    return "torch"
 
 
 def available_backends(device: torch.device) -> list[str]:
@@ -67,9 +78,7 @@ def resolve_backend_name(name: str, device: torch.device) -> str:
         if device.type == "cuda" and triton_backend.unavailable_reason(device) is None:
             return "triton"
         if device.type == "cpu":
-            if cpu_backend.unavailable_reason() is None:
-                return "cpu"
-            _warn_cpu_fallback_once()
+            return _auto_cpu_backend_name()
         return "torch"
     if name == "triton":
         reason = triton_backend.unavailable_reason(device)

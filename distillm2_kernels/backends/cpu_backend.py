@@ -1,4 +1,4 @@
-"""The C++ CPU backend: `distillm2_kernels._C`, built from csrc/ by setup.py (see csrc/skew_divergence_kernel.h).
+"""The C++ CPU backend: `distillm2_kernels._C`, compiled from csrc/ (see csrc/skew_divergence_kernel.h).
 
 Same math, interface and row statistics as the Triton kernels (see `triton_backend`): one thread per row, three
 sweeps per row (online log-sum-exp with the label tokens' log-probabilities; loss and the row constant C;
@@ -10,67 +10,102 @@ so results do not depend on the thread count.
 
 float64 logits are computed by the chunked `torch_backend` in float64.
 
-The extension is optional. When it is missing or cannot be loaded (for example built against another torch),
-`unavailable_reason()` says why; `backend="auto"` then uses the "torch" backend with one warning per process,
-and `backend="cpu"` raises.
+Where the extension comes from, looked up on first use (not at import): the module installed with the package
+(setup.py builds it when the build environment has torch), if it was built against the running torch; else the
+one compiled on first use and cached per torch version (`cpu_jit`). When neither can be had (no C++ compiler,
+a failed compile), `unavailable_reason()` says why; `backend="auto"` then uses the "torch" backend with one
+warning per process, and `backend="cpu"` raises. `extension_origin()` says which one serves.
 """
 
 from __future__ import annotations
 
 import importlib
+import threading
 from types import ModuleType
 from typing import Optional
 
 import torch
 
 from .._inputs import STATS, SkewRows
-from . import torch_backend
+from . import cpu_jit, torch_backend
 
 ROW_TEMPORARIES = 0  # [rows, V] temporaries the kernels allocate besides their output (see torch_backend)
 
-def _load_extension() -> tuple[Optional[ModuleType], Optional[str]]:
-    """(the compiled module, None), or (None, why it cannot be used)."""
+
+def _load_installed_extension() -> tuple[Optional[ModuleType], str]:
+    """(the module installed with the package, where it is), or (None, why it cannot be used)."""
     try:
         _C = importlib.import_module("distillm2_kernels._C")
     except ImportError as error:
         if isinstance(error, ModuleNotFoundError) and error.name == "distillm2_kernels._C":
-            return None, (
-                "the C++ extension distillm2_kernels._C is not built (reinstall with "
-                "`pip install --no-build-isolation .` where torch and a C++ compiler are available)"
-            )
-        return None, f"the C++ extension distillm2_kernels._C failed to load: {error}"
+            return None, "the install did not build distillm2_kernels._C"
+        return None, f"the installed distillm2_kernels._C failed to load: {error}"
     except OSError as error:
-        return None, f"the C++ extension distillm2_kernels._C failed to load: {error}"
-    if _C.built_with_torch != torch.__version__:
+        return None, f"the installed distillm2_kernels._C failed to load: {error}"
+    if getattr(_C, "built_with_torch", None) != torch.__version__:
         return None, (
-            f"the C++ extension distillm2_kernels._C was built against torch {_C.built_with_torch} but torch "
-            f"{torch.__version__} is installed; rebuild it (`pip install --no-build-isolation .`)"
+            f"the installed distillm2_kernels._C was built against torch {getattr(_C, 'built_with_torch', '?')} "
+            f"but torch {torch.__version__} is running"
         )
-    return _C, None
+    return _C, f"installed with the package ({getattr(_C, '__file__', '?')})"
 
 
-_extension, _unavailable_reason = _load_extension()
+def _load_extension() -> tuple[Optional[ModuleType], Optional[str], str]:
+    """(the module, None, where it came from), or (None, why it cannot be used, "")."""
+    installed, installed_note = _load_installed_extension()
+    if installed is not None:
+        return installed, None, installed_note
+    compiled, compiled_note = cpu_jit.load()
+    if compiled is not None:
+        if getattr(compiled, "built_with_torch", None) == torch.__version__:
+            return compiled, None, compiled_note
+        compiled_note = f"the compiled module reports torch {getattr(compiled, 'built_with_torch', '?')}"
+    return None, f"{installed_note}, and {compiled_note}", ""
 
 
+_lock = threading.Lock()
+_state: Optional[tuple[Optional[ModuleType], Optional[str], str]] = None
+
+
+def _extension_state() -> tuple[Optional[ModuleType], Optional[str], str]:
+    global _state
+    if _state is None:
+        with _lock:
+            if _state is None:
+                _state = _load_extension()
+    return _state
+
+
+# torch.compile calls it while tracing (backend resolution) instead of tracing the loading, locking and compiling
+@torch.compiler.assume_constant_result
 def unavailable_reason() -> Optional[str]:
-    """Why the cpu backend cannot run, or None when it can."""
-    return _unavailable_reason
+    """Why the cpu backend cannot run, or None when it can (the first call may compile the extension)."""
+    return _extension_state()[1]
+
+
+def extension_origin() -> Optional[str]:
+    """Where the extension in use came from (installed module or first-use compile cache), None when none."""
+    module, _, origin = _extension_state()
+    return origin if module is not None else None
 
 
 def kernel_isa() -> Optional[str]:
     """The instruction set the kernels run with ("AVX512", "AVX2" or "DEFAULT"), None when unavailable."""
-    return None if _extension is None else _extension.kernel_isa()
+    module = _extension_state()[0]
+    return None if module is None else module.kernel_isa()
 
 
 def _runs_in_float64(rows: SkewRows) -> bool:
     return rows.student.dtype == torch.float64 or rows.teacher.dtype == torch.float64
 
 
-def _check_runnable(rows: SkewRows) -> None:
-    if _extension is None:
-        raise ValueError(f"backend='cpu' cannot run here: {_unavailable_reason}")
+def _extension(rows: SkewRows) -> ModuleType:
+    module, reason, _ = _extension_state()
+    if module is None:
+        raise ValueError(f"backend='cpu' cannot run here: {reason}")
     if rows.student.device.type != "cpu":
         raise ValueError(f"the cpu backend runs on CPU tensors, got tensors on {rows.student.device}")
+    return module
 
 
 def _labels(rows: SkewRows) -> Optional[torch.Tensor]:
@@ -78,7 +113,6 @@ def _labels(rows: SkewRows) -> Optional[torch.Tensor]:
 
 
 def _extension_args(rows: SkewRows) -> tuple:
-    _check_runnable(rows)
     return (
         rows.student,
         rows.teacher,
@@ -94,9 +128,9 @@ def skew_statistics(rows: SkewRows) -> torch.Tensor:
     """Sweep 1: the row statistics `[N, 7]` (column 4, C, is 0 until `skew_forward` fills it)."""
     if _runs_in_float64(rows):
         return torch_backend.skew_statistics(rows)
-    _check_runnable(rows)
+    extension = _extension(rows)
     stats = torch.empty((rows.num_rows, STATS), dtype=torch.float32)
-    _extension.skew_statistics(
+    extension.skew_statistics(
         rows.student, rows.teacher, _labels(rows), rows.ignore_index, rows.inv_temperature, stats
     )
     return stats
@@ -109,6 +143,7 @@ def skew_forward(
     `skew_statistics` on the same rows skips sweep 1 (it is not modified)."""
     if _runs_in_float64(rows):
         return torch_backend.skew_forward(rows, reverse, detach, stats)
+    extension = _extension(rows)
     args = _extension_args(rows)
     loss = torch.empty(rows.num_rows, dtype=torch.float32)
     compute_statistics = stats is None
@@ -116,7 +151,7 @@ def skew_forward(
         stats = torch.empty((rows.num_rows, STATS), dtype=torch.float32)
     else:
         stats = stats.clone(memory_format=torch.contiguous_format)
-    _extension.skew_forward(*args, reverse, detach, compute_statistics, loss, stats)
+    extension.skew_forward(*args, reverse, detach, compute_statistics, loss, stats)
     return loss, stats
 
 
@@ -126,7 +161,8 @@ def skew_backward(
     """Gradient w.r.t. the student logits, `[N, V]` contiguous in the student's dtype."""
     if _runs_in_float64(rows):
         return torch_backend.skew_backward(rows, reverse, detach, stats, grad_loss)
+    extension = _extension(rows)
     args = _extension_args(rows)
     grad = torch.empty((rows.num_rows, rows.vocab_size), dtype=rows.student.dtype)
-    _extension.skew_backward(*args, reverse, detach, stats.contiguous(), grad_loss.to(torch.float32), grad)
+    extension.skew_backward(*args, reverse, detach, stats.contiguous(), grad_loss.to(torch.float32), grad)
     return grad

@@ -72,7 +72,9 @@ void with_logits_type(c10::ScalarType dtype, F&& f) {
     case c10::ScalarType::Half:
       return f(TypeTag<c10::Half>{});
     default:
-      TORCH_CHECK(false, "distillm2 cpu kernels take float32, bfloat16 or float16 logits, got ", dtype);
+      // A message without formatted arguments: formatting would instantiate c10 templates out of line here,
+      // shared by name with the other instruction-set builds (the dispatcher has checked the dtype already).
+      TORCH_CHECK(false, "distillm2 cpu kernels take float32, bfloat16 or float16 logits");
   }
 }
 

@@ -1,4 +1,0 @@
-// The row kernels built for ATen's AVX2 vectors; compiled with -mavx2 -mfma -mf16c (see setup.py).
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#include "skew_divergence_kernel.h"

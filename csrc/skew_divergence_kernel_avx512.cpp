@@ -1,4 +1,0 @@
-// The row kernels built for ATen's AVX512 vectors; compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma (see setup.py).
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#include "skew_divergence_kernel.h"
