@@ -1,4 +1,5 @@
-# The README's commands: `make demo` (the main job on a small built-in default), `make test` and `make bench`.
+# The README's commands: `make demo` (the main job on a small built-in default), `make test` and `make bench`;
+# `make aot-check` (kernels compiled for sm_80 / sm_90 without a GPU) and `make gpu-check` (on a GPU machine).
 # Each creates .venv on first use and installs the pinned CPU torch, the test dependencies and this package.
 PYTHON ?= python3
 VENV ?= .venv
@@ -43,6 +44,25 @@ lint: $(STAMP)
 
 bench: install
 	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# Every Triton kernel specialization compiled ahead of time for sm_80 / sm_90 (no GPU needed): registers, spills,
+# shared memory, instructions and SFU ops per vocabulary entry (see python -m benchmarks.aot_compile --help)
+aot-check: install
+	$(PY) -m benchmarks.aot_compile
+
+# The first run on a GPU machine (one H100 / H200, no network, at most 8 minutes): the tests on CUDA and the
+# headline benchmark rows into benchmarks/results/<device>/. Runs $(PYTHON) (the system python3 with CUDA torch),
+# never the .venv with the CPU torch pin; wheels in .whl/ (Liger-Kernel) are installed first. Options:
+# make gpu-check GPU_CHECK_ARGS="--skip-tests" (see python -m benchmarks.gpu_check --help)
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
+
+# the same steps on the CPU at tiny sizes, the tests under the Triton interpreter (about a minute)
+gpu-check-dry-run: install
+	$(PY) -m benchmarks.gpu_check --dry-run
+
+.PHONY: aot-check gpu-check gpu-check-dry-run
 
 clean:
 	rm -rf $(VENV) build *.egg-info distillm2_kernels/_C*.so

@@ -4,7 +4,7 @@
 `triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32))` lowers a
 kernel to PTX and runs the `ptxas` that ships inside triton on it; its `-v` log gives the registers, the spill
 stores and loads, and triton's metadata the shared memory. A compile error or a spill fails the run (exit 1).
-tests/test_aot_compile.py runs this in `make test`.
+tests/test_aot_compile.py runs this in `make test` (and `make aot-check` alone).
 
 The compile must not run under the interpreter: with TRITON_INTERPRET=1 (set by tests/conftest.py before the
 package is imported) the kernels are interpreter functions and `launch_config` picks the interpreter's blocks.
@@ -27,10 +27,11 @@ launcher calls) turns the value into the type and attribute, as at launch. The m
   the incoming gradient's stride (1, or 0 when broadcast);
 - by default a covering subset of that product, `--full` the whole of it (see `specializations`).
 
-Instructions per vocabulary entry (DESIGN budget, reported, not enforced): in the sm_90 PTX, the static count of
-the instructions in each loop that loads from global memory (the sweeps over the logits; the ignored rows'
-zero-fill loop loads nothing), divided by the entries one thread handles per iteration, BLOCK_V / (32·num_warps);
-likewise the special-function instructions (ex2, lg2, rcp, sqrt, rsqrt, sin, cos, tanh: `.approx` forms).
+Instructions per vocabulary entry (the budget of docs/design.md section 7; reported, not enforced): in the PTX
+(sm_80 and sm_90), the static count of the instructions in each loop that loads from global memory (the sweeps
+over the logits; the ignored rows' zero-fill loop loads nothing), divided by the entries one thread handles per
+iteration, BLOCK_V / (32·num_warps); likewise the special-function instructions (ex2, lg2, rcp, sqrt, rsqrt,
+sin, cos, tanh: their `.approx` forms). Branches taken rarely (logf's slow path) count as if always taken.
 Note that `tl.log` lowers to libdevice's `logf`, a polynomial on the FMA pipes, not to `lg2.approx`.
 """
 

@@ -32,6 +32,7 @@ def compiled(tmp_path_factory):
     return done, report, time.time() - started
 
 
+@pytest.mark.slow
 def test_every_kernel_specialization_compiles_for_sm80_and_sm90_without_spills(compiled, capsys):
     done, report, seconds = compiled
     with capsys.disabled():  # the registers and instructions tables, also with pytest -q
