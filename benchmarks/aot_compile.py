@@ -155,6 +155,10 @@ def argument_value(kernel: str, name: str, case: dict):
         return case["V"]  # rows of a row-major [..., V] tensor: every stride is a multiple of V; contiguous: V
     if name == "V":
         return case["V"]
+    if name == "inner_rows":
+        # rows per outer index of the [outer, inner, V] layout: N for [N, V] rows, T for a [B, T, V] slice; a
+        # general value (not 1, which triton would make a constant, nor a multiple of 16)
+        return 1023
     if name in SCALARS:
         return SCALARS[name]
     raise UnknownArgument(f"{kernel}: argument {name!r} has no rule in benchmarks/aot_compile.py "
