@@ -2,7 +2,7 @@
 
 | name | what |
 | --- | --- |
-| `naive` | the released DistiLLM-2 trainer's PyTorch code (DESIGN.md section 3): float32 upcast, full `log_softmax` tensors, the mixture as a `logsumexp` over a stacked pair (`reference.naive_skl` / `naive_srkl`; the objective on all 2B rows, `naive_distillm2_loss`) |
+| `naive` | the released DistiLLM-2 trainer's PyTorch code (docs/design.md §4): float32 upcast, full `log_softmax` tensors, the mixture as a `logsumexp` over a stacked pair (`reference.naive_skl` / `naive_srkl`; the objective on all 2B rows, `naive_distillm2_loss`) |
 | `naive_compiled` | `torch.compile` of the same code (inductor, `dynamic=False`: one compile per shape, its time in the `warmup_s` column) |
 | `torch` | this library, `backend="torch"` (chunked pure PyTorch) |
 | `cpu` | this library, `backend="cpu"` (the C++ extension; CPU tensors) |
@@ -84,7 +84,7 @@ def compiled(fn: Callable) -> Callable:
 def naive_distillm2_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                          alpha: float = ALPHA, ignore_index: int = -100) -> torch.Tensor:
     """The released DistiLLM-2 trainer's loss over one batch `[2B, T, V]` whose first B rows are the teacher's
-    responses and last B rows the student's (DESIGN.md section 3): float32 `log_softmax` of both logits, SKL
+    responses and last B rows the student's (docs/design.md §4): float32 `log_softmax` of both logits, SKL
     and SRKL (q inside r detached) on all 2B rows, the token mean within each sequence, then SKL of the first
     half plus SRKL of the second half, mean over the B pairs."""
     log_q = torch.log_softmax(student_logits.float(), dim=-1)

@@ -9,7 +9,7 @@ N = 8192, H = 4096, V = 128256); the training step of a 4-layer model, H = 1024 
 B = 4 pairs × T = 1024 (8192 tokens).
 
 CPU (2 cores, 24 GiB, about 10 minutes in all): the four vocabularies at N = 128 and N in {128, 512, 2048} at
-V = 32000, bfloat16, plus float32 at N = 2048, V = 32000 (DESIGN.md's CPU target shape); fused-linear at
+V = 32000, bfloat16, plus float32 at N = 2048, V = 32000 (the CPU target shape of docs/design.md §7); fused-linear at
 N = 256, H = H_t = 128, V in {32000, 128256} (N / H = 2 as in Liger's GPU configuration, so that the O(N·V)
 logits, not the O(V·H) weight gradients, dominate the baselines' memory as they do on the GPU); the objective at N = 256 (one pair, T = 128 per half), V in
 {32000, 151936}; the training step of a 2-layer model, H = 256 / H_t = 512, V = 32000, B = 2 pairs × T = 128.

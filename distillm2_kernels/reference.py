@@ -150,7 +150,7 @@ def naive_skl(
     alpha: float = 0.1,
     ignore_index: int = -100,
 ) -> torch.Tensor:
-    """SKL as the released DistiLLM-2 trainer computes it (DESIGN.md section 3): the benchmark baseline.
+    """SKL as the released DistiLLM-2 trainer computes it (docs/design.md §4): the benchmark baseline.
 
     float32 upcast of `[B, T, V]` logits, full `log_softmax` tensors, the mixture as a `logsumexp` over
     a stacked pair, then the token mean within each sequence and the mean over sequences.

@@ -2,7 +2,7 @@
 the backend interface (row statistics, precomputed statistics, exact zero at α = 1), thread-count determinism, every instruction-set build, large rows, the fallback when the extension is missing,
 and the custom ops under torch.compile.
 
-Tolerance rule (DESIGN.md section 6): a result passes when its max error against the float64 reference is no
+Tolerance rule (docs/design.md §6): a result passes when its max error against the float64 reference is no
 worse than that of the same reference evaluated in the input dtype, plus an allowance for float32 rounding in
 log space, ALLOWANCE_ULPS · eps32 · (1 + max|z/T|) · scale; and it may not exceed 2 · eps(output dtype) · scale
 plus that allowance, so a low-precision baseline cannot hide a wrong result. Loss scale: max|loss| + log(V+1);

@@ -41,7 +41,7 @@ def make_pairs(batch=3, prompt=(2, 4, 3), lengths_t=(5, 2, 7), lengths_s=(3, 6, 
 
 
 def released_code_loss(student_t, teacher_t, labels_t, student_s, teacher_s, labels_s, alpha=0.1):
-    """The released DistiLLM-2 trainer's loss, written from DESIGN.md section 3: float32 log_softmax,
+    """The released DistiLLM-2 trainer's loss, written from docs/design.md §4: float32 log_softmax,
     mixtures as logsumexp over a stacked pair, SRKL's q detached in r, per-sequence token means,
     SKL_i + SRKL_i per pair, mean over pairs."""
 

@@ -1,4 +1,4 @@
-"""The oracle itself: autograd gradcheck in float64, DESIGN.md's closed-form gradients, special values."""
+"""The oracle itself: autograd gradcheck in float64, the closed-form gradients of docs/design.md §2.3, special values."""
 
 import math
 
@@ -28,7 +28,7 @@ def test_gradcheck(rows, alpha):
 
 
 def closed_form_gradient(kind, student, teacher, alpha):
-    """DESIGN.md section 2, written literally."""
+    """docs/design.md §2.3, written literally."""
     q, p = torch.softmax(student, -1), torch.softmax(teacher, -1)
     if kind == "skl":
         m = alpha * p + (1 - alpha) * q

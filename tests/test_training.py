@@ -159,7 +159,7 @@ def _models(teacher_dir, student_dir, dtype, *, use_lora=True):
 
 
 def _reference_loss(loss_kind, preset, student_logits, teacher_logits, labels, num_pairs):
-    """The objective written from `reference` on materialised logits (DESIGN.md section 3)."""
+    """The objective written from `reference` on materialised logits (docs/design.md §4)."""
     s, t, y = student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:]
     pt, ps = slice(0, num_pairs), slice(num_pairs, 2 * num_pairs)
     if loss_kind != "distillm2":

@@ -10,7 +10,7 @@ subtracting the maximum before scaling keeps log q as accurate as `log_softmax`'
            ∂loss/∂s = q·(d + e − C),       e = 1 − αq/r = (1−α) p / r ∈ [0, 1],   C = L + Σ q·e
            detached mixture (q inside r constant): ∂loss/∂s = q·(d − C),  C = L
 
-These are DESIGN.md's `q − p + α(p²/m − q·W)` and `q ⊙ (d − αq/r − L + αU)` rewritten with Σp = Σq = 1, so
+These are docs/design.md §2.3's `q − p + α(p²/m − q·W)` and `q ⊙ (d − αq/r − L + αU)` rewritten with Σp = Σq = 1, so
 that every term is bounded (ā, e ∈ [0, 1]) and α = 1 gives exactly zero (ā = e = d = 0). A zero
 probability contributes exactly zero; a zero mixture (only possible at α = 0) gives an infinite loss.
 A row holding a NaN or +inf logit (that is not ignored) gets NaN statistics in sweep 1, so its loss, its C
