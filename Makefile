@@ -35,8 +35,17 @@ demo: install
 kernel-demo: install
 	$(PY) -m distillm2_kernels.demo
 
+# The fast numerical subset, run a second time by `make test` under an ATen instruction set that is not
+# this machine's own (AVX2 on an AVX-512 CPU, else the portable build), so no result holds on one vector path
+# only. pytest -m "not slow" tests is the quick loop of the whole suite.
+NUMERICAL_TESTS ?= tests/test_reference.py tests/test_skew_divergence.py tests/test_fused_linear.py tests/test_cpu_backend.py
+
 test: install
 	$(PY) -m pytest -q tests
+	@other=$$($(PY) -c "import torch; own = torch.backends.cpu.get_cpu_capability(); print('avx2' if own == 'AVX512' else '' if own == 'DEFAULT' else 'default')"); \
+	if [ -z "$$other" ]; then echo "this machine runs ATen's portable build only: no second instruction set to test"; \
+	else echo "numerical tests again under ATEN_CPU_CAPABILITY=$$other"; \
+	ATEN_CPU_CAPABILITY=$$other $(PY) -m pytest -q -m "not slow" $(NUMERICAL_TESTS); fi
 
 # ruff with the rules in pyproject.toml (tests/test_lint.py runs the same check in `make test`)
 lint: $(STAMP)

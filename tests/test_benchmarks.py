@@ -64,6 +64,7 @@ def committed_results_unchanged():
     assert _committed_digests() == before, "the benchmark run changed the files in benchmarks/results/"
 
 
+@pytest.mark.slow
 def test_quick_run_writes_table_csv_markdown_and_plots(tmp_path, committed_results_unchanged):
     """Every suite at the quick sizes, every implementation but the compiled one (compiling costs ~10 s per
     shape: `test_compiled_baseline_runs` covers it). Unavailable implementations are rows marked skipped."""
@@ -127,6 +128,7 @@ def test_quick_run_writes_table_csv_markdown_and_plots(tmp_path, committed_resul
     assert "median ms" in result.stdout and "## headline" in result.stdout
 
 
+@pytest.mark.slow
 def test_compiled_baseline_runs_and_merge_keeps_other_suites(tmp_path, committed_results_unchanged):
     """`naive_compiled` on one quick shape, a fresh worker per case (`--isolation case`): torch.compile of the
     naive code gives the naive loss (its compile time is in warmup_s). Then `--merge`: a second run of another suite into the same folder keeps these rows."""

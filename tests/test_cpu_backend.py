@@ -652,6 +652,7 @@ def test_custom_ops_pass_opcheck(layout):
         torch.library.opcheck(torch.ops.distillm2.skew_backward.default, args + (stats, torch.rand(3)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sliced", [False, True])
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_torch_compile_traces_a_training_step_without_graph_breaks(backend, sliced):

@@ -173,6 +173,7 @@ def test_batched_greedy_answers_match_one_prompt_at_a_time(tokenizer):
 # the whole experiment, at toy size
 
 
+@pytest.mark.slow
 def test_quick_experiment_writes_table_csv_and_plot(tmp_path, capsys):
     from distillm2_kernels.experiment.__main__ import main
     from distillm2_kernels.experiment.run import QUICK

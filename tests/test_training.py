@@ -374,6 +374,7 @@ def _logged(rows: list[dict]) -> list[dict]:
     return [{k: float(v) for k, v in r.items() if v != "" and k not in ("tokens_per_s", "elapsed_s")} for r in rows]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_under_accelerate_launch_train_as_one_process_on_both_batches(tiny_models, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` with ACCELERATE_USE_CPU=true runs DDP on gloo, each
     process on 1 pair per step. Two runs: LoRA with the "paper" preset, and full fine-tuning of the untied
