@@ -23,7 +23,7 @@ import torch
 
 from distillm2_kernels import fused_skl, fused_srkl, reference
 from distillm2_kernels._inputs import prepare_rows
-from distillm2_kernels.backends import BACKENDS, available_backends, cpu_backend, torch_backend
+from distillm2_kernels.backends import available_backends, cpu_backend, torch_backend
 from oracle import oracle_loss_and_grad
 
 pytestmark = pytest.mark.skipif(

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Optional
 
 import pytest
 import torch

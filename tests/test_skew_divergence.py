@@ -243,9 +243,9 @@ def test_strided_leading_dims_stay_views(layout):
 
     student, teacher, _ = strided_logits(layout)
     rows = prepare_rows(student, teacher, 0.1, None, -100, 1.0)
-    for given, seen in ((student, rows.student), (teacher, rows.teacher)):
-        assert seen.data_ptr() == given.data_ptr()
-        assert seen.untyped_storage().data_ptr() == given.untyped_storage().data_ptr()
+    for original, seen in ((student, rows.student), (teacher, rows.teacher)):
+        assert seen.data_ptr() == original.data_ptr()
+        assert seen.untyped_storage().data_ptr() == original.untyped_storage().data_ptr()
     assert rows.student.dim() == 3 and rows.student.shape == rows.teacher.shape
     assert rows.num_rows == math.prod(student.shape[:-1]) and rows.vocab_size == student.shape[-1]
 
@@ -264,8 +264,8 @@ def test_leading_dims_that_need_copies():
     }
     for name, (student, teacher, copied) in cases.items():
         rows = prepare_rows(student, teacher, 0.1, None, -100, 1.0)
-        for given, seen, was_copied in zip((student, teacher), (rows.student, rows.teacher), copied):
-            same = seen.untyped_storage().data_ptr() == given.untyped_storage().data_ptr()
+        for original, seen, was_copied in zip((student, teacher), (rows.student, rows.teacher), copied):
+            same = seen.untyped_storage().data_ptr() == original.untyped_storage().data_ptr()
             assert same != was_copied, name
         check_against_oracle("srkl", student, teacher, 0.3, "torch", what=name)
 
