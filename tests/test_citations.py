@@ -15,6 +15,8 @@ def _tracked_text_files():
     listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for name in listed:
         path = ROOT / name
+        if name == "tests/test_citations.py":  # its own patterns and paths are no citations
+            continue
         if path.suffix in {".py", ".md", ".h", ".cpp", ".toml", ".ini", ".txt", ".yaml", ".cfg"} or name == "Makefile":
             yield name, path.read_text(encoding="utf-8", errors="replace")
 
