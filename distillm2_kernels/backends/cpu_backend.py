@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from .._inputs import STATS, SkewRows
-from . import cpu_jit, torch_backend
+from . import cpu_build, cpu_jit, torch_backend
 
 ROW_TEMPORARIES = 0  # [rows, V] temporaries the kernels allocate besides their output (see torch_backend)
 
@@ -46,6 +46,11 @@ def _load_installed_extension() -> tuple[Optional[ModuleType], str]:
         return None, (
             f"the installed distillm2_kernels._C was built against torch {getattr(_C, 'built_with_torch', '?')} "
             f"but torch {torch.__version__} is running"
+        )
+    if cpu_build.CSRC.is_dir() and getattr(_C, "built_from_sources", None) != cpu_build.source_digest():
+        return None, (
+            f"the installed distillm2_kernels._C ({getattr(_C, '__file__', '?')}) was built from other sources than "
+            f"this package's csrc/ (a stale build)"
         )
     return _C, f"installed with the package ({getattr(_C, '__file__', '?')})"
 

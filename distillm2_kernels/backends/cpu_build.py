@@ -14,6 +14,7 @@ tests/test_cpu_build.py checks on the built module (see csrc/skew_divergence_ker
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import sys
 from pathlib import Path
@@ -51,13 +52,22 @@ def all_source_files(csrc: Path = CSRC) -> list[Path]:
     return sorted(p for p in csrc.iterdir() if p.suffix in (".cpp", ".h"))
 
 
+def source_digest(csrc: Path = CSRC) -> str:
+    """SHA-256 (12 hex digits) of every file the build reads: a compiled module records the digest of the
+    sources it was built from (`_C.built_from_sources`), so that a stale build is never used."""
+    digest = hashlib.sha256()
+    for path in all_source_files(csrc):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def extension(csrc: str):
     """The CppExtension for the C++ CPU backend, its sources under `csrc` (relative for setup.py)."""
     import torch
     from torch.utils.cpp_extension import CppExtension
 
     root = Path(csrc)
-    macros = [("DISTILLM2_TORCH_VERSION", f'"{torch.__version__}"')]
+    macros = [("DISTILLM2_TORCH_VERSION", f'"{torch.__version__}"'), ("DISTILLM2_SOURCE_DIGEST", f'"{source_digest()}"')]
     if is_x86():
         macros.append(("DISTILLM2_X86_KERNELS", None))
     return CppExtension(

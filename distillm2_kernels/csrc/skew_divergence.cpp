@@ -240,5 +240,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("stats"), py::arg("grad_loss"), py::arg("grad"));
   m.def("kernel_isa", &distillm2::isa_name, "The instruction set the kernels run with: AVX512, AVX2 or DEFAULT");
   m.attr("built_with_torch") = DISTILLM2_TORCH_VERSION;
+#ifdef DISTILLM2_SOURCE_DIGEST
+  m.attr("built_from_sources") = DISTILLM2_SOURCE_DIGEST;
+#endif
   m.attr("num_stats") = distillm2::kStats;
 }
