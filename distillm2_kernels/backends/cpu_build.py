@@ -20,6 +20,9 @@ import sys
 from pathlib import Path
 
 EXTENSION_NAME = "distillm2_kernels._C"
+# The module compiled on first use has a name of its own: a process that has loaded an installed `_C` (and found it
+# stale) could not load a second library of the same module name (the loader would hand back the first).
+FIRST_USE_EXTENSION_NAME = "distillm2_kernels._C_first_use"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 # Extra flags for the per-instruction-set kernel files, by file-name suffix.
@@ -61,7 +64,7 @@ def source_digest(csrc: Path = CSRC) -> str:
     return digest.hexdigest()[:12]
 
 
-def extension(csrc: str):
+def extension(csrc: str, name: str = EXTENSION_NAME):
     """The CppExtension for the C++ CPU backend, its sources under `csrc` (relative for setup.py)."""
     import torch
     from torch.utils.cpp_extension import CppExtension
@@ -71,7 +74,7 @@ def extension(csrc: str):
     if is_x86():
         macros.append(("DISTILLM2_X86_KERNELS", None))
     return CppExtension(
-        EXTENSION_NAME,
+        name,
         [str(root / p.name) for p in source_files()],
         depends=[str(root / p.name) for p in all_source_files() if p.suffix == ".h"],
         define_macros=macros,
@@ -119,7 +122,7 @@ def build(out_dir: Path) -> Path:
     from setuptools import Distribution
 
     out_dir = Path(out_dir).resolve()
-    ext = extension(str(CSRC))
+    ext = extension(str(CSRC), FIRST_USE_EXTENSION_NAME)
     dist = Distribution({"name": "distillm2_kernels", "ext_modules": [ext],
                          "cmdclass": {"build_ext": build_ext_class(optional=False)}})
     command = dist.get_command_obj("build_ext")

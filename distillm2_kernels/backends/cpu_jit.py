@@ -72,15 +72,16 @@ def compiler() -> tuple[Optional[list[str]], str]:
 
 
 def _module_path(folder: Path) -> Optional[Path]:
-    found = sorted((folder / "distillm2_kernels").glob("_C.*"))
+    module_file = cpu_build.FIRST_USE_EXTENSION_NAME.rsplit(".", 1)[1]
+    found = sorted((folder / "distillm2_kernels").glob(module_file + ".*"))
     return found[0] if found else None
 
 
 def _import(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(cpu_build.EXTENSION_NAME, path)
+    spec = importlib.util.spec_from_file_location(cpu_build.FIRST_USE_EXTENSION_NAME, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    sys.modules[cpu_build.EXTENSION_NAME] = module
+    sys.modules[cpu_build.FIRST_USE_EXTENSION_NAME] = module
     return module
 
 
