@@ -140,10 +140,14 @@ class Reader:
         self.provided.add(name)
 
     def link_model_folder(self, role: str) -> None:
-        """`teacher/` / `student/`: the tiny saved models of the `tiny_models` fixture (the teacher's lm_head has
-        padded rows, as real checkpoints often do), loaded by `from_pretrained` from the folder."""
-        teacher, student = self.tiny_models("llama")
-        (self.folder / role).symlink_to(teacher if role == "teacher" else student, target_is_directory=True)
+        """`teacher/` / `student/`: tiny saved models like the `tiny_models` fixture's (the teacher's lm_head has
+        padded rows, as real checkpoints often do), loaded by `from_pretrained` from the folder, with a context
+        long enough for the README's `max_new_tokens=1024` (generate refuses a model whose context it fills)."""
+        from tiny_models import save_tiny_model
+
+        hidden, padding, seed = (48, 8, 1) if role == "teacher" else (32, 0, 2)
+        save_tiny_model(self.folder / role, "llama", hidden, vocab_padding=padding, seed=seed,
+                        max_position_embeddings=2048)
 
 
 def _optimizer(reader: Reader):
@@ -319,10 +323,13 @@ def check_make_bench(reader: Reader, words: list[str]) -> None:
 
 def check_pip_install(reader: Reader, words: list[str]) -> None:
     """Installing would change this environment (and needs the network for the extras' packages): the test
-    checks that the extras named exist in setup.py and that this checkout's package is the one under test."""
-    setup = (ROOT / "setup.py").read_text()
+    checks that the extras named exist in pyproject.toml and that this checkout's package is the one under test
+    (tests/test_install.py installs the package as a user would)."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for extra in re.findall(r"\.\[(\w+)\]", " ".join(words)):
-        assert re.search(rf'^\s*"{extra}": \[', setup, re.M), f"setup.py has no extra {extra!r}"
+        assert extra in extras, f"pyproject.toml has no extra {extra!r}"
     import distillm2_kernels
 
     assert Path(distillm2_kernels.__file__).resolve().parent == ROOT / "distillm2_kernels"
@@ -404,6 +411,31 @@ def _makefile() -> str:
     return (ROOT / "Makefile").read_text()
 
 
+def check_make_target(target: str, recipe: str):
+    """A check that the Makefile's `target` runs `recipe` (a regular expression of its command line)."""
+
+    def check(reader: Reader, words: list[str]) -> None:
+        assert re.search(rf"^{re.escape(target)}:.*\n\t{recipe}$", _makefile(), re.M), f"make {target}: {recipe}"
+
+    return check
+
+
+def check_wheel_folder_is_ignored(reader: Reader, words: list[str]) -> None:
+    """It edits the checkout's git exclude file: checked, not run; no wheel folder is tracked."""
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files", ".whl"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert words[:2] == ["echo", "/.whl/"] and not tracked.strip()
+
+
+def check_liger_download(reader: Reader, words: list[str]) -> None:
+    """It needs the network: checked, not run; the wheel goes to `.whl/`, where gpu_check installs from."""
+    from benchmarks import gpu_check
+
+    assert words[-3:-1] == ["-d", ".whl"] and re.fullmatch(r"liger-kernel==[\d.]+", words[-1])
+    assert ".whl" in Path(gpu_check.__file__).read_text()
+
+
 COMMANDS = [
     (r"make demo", run_make_demo, "runs the experiment at its --quick sizes (the full one takes ~5 min)", False),
     (r"make test", check_make_test, "checked, not run: it is this test suite", False),
@@ -416,6 +448,15 @@ COMMANDS = [
     (r"ACCELERATE_USE_CPU=true accelerate launch .*", run_accelerate_cpu, "runs: 2 gloo processes, 1 step", True),
     (r"\.venv/bin/python -m benchmarks --quick", run_benchmarks, "runs, into a temporary folder", True),
     (r"\.venv/bin/python -m benchmarks --help", run_benchmarks_help, "runs", False),
+    (r"make aot-check", check_make_target("aot-check", r"\$\(PY\) -m benchmarks\.aot_compile"),
+     "checked, not run: tests/test_aot_compile.py runs the same module", False),
+    (r"make gpu-check", check_make_target("gpu-check", r"\$\(PYTHON\) -m benchmarks\.gpu_check \$\(GPU_CHECK_ARGS\)"),
+     "checked, not run: it needs a GPU", False),
+    (r"make gpu-check-dry-run", check_make_target("gpu-check-dry-run", r"\$\(PY\) -m benchmarks\.gpu_check --dry-run"),
+     "checked, not run: tests/test_gpu_check.py runs the dry run", False),
+    (r"echo /\.whl/ '>>' \.git/info/exclude", check_wheel_folder_is_ignored, "checked, not run: edits .git/", False),
+    (r"python3 -m pip download .* liger-kernel==\S+", check_liger_download, "checked, not run: needs the network",
+     False),
 ]
 
 

@@ -41,12 +41,12 @@ def build_tokenizer():
     return tokenizer
 
 
-def model_config(family: str, hidden: int, vocab_size: int):
+def model_config(family: str, hidden: int, vocab_size: int, max_position_embeddings: int = 256):
     import transformers
 
     common = dict(
         vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=2 * hidden, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        intermediate_size=2 * hidden, max_position_embeddings=max_position_embeddings, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     if family == "llama":
         return transformers.LlamaConfig(**common, tie_word_embeddings=False)
@@ -55,13 +55,17 @@ def model_config(family: str, hidden: int, vocab_size: int):
     raise ValueError(family)
 
 
-def save_tiny_model(folder: Path, family: str, hidden: int, *, vocab_padding: int = 0, seed: int = 0) -> Path:
-    """A randomly initialised tiny model and the tokenizer in `folder` (vocab_padding: extra lm_head rows)."""
+def save_tiny_model(
+    folder: Path, family: str, hidden: int, *, vocab_padding: int = 0, seed: int = 0, max_position_embeddings: int = 256
+) -> Path:
+    """A randomly initialised tiny model and the tokenizer in `folder` (vocab_padding: extra lm_head rows;
+    max_position_embeddings: the context length)."""
     import transformers
 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(model_config(family, hidden, len(tokenizer) + vocab_padding))
+    model = transformers.AutoModelForCausalLM.from_config(model_config(family, hidden, len(tokenizer) + vocab_padding,
+                                                                           max_position_embeddings))
     with torch.no_grad():  # livelier distributions than the tiny init gives
         model.get_output_embeddings().weight.mul_(8.0)
     model.save_pretrained(folder)
