@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 from distillm2_kernels.trainer import generation  # noqa: E402
 from distillm2_kernels.trainer.generation import generate  # noqa: E402
 from distillm2_kernels.trainer.jsonl import DataError, read_jsonl  # noqa: E402
+from test_training import kill_after_checkpoint  # noqa: E402
 from tiny_models import PROMPTS  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -139,23 +140,6 @@ def _train_options(tiny_models, tmp_path, **extra) -> dict:
     return {**options, **extra}
 
 
-def _killed_after_checkpoint(monkeypatch, config, step: int) -> None:
-    from distillm2_kernels.trainer import training
-
-    real_save = training.save_checkpoint
-
-    def killed(accelerator, output, state, *args, **kwargs):
-        path = real_save(accelerator, output, state, *args, **kwargs)
-        if state.global_step == step:
-            raise KeyboardInterrupt("simulated preemption")
-        return path
-
-    monkeypatch.setattr(training, "save_checkpoint", killed)
-    with pytest.raises(KeyboardInterrupt):
-        training.train(config)
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
-
-
 def _adapter(run: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -176,7 +160,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_resumed(tiny_mod
     options = _train_options(tiny_models, tmp_path)
     train(TrainConfig(output=str(tmp_path / "whole"), **options))
     resumed = tmp_path / "resumed"
-    _killed_after_checkpoint(monkeypatch, TrainConfig(output=str(resumed), **options), step=2)
+    kill_after_checkpoint(monkeypatch, TrainConfig(output=str(resumed), **options), step=2)
     bad = resumed / "checkpoint-2" / "random_states_0.pkl"
     bad.write_bytes(bad.read_bytes()[:size])
     capsys.readouterr()
@@ -196,7 +180,7 @@ def test_a_checkpoint_without_a_loadable_rng_state_is_refused_when_it_is_the_onl
 
     options = _train_options(tiny_models, tmp_path)
     run = tmp_path / "run"
-    _killed_after_checkpoint(monkeypatch, TrainConfig(output=str(run), **options), step=1)
+    kill_after_checkpoint(monkeypatch, TrainConfig(output=str(run), **options), step=1)
     (run / "checkpoint-1" / "checkpoint_files.json").unlink(missing_ok=True)  # as an older version wrote it
     bad = run / "checkpoint-1" / "random_states_0.pkl"
     bad.write_bytes(bad.read_bytes()[:100])

@@ -248,22 +248,27 @@ def _saved_weights(run: Path, adapter: bool) -> dict:
     return load_file(str(run / "final" / ("adapter/adapter_model.safetensors" if adapter else "model.safetensors")))
 
 
-def _run_whole_and_interrupted(tmp_path, monkeypatch, options: dict, kill_after_step: int):
-    """The uninterrupted run, and the same run killed right after its checkpoint of `kill_after_step` then
-    resumed; returns both TrainResults."""
-    whole = train(TrainConfig(output=str(tmp_path / "whole"), **options))
+def kill_after_checkpoint(monkeypatch, config: TrainConfig, step: int) -> None:
+    """Runs `train(config)` and stops it (a simulated preemption) right after its checkpoint of `step`."""
     real_save = training.save_checkpoint
 
     def killed(accelerator, output, state, *args, **kwargs):
         path = real_save(accelerator, output, state, *args, **kwargs)
-        if state.global_step == kill_after_step:
+        if state.global_step == step:
             raise KeyboardInterrupt("simulated preemption")
         return path
 
     monkeypatch.setattr(training, "save_checkpoint", killed)
     with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(output=str(tmp_path / "resumed"), **options))
+        training.train(config)
     monkeypatch.setattr(training, "save_checkpoint", real_save)
+
+
+def _run_whole_and_interrupted(tmp_path, monkeypatch, options: dict, kill_after_step: int):
+    """The uninterrupted run, and the same run killed right after its checkpoint of `kill_after_step` then
+    resumed; returns both TrainResults."""
+    whole = train(TrainConfig(output=str(tmp_path / "whole"), **options))
+    kill_after_checkpoint(monkeypatch, TrainConfig(output=str(tmp_path / "resumed"), **options), kill_after_step)
     assert not (tmp_path / "resumed" / "final").exists()
     resumed = train(TrainConfig(output=str(tmp_path / "resumed"), resume=True, **options))
     return whole, resumed
