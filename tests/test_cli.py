@@ -3,6 +3,7 @@ launcher), and bad input reported on one line naming the file and the line."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -17,7 +18,13 @@ pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
 from distillm2_kernels.trainer import pipeline as pipeline_module  # noqa: E402
-from distillm2_kernels.trainer.cli import build_parser, main, training_arguments  # noqa: E402
+from distillm2_kernels.trainer.arguments import (  # noqa: E402
+    SET_BY_PIPELINE,
+    TRAINING_OPTIONS,
+    train_config,
+    training_arguments,
+)
+from distillm2_kernels.trainer.cli import build_parser, main  # noqa: E402
 from distillm2_kernels.trainer.jsonl import read_jsonl  # noqa: E402
 from distillm2_kernels.trainer.metrics_log import read_metrics  # noqa: E402
 from distillm2_kernels.trainer.pipeline import PipelineConfig, run_pipeline  # noqa: E402
@@ -140,12 +147,27 @@ def test_training_arguments_reproduce_the_config():
     config = TrainConfig(teacher="t", student="s", data="d.jsonl", output="o", loss="kd", max_steps=7, dora=False,
                          use_lora=False, bf16=True, save_steps=None, max_grad_norm=0.5, stop_at_epoch=2)
     args = build_parser().parse_args(["train"] + training_arguments(config))
-    from distillm2_kernels.trainer.cli import _train_config
-
-    assert dataclasses.asdict(_train_config(args)) == dataclasses.asdict(config)
+    assert dataclasses.asdict(train_config(args)) == dataclasses.asdict(config)
     defaults = build_parser().parse_args(["train", "--teacher", "t", "--student", "s", "--data", "d", "--output", "o"])
     paper = (defaults.dora, defaults.use_lora, defaults.lora_r, defaults.lora_alpha, defaults.lora_dropout, defaults.lr)
     assert paper == (True, True, 16, 128, 0.05, 5e-5)
+
+
+def test_the_pipeline_takes_every_training_option_but_those_it_sets_itself():
+    """`distillm2 pipeline` offers every training option except the ones the pipeline sets per epoch (its own
+    `--epochs`, `--seed` and `--progress` stand for those of training), and `PipelineConfig(train=...)` refuses
+    exactly the fields the pipeline sets."""
+    parser = build_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    flags = {flag for action in commands.choices["pipeline"]._actions for flag in action.option_strings}
+    for name in TRAINING_OPTIONS:
+        flag = "--" + TRAINING_OPTIONS[name].get("flag", name).replace("_", "-")
+        assert (flag in flags) == (name not in SET_BY_PIPELINE or name == "epochs"), name
+    assert {"--seed", "--progress", "--epochs"} <= flags and "--resume" not in flags and "--max-steps" not in flags
+    for name in SET_BY_PIPELINE:
+        with pytest.raises(ValueError, match=name):
+            PipelineConfig(prompts="p", teacher="t", student="s", output="o", train={name: 1})
+    assert PipelineConfig(prompts="p", teacher="t", student="s", output="o", train={"lr": 1e-4, "seed": 3}).train
 
 
 def test_bad_input_is_one_line_naming_the_file_and_the_line(tiny_models, tmp_path, capsys):

@@ -556,7 +556,7 @@ def test_every_option_the_readme_gives_the_trainer_commands_is_accepted():
 def test_pipeline_dtype_reaches_every_generation(monkeypatch, tmp_path):
     """`distillm2 pipeline --dtype bfloat16` is accepted and given to each generation, in-process and (through
     the launcher) as a `generate` command line."""
-    from distillm2_kernels.trainer import cli, pipeline
+    from distillm2_kernels.trainer import arguments, cli, pipeline
 
     seen = {}
     monkeypatch.setattr(cli, "run_pipeline", lambda config: seen.setdefault("config", config) and (_ for _ in ()).throw(
@@ -567,7 +567,7 @@ def test_pipeline_dtype_reaches_every_generation(monkeypatch, tmp_path):
     assert config.dtype == "bfloat16"
     options = pipeline._generation_options(config, seed=1)
     assert options["dtype"] == "bfloat16"
-    argv = cli.generation_arguments(options)
+    argv = arguments.generation_arguments(options)
     assert argv[argv.index("--dtype") + 1] == "bfloat16"
     assert cli.build_parser().parse_args(["generate", "--model", "m", "--prompts", "p", "--output", "o", *argv]).dtype == "bfloat16"
 

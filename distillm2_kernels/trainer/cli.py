@@ -21,114 +21,24 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from dataclasses import MISSING, fields
 from typing import Optional, Sequence
 
-from .generation import ENGINES, generate
-from .objectives import LOSSES
+from .arguments import (
+    PIPELINE_EXCLUDED,
+    add_generation_options,
+    add_training_options,
+    train_config,
+    training_options,
+)
+from .generation import generate
 from .pairing import pair
 from .pipeline import PipelineConfig, run_pipeline
-from .training import BACKENDS, TrainConfig, train
+from .training import train
 
-__all__ = ["main", "build_parser", "training_arguments", "generation_arguments"]
+__all__ = ["main", "build_parser"]
 
-# TrainConfig options of `train` and `pipeline`: field -> (argparse keyword arguments). Booleans are
-# `--x/--no-x` switches. The four paths are required options of `train`, set by `pipeline` itself.
-TRAINING_OPTIONS = {
-    "preset": dict(choices=["distillm2", "paper", "distillm"],
-                   help="objective preset: distillm2 = the released code (default), paper = Algorithm 1's α/β "
-                        "curriculum, distillm = DistiLLM v1 conventions"),
-    "loss": dict(choices=list(LOSSES), help="distillm2 = SKL(teacher responses) + SRKL(student responses) "
-                                            "(default); skl = SKL on the teacher responses only; kd = forward KL"),
-    "epochs": dict(type=int, help="epochs (default 1)"),
-    "max_steps": dict(type=int, help="optimizer steps; overrides --epochs"),
-    "lr": dict(type=float, help="peak learning rate, cosine schedule (default 5e-5)"),
-    "batch_size": dict(type=int, help="pairs per micro-batch per process (default 8)"),
-    "grad_accum": dict(type=int, help="micro-batches per optimizer step (default 1)"),
-    "max_length": dict(type=int, help="tokens per sequence, prompt + response + EOS (default 1024)"),
-    "lora_r": dict(type=int, help="LoRA rank (default 16)"),
-    "lora_alpha": dict(type=int, help="LoRA alpha (default 128)"),
-    "lora_dropout": dict(type=float, help="LoRA dropout (default 0.05)"),
-    "dora": dict(help="DoRA, weight-decomposed LoRA (default on, as the paper)"),
-    "use_lora": dict(flag="lora", help="train a LoRA adapter (default); --no-lora fine-tunes every weight"),
-    "bf16": dict(help="bfloat16 weights (teacher; student base under LoRA) and autocast (default off)"),
-    "resume": dict(help="continue from the latest checkpoint in --output (default off)"),
-    "seed": dict(type=int, help="seed of the data order, LoRA init and dropout (default 42)"),
-    "warmup_ratio": dict(type=float, help="linear warmup over this fraction of the steps (default 0.1)"),
-    "save_steps": dict(type=int, help="checkpoint every N steps, besides each epoch's end; 0: only at those "
-                                      "(default 500)"),
-    "logging_steps": dict(type=int, help="metrics CSV row every N steps (default 1)"),
-    "backend": dict(choices=list(BACKENDS), help="fused kernels' backend (default auto)"),
-    "progress": dict(help="progress bars (default on)"),
-    "weight_decay": dict(type=float, help="AdamW weight decay (default 0)"),
-    "max_grad_norm": dict(type=float, help="gradient clipping norm, 0 for none (default 1.0)"),
-    "gradient_checkpointing": dict(help="recompute activations in the backward (default off)"),
-    "stop_at_epoch": dict(type=int, help="end this call once this many epochs are complete"),
-    "save_total_limit": dict(type=int, help="keep only the newest N checkpoints"),
-}
-PIPELINE_EXCLUDED = ("epochs", "max_steps", "resume", "stop_at_epoch", "seed", "progress")
 PROMPTS_HELP = ("prompts file: *.jsonl / *.json: JSON Lines with a 'prompt' field; any other name: plain text, "
                 "one prompt per line")
-ZERO_MEANS_NONE = ("save_steps", "max_grad_norm")  # options whose default is not None: 0 on the command line
-
-
-def _flag(name: str) -> str:
-    return "--" + TRAINING_OPTIONS[name].get("flag", name).replace("_", "-")
-
-
-def _add_training_options(parser: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
-    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
-    group = parser.add_argument_group("training")
-    for name, spec in TRAINING_OPTIONS.items():
-        if name in exclude:
-            continue
-        spec = {k: v for k, v in spec.items() if k != "flag"}
-        if isinstance(defaults[name], bool):
-            spec["action"] = argparse.BooleanOptionalAction
-        group.add_argument(_flag(name), dest=name, default=defaults[name], **spec)
-
-
-def training_arguments(config: TrainConfig) -> list[str]:
-    """The `distillm2 train` arguments that reproduce `config`."""
-    argv = ["--teacher", config.teacher, "--student", config.student, "--data", config.data, "--output", config.output]
-    for name in TRAINING_OPTIONS:
-        value = getattr(config, name)
-        if isinstance(value, bool):
-            argv.append(_flag(name) if value else "--no-" + _flag(name)[2:])
-        elif value is not None:
-            argv += [_flag(name), str(value)]
-        elif name in ZERO_MEANS_NONE:
-            argv += [_flag(name), "0"]
-    return argv
-
-
-def _add_generation_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("generation")
-    group.add_argument("--n", type=int, default=None, help="use only the first N prompts (default: all)")
-    group.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (default 0.8)")
-    group.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
-    group.add_argument("--max-new-tokens", type=int, default=1024, help="response length limit (default 1024)")
-    group.add_argument("--engine", choices=ENGINES, default="auto",
-                       help="auto = vLLM when installed and a GPU is present, else transformers (default)")
-    group.add_argument("--max-prompt-tokens", type=int, default=None,
-                       help="longer prompts keep their last tokens (default: the model's context length minus "
-                            "--max-new-tokens)")
-    group.add_argument("--generation-batch-size", type=int, default=None,
-                       help="prompts per engine call and per saved chunk (default 8 on transformers, 1024 on vLLM)")
-    group.add_argument("--dtype", default=None,
-                       help="dtype of the generating model, e.g. bfloat16 (default: bf16 on GPU, else float32)")
-
-
-def generation_arguments(options: dict, progress: bool = True) -> list[str]:
-    """The `distillm2 generate` options for `generate(...)` keyword arguments."""
-    argv = []
-    for name, flag in (("n", "--n"), ("temperature", "--temperature"), ("top_p", "--top-p"),
-                       ("max_new_tokens", "--max-new-tokens"), ("seed", "--seed"), ("engine", "--engine"),
-                       ("batch_size", "--generation-batch-size"), ("max_prompt_tokens", "--max-prompt-tokens"),
-                       ("dtype", "--dtype")):
-        if options.get(name) is not None:
-            argv += [flag, str(options[name])]
-    return argv + ([] if progress else ["--no-progress"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True, help="local model folder")
     g.add_argument("--prompts", required=True, help=PROMPTS_HELP)
     g.add_argument("--output", required=True, help="JSON Lines output (resumed when interrupted)")
-    _add_generation_options(g)
+    add_generation_options(g)
     g.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
 
@@ -154,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--student", required=True, help="local folder of the student model")
     t.add_argument("--data", required=True, help="pairs file (JSON Lines: prompt, chosen, rejected)")
     t.add_argument("--output", required=True, help="run folder: checkpoints, metrics.csv, final/")
-    _add_training_options(t)
+    add_training_options(t)
 
     q = commands.add_parser("pipeline", help="batched on-policy loop: regenerate student responses every epoch")
     q.add_argument("--prompts", required=True, help=PROMPTS_HELP)
@@ -167,22 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run training under this launcher in a subprocess, e.g. \"accelerate launch "
                         "--config_file zero3.yaml\" (generation then runs in its own process too)")
     q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
-    _add_generation_options(q)
-    _add_training_options(q, exclude=PIPELINE_EXCLUDED)
+    add_generation_options(q)
+    add_training_options(q, exclude=PIPELINE_EXCLUDED)
     return parser
-
-
-def _training_options(args: argparse.Namespace, exclude: Sequence[str] = ()) -> dict:
-    options = {name: getattr(args, name) for name in TRAINING_OPTIONS if name not in exclude}
-    for name in ZERO_MEANS_NONE:
-        if options.get(name) == 0:
-            options[name] = None
-    return options
-
-
-def _train_config(args: argparse.Namespace) -> TrainConfig:
-    options = _training_options(args)
-    return TrainConfig(teacher=args.teacher, student=args.student, data=args.data, output=args.output, **options)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -199,14 +96,14 @@ def _run(args: argparse.Namespace) -> None:
         report = pair(args.teacher, args.student, args.output, strict=args.strict)
         print(report.summary())
     elif args.command == "train":
-        result = train(_train_config(args))
+        result = train(train_config(args))
         from accelerate import PartialState
 
         if PartialState().is_main_process:
             print(f"step {result.global_step}/{result.total_steps}; model: {result.final_dir}; "
                   f"metrics: {result.metrics_csv}")
     else:
-        training = _training_options(args, exclude=PIPELINE_EXCLUDED)
+        training = training_options(args, exclude=PIPELINE_EXCLUDED)
         result = run_pipeline(PipelineConfig(
             prompts=args.prompts, teacher=args.teacher, student=args.student, output=args.output, epochs=args.epochs,
             n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,

@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .arguments import SET_BY_PIPELINE, generation_arguments, training_arguments
 from .generation import generate
-from .pairing import pair
 from .jsonl import check_writable_folder
+from .pairing import pair
 from .training import TrainConfig, read_final_state, restore_final, train
 
 __all__ = ["PipelineConfig", "PipelineResult", "run_pipeline"]
@@ -60,8 +61,7 @@ class PipelineConfig:
     def __post_init__(self):
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        reserved = {"teacher", "student", "data", "output", "epochs", "max_steps", "resume", "stop_at_epoch"}
-        reserved &= set(self.train)
+        reserved = set(SET_BY_PIPELINE) & set(self.train)
         if reserved:
             raise ValueError(f"train options {sorted(reserved)} are set by the pipeline itself")
 
@@ -94,8 +94,6 @@ def _generate(config: PipelineConfig, model: Path, output: Path, seed: int) -> N
     if config.launcher is None:
         generate(model, config.prompts, output, progress=config.progress, **options)
         return
-    from .cli import generation_arguments
-
     _run(_module_command("generate") + ["--model", str(model), "--prompts", str(config.prompts), "--output",
                                         str(output)] + generation_arguments(options, config.progress))
 
@@ -104,8 +102,6 @@ def _train(config: TrainConfig, launcher: Optional[Sequence[str]]) -> None:
     if launcher is None:
         train(config)
         return
-    from .cli import training_arguments
-
     _run(list(launcher) + ["-m", "distillm2_kernels.trainer", "train"] + training_arguments(config))
 
 

@@ -48,6 +48,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..backends import BACKENDS
 from ..hf import lm_head_inputs, lm_head_of
 from ..objective import PRESETS
 from .batching import BatchPlan
@@ -85,8 +86,6 @@ from .models import (
 from .objectives import LOSSES, TrainingObjective
 
 __all__ = ["TrainConfig", "TrainResult", "train", "distillation_loss", "read_final_state"]
-
-BACKENDS = ("auto", "triton", "cpu", "torch")
 
 
 @dataclass
