@@ -5,14 +5,14 @@
   no TF32 for float32 unless the user enabled it); TFLOP/s = 2·n³ / median time.
 
 Sizes: CUDA 2 GiB copy and n = 8192; CPU 512 MiB copy and n = 2048 (`--quick`: 64 MiB, n = 512 on both).
-Timed like the cases (`measure.measure`): median over the repeats after a warm-up.
+Timed like the cases (`distillm2_kernels.measure.measure`): median over the repeats after a warm-up.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .measure import measure
+from distillm2_kernels.measure import measure
 
 SIZES = {  # (copy bytes, matmul n)
     ("cuda", False): (2 * 2**30, 8192),

@@ -20,8 +20,9 @@ import traceback
 
 import torch
 
+from distillm2_kernels.measure import measure, probe_for
+
 from . import ceilings, environment, fused_linear, objective, skew_divergence, training_step
-from .measure import measure, probe_for
 
 PREFIX = "@@distillm2-bench "
 SUITES = {module.NAME: module for module in (skew_divergence, fused_linear, objective, training_step)}

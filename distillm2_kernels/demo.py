@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from . import fused_skl, fused_srkl, reference
-from ._measure import median_seconds, peak_rss_in_subprocess
+from .measure import CpuProbe, measure, peak_rss_in_subprocess
 from .backends import resolve_backend_name
 
 
@@ -92,6 +92,10 @@ def _fused(op: str, student, teacher, labels):
     return loss.detach(), s.grad
 
 
+def _median_seconds(step, repeats: int) -> float:
+    return measure(step, zero_grad=lambda: None, probe=CpuProbe(), warmup=1, repeats=repeats).median_s
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4)
@@ -119,8 +123,8 @@ def main(argv=None) -> None:
         loss, grad = _fused(op, student, teacher, labels)
         loss64, grad64 = _oracle(op, student, teacher, labels)
         grad_err = (grad.double() - grad64).abs().max() / grad64.abs().max()
-        fused_s, _ = median_seconds(lambda: _fused_step(op, student, teacher, labels), args.repeats)
-        naive_s, _ = median_seconds(lambda: _naive_step(op, student, teacher, labels), args.repeats)
+        fused_s = _median_seconds(lambda: _fused_step(op, student, teacher, labels), args.repeats)
+        naive_s = _median_seconds(lambda: _naive_step(op, student, teacher, labels), args.repeats)
         sizes = (args.batch, args.seq, args.vocab)
         fused_mem, _ = peak_rss_in_subprocess(_setup, _RUNNERS[(op, "fused")], *sizes)
         naive_mem, _ = peak_rss_in_subprocess(_setup, _RUNNERS[(op, "naive")], *sizes)

@@ -1,5 +1,5 @@
 """Smoke tests of the benchmark suite (`python -m benchmarks --quick`, end to end into a temporary folder), of
-its baselines (the naive objective computes the library's function), of its helpers, and of `_measure`.
+its baselines (the naive objective computes the library's function), of its helpers, and of `distillm2_kernels.measure`.
 
 The committed results under benchmarks/results/ must come out of every run unchanged.
 """
@@ -20,8 +20,9 @@ import torch
 
 import distillm2_kernels
 from benchmarks import implementations, report, sizes
-from benchmarks.measure import CpuProbe, measure
-from distillm2_kernels import DistiLLM2Loss, _measure
+from distillm2_kernels import DistiLLM2Loss
+from distillm2_kernels import measure as measure_module
+from distillm2_kernels.measure import CpuProbe, measure
 from distillm2_kernels.backends import available_backends, cpu_backend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,7 +218,7 @@ def test_cuda_probe_drives_the_allocator_statistics_and_events(monkeypatch):
     """The CUDA path of `measure` and `environment.describe` against a fake torch.cuda (no GPU here): the
     names it calls exist in torch.cuda (monkeypatch refuses to set a missing one), the op's increase is
     max_memory_allocated − memory_allocated after the peak reset, and the times come from the events."""
-    from benchmarks import environment, measure as measure_module
+    from benchmarks import environment
 
     log, allocated = [], {"now": 1000, "peak": 1000}
 
@@ -271,7 +272,7 @@ def test_cuda_probe_drives_the_allocator_statistics_and_events(monkeypatch):
     assert described["device"] == "cuda" and described["device_name"] == "Fake GPU (80 GiB, sm_90)"
 
 
-# --- the _measure helpers ---------------------------------------------------------------------------------
+# --- the process memory helpers ---------------------------------------------------------------------------------
 
 def _no_setup() -> None:
     return None
@@ -283,7 +284,7 @@ def _touch_64_mib(_state) -> None:
 
 
 def test_peak_rss_in_subprocess_sees_a_64_mib_allocation():
-    increase, peak = _measure.peak_rss_in_subprocess(_no_setup, _touch_64_mib)
+    increase, peak = measure_module.peak_rss_in_subprocess(_no_setup, _touch_64_mib)
     assert 60 * MiB <= increase < 96 * MiB
     assert peak > increase
 
@@ -291,7 +292,7 @@ def test_peak_rss_in_subprocess_sees_a_64_mib_allocation():
 def test_reset_peak_rss_forgets_a_freed_allocation():
     script = textwrap.dedent(
         """
-        from distillm2_kernels._measure import peak_rss_bytes, reset_peak_rss, resident_bytes
+        from distillm2_kernels.measure import peak_rss_bytes, reset_peak_rss, resident_bytes
         MiB = 2**20
         assert reset_peak_rss()
         start = resident_bytes()
@@ -315,13 +316,15 @@ def test_reset_peak_rss_reports_when_clear_refs_cannot_be_written(monkeypatch):
     def refusing_open(path, *args, **kwargs):
         raise PermissionError(f"not permitted: {path}")
 
-    monkeypatch.setattr(_measure, "open", refusing_open, raising=False)
-    assert _measure.reset_peak_rss() is False
+    monkeypatch.setattr(measure_module, "open", refusing_open, raising=False)
+    assert measure_module.reset_peak_rss() is False
 
 
-def test_median_seconds_returns_the_median_and_spread_after_warmup(monkeypatch):
+def test_measure_times_each_call_after_the_warm_up_and_the_memory_call(monkeypatch):
+    """The demo's and the benchmarks' timing: the warm-up (reported alone) and the memory call are not timed;
+    each of the `repeats` calls is, and the median is theirs."""
     class ScriptedClock:
-        """perf_counter for `_measure`: advances only when the timed function runs."""
+        """perf_counter for `distillm2_kernels.measure`: advances only when the timed function runs."""
 
         def __init__(self):
             self.now = 0.0
@@ -330,15 +333,16 @@ def test_median_seconds_returns_the_median_and_spread_after_warmup(monkeypatch):
             return self.now
 
     clock = ScriptedClock()
-    durations = iter([100.0, 3.0, 1.0, 2.0, 7.0, 4.0])  # the first is the warm-up, not counted
+    durations = iter([100.0, 50.0, 3.0, 1.0, 2.0, 7.0, 4.0])  # the warm-up, the memory call, five timed calls
     calls = []
 
     def timed():
         calls.append(1)
         clock.now += next(durations)
 
-    monkeypatch.setattr(_measure, "time", clock)
-    median, spread = _measure.median_seconds(timed, repeats=5, warmup=1)
-    assert len(calls) == 6
-    assert median == 3.0
-    assert spread == 6.0
+    monkeypatch.setattr(measure_module, "time", clock)
+    result = measure(timed, lambda: None, CpuProbe(), warmup=1, repeats=5)
+    assert len(calls) == 7
+    assert result.warmup_s == 100.0 and result.times_s == [3.0, 1.0, 2.0, 7.0, 4.0]
+    assert result.median_s == 3.0
+    assert max(result.times_s) - min(result.times_s) == 6.0

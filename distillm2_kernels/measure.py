@@ -1,5 +1,7 @@
-"""Time and memory of one benchmark case: one procedure for CPU and CUDA, with a device-specific clock and
-memory probe.
+"""Time and memory of a call: one procedure for CPU and CUDA, with a device-specific clock and memory probe.
+
+The benchmarks (`benchmarks/`) and the demo (`python -m distillm2_kernels.demo`) measure with it; it lives in
+the package because the demo is shipped and the benchmarks are not.
 
 `measure(run, zero_grad, probe, warmup, repeats)`:
 
@@ -15,16 +17,22 @@ Memory probes:
 - CUDA (`CudaProbe`): the caching allocator's statistics, in-process: `reset_peak_memory_stats()`, then the
   op's own increase is `max_memory_allocated()` minus `memory_allocated()` before the call, and the absolute
   peak is `max_memory_allocated()` (everything this process holds: inputs included).
-- CPU (`CpuProbe`): the process's resident set (Linux /proc, `distillm2_kernels._measure`). Before the call the
-  heap is trimmed (`malloc_trim`: freed memory goes back to the kernel, so the op cannot reuse earlier
-  garbage unseen) and the peak resident size (VmHWM) is reset to the current one; the op's own increase is
-  the peak minus the resident size before the call, the absolute peak is VmHWM. Each case runs in a worker
-  process (`runner`), so other implementations' memory is never in it.
+- CPU (`CpuProbe`): the process's resident set (Linux only: /proc). Before the call the heap is trimmed
+  (`malloc_trim`: freed memory goes back to the kernel, so the op cannot reuse earlier garbage unseen) and
+  the peak resident size (VmHWM) is reset to the current one (`/proc/self/clear_refs`); the op's own increase
+  is the peak minus the resident size before the call, the absolute peak is VmHWM. A high-water mark only
+  rises, so each variant is measured in a process of its own: the benchmarks run each case in a worker
+  (`benchmarks/runner.py`), the demo uses `peak_rss_in_subprocess`. (`ru_maxrss` would not do for a child:
+  Linux carries it over from the parent across fork and exec.)
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import multiprocessing
+import os
+import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -32,9 +40,58 @@ from typing import Callable, Optional
 
 import torch
 
-from distillm2_kernels._measure import peak_rss_bytes, reset_peak_rss, resident_bytes
+__all__ = [
+    "measure",
+    "Measurement",
+    "CpuProbe",
+    "CudaProbe",
+    "probe_for",
+    "peak_rss_in_subprocess",
+    "resident_bytes",
+    "reset_peak_rss",
+    "peak_rss_bytes",
+]
 
 L2_FLUSH_BYTES = 256 * 2**20  # larger than the L2 of any current GPU (H100: 50 MB, H200: 60 MB, B200: 126 MB)
+
+
+def resident_bytes() -> int:
+    """This process's current resident set size in bytes (from /proc/self/statm)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> bool:
+    """Resets this process's peak resident size (VmHWM, what ru_maxrss reports) to the current one.
+
+    Freed heap memory is handed back first (glibc `malloc_trim(0)`), so that an op cannot reuse set-up
+    garbage unseen; read `resident_bytes()` after this call as the op's starting point. Returns False where
+    /proc/self/clear_refs cannot be written (not Linux >= 4.0, or not permitted): the peak then still
+    includes everything before."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident size in bytes since start or the last `reset_peak_rss()` (VmHWM).
+
+    Falls back to ru_maxrss (never reset, and inherited across fork and exec) where /proc has no VmHWM."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 class CpuProbe:
@@ -172,3 +229,32 @@ def measure(run: Callable[[], Optional[torch.Tensor]], zero_grad: Callable[[], N
         probe.end_timing()
     zero_grad()
     return Measurement(warmup_s, times, loss_value, before, peak)
+
+
+def _child(setup: Callable, run: Callable, args: tuple, connection) -> None:
+    try:
+        state = setup(*args)
+        probe = CpuProbe()
+        before = probe.start()
+        run(state)
+        connection.send((before, probe.peak(), None))
+    except Exception as error:  # report instead of hanging the parent
+        connection.send((0, 0, repr(error)))
+    finally:
+        connection.close()
+
+
+def peak_rss_in_subprocess(setup: Callable, run: Callable, *args) -> tuple[int, int]:
+    """(op's own increase, absolute peak) in bytes of `run(setup(*args))` in a fresh process (`CpuProbe`).
+
+    `setup` and `run` must be module-level functions (they are pickled into a spawned process)."""
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(setup, run, args, child))
+    process.start()
+    child.close()
+    before, after, error = parent.recv()
+    process.join()
+    if error is not None:
+        raise RuntimeError(f"the measured process failed: {error}")
+    return after - before, after
