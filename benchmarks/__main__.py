@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import environment, implementations, report, sizes
+from . import environment, implementations, sizes
+from .report import console, ratios, schema, write_all
 from .environment import ROOT
 from .runner import Pool
 from .worker import SUITES
@@ -132,12 +133,12 @@ def main(argv=None) -> int:
             return 1
         pool.close()  # the ceilings' buffers go with it
         context = {"date": environment.utc_now(), "commit": environment.commit(), **pool_environment}
-        report.print_header(context, args, repeats, warmup)
+        console.print_header(context, args, repeats, warmup)
 
-        progress = report.progress(total=sum(len(t[4]) for t in tasks))
+        progress = console.progress(total=sum(len(t[4]) for t in tasks))
         rows = []
         for suite, shape, op, impl, modes in tasks:
-            progress.set_description(f"{suite.NAME} {op} {shape['dtype']} {report.shape_text(shape)} {impl}")
+            progress.set_description(f"{suite.NAME} {op} {shape['dtype']} {schema.shape_text(shape)} {impl}")
             reason = skip_reason(suite, op, impl, device)
             if reason:
                 results = [{"mode": mode, "status": "skipped", "note": reason} for mode in modes]
@@ -152,20 +153,20 @@ def main(argv=None) -> int:
                 results += [{"mode": mode, "status": "error", "note": "; ".join(errors) or "no result"}
                             for mode in modes if mode not in done]
             for result in results:
-                rows.append(report.make_row(context, suite, shape, op, impl, result))
+                rows.append(schema.make_row(context, suite, shape, op, impl, result))
                 progress.update(1)
         progress.close()
     finally:
         pool.close()
 
-    report.add_ratios(rows)
+    ratios.add_ratios(rows)
     previous = out / "results.csv"
     if args.merge and previous.exists():
-        rows = [row for row in report.read_csv(previous) if row["suite"] not in args.suites] + rows
+        rows = [row for row in schema.read_csv(previous) if row["suite"] not in args.suites] + rows
     command = "python -m benchmarks" + ("" if argv is None and len(sys.argv) <= 1 else " " + " ".join(
         sys.argv[1:] if argv is None else argv))
-    report.print_tables(rows)
-    written = report.write_all(rows, out, context, command=command, plots=not args.no_plots,
+    console.print_tables(rows)
+    written = write_all(rows, out, context, command=command, plots=not args.no_plots,
                                elapsed_s=time.time() - started)
     print(f"\n# {len(rows)} rows in {time.time() - started:.0f} s; wrote " + ", ".join(str(p) for p in written))
     return 0

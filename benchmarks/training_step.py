@@ -29,18 +29,13 @@ from distillm2_kernels import DistiLLM2Loss
 from distillm2_kernels.hf import lm_head_inputs
 
 from . import implementations as impls
+from .objective import not_comparable  # noqa: F401  (the same: Liger-Kernel has no objective to compare)
 
 NAME = "training_step"
 OPS = ("distillm2_step",)
 MODES = ("step",)
 IMPLS = ("naive", "naive_compiled", "torch", "cpu", "triton", "liger")
 METRIC = "tokens/s"
-
-
-def not_comparable(impl: str, op: str) -> Optional[str]:
-    if impl.startswith("liger"):
-        return "Liger-Kernel has no skew divergence (alpha = 0.1) to compose the objective from"
-    return None
 
 
 def unavailable_reason() -> Optional[str]:

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import distillm2_kernels
-from benchmarks import implementations, report, sizes
+from benchmarks import implementations, sizes
+from benchmarks.report import ratios, schema
 from distillm2_kernels import DistiLLM2Loss
 from distillm2_kernels import measure as measure_module
 from distillm2_kernels.measure import CpuProbe, measure
@@ -73,7 +74,7 @@ def test_quick_run_writes_table_csv_markdown_and_plots(tmp_path, committed_resul
     result = _run_suite("--quick", "--impls", ",".join(impls), out=tmp_path)
 
     columns, rows = _read_csv(tmp_path / "results.csv")
-    assert columns == report.COLUMNS
+    assert columns == schema.COLUMNS
     suites = {"skew_divergence", "fused_linear", "objective", "training_step"}
     assert {row["suite"] for row in rows} == suites
     for row in rows:  # context on every row
@@ -184,13 +185,13 @@ def test_sizes_overrides_replace_tokens_and_vocabularies():
 
 def test_ratios_are_against_the_same_case():
     def row(impl, median, increase, n=64):
-        values = {column: "" for column in report.COLUMNS}
+        values = {column: "" for column in schema.COLUMNS}
         values.update(suite="skew_divergence", op="fused_skl", impl=impl, mode="fwd", dtype="bfloat16", N=n, V=1000,
                       status="ok", median_ms=median, op_increase_MiB=increase, loss="2.0")
         return values
 
     rows = [row("naive", 10.0, 40.0), row("cpu", 2.0, 0.25), row("torch", 4.0, 8.0), row("cpu", 1.0, 4.0, n=128)]
-    report.add_ratios(rows)
+    ratios.add_ratios(rows)
     assert rows[1]["speedup_vs_naive"] == 5.0 and rows[1]["speedup_vs_torch"] == 2.0
     assert rows[1]["memory_ratio_vs_naive"] == 40.0  # increases under 1 MiB count as 1 MiB
     assert rows[2]["memory_ratio_vs_naive"] == 5.0

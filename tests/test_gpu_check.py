@@ -106,9 +106,9 @@ def test_dry_run_runs_every_step_and_writes_the_results(tmp_path):
     markdown = (out / "gpu_check.md").read_text()
     assert "| logits | ok |" in markdown and "| fused_linear | ok |" in markdown
 
-    from benchmarks import report
+    from benchmarks.report import schema
 
-    rows = report.read_csv(out / "results.csv")
+    rows = schema.read_csv(out / "results.csv")
     assert {row["suite"] for row in rows} == {"skew_divergence", "fused_linear"}  # --merge kept the first suite
     by_impl = {}
     for row in rows:
