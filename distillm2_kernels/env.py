@@ -23,6 +23,7 @@ import distillm2_kernels
 
 from .backends import cpu_backend, cpu_jit, resolve_backend_name, triton_backend
 
+__all__ = ["report", "main"]
 LIBRARIES = ("torch", "triton", "transformers", "peft", "vllm")
 
 
