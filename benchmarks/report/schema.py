@@ -144,29 +144,6 @@ def case_key(row: dict) -> tuple:
     return (row["suite"], row["op"], row["mode"], row["dtype"]) + tuple(row[k] for k in SHAPE_KEYS)
 
 
-def add_ratios(rows: list) -> None:
-    """The ratio columns, against every baseline that ran on the same case."""
-    by_case = {}
-    for row in rows:
-        if row["status"] == "ok":
-            by_case.setdefault(case_key(row), {})[row["impl"]] = row
-    for row in rows:
-        if row["status"] != "ok":
-            continue
-        peers = by_case[case_key(row)]
-        for baseline in implementations.BASELINES:
-            other = peers.get(baseline)
-            if other is None:
-                continue
-            row[f"speedup_vs_{baseline}"] = significant(other["median_ms"] / row["median_ms"])
-            row[f"memory_ratio_vs_{baseline}"] = significant(
-                max(other["op_increase_MiB"], 1.0) / max(row["op_increase_MiB"], 1.0))
-        naive = peers.get("naive")
-        if naive is not None and not row["impl"].startswith("liger") and row["loss"] and naive["loss"]:
-            reference = float(naive["loss"])
-            row["loss_rel_diff_vs_naive"] = f"{abs(float(row['loss']) - reference) / max(abs(reference), 1e-30):.1e}"
-
-
 def _parse(value: str):
     if value == "":
         return ""
