@@ -204,7 +204,7 @@ def test_the_checks_catch_a_cycle_and_a_private_import(tmp_path):
     source = {
         "p/__init__.py": "",
         "p/_internal.py": "",
-        "p/a.py": "def _helper(): pass\n",
+        "p/a.py": "from . import b\n\n\ndef _helper(): pass\n",
         "p/b.py": "def f():\n    from .a import _helper\n",
         "p/c.py": "from . import a\nx = a._helper\n",
         "p/d.py": "from p._internal import x\n",  # allowed: inside the package p
@@ -217,6 +217,7 @@ def test_the_checks_catch_a_cycle_and_a_private_import(tmp_path):
     parsed = _parse(project_modules(tmp_path, ("p", "q")))
     assert parsed["p.b"].imports == [("p.a", "_helper", True, 2)]
     assert private_imports(parsed) == {("p.b", "p.a._helper"), ("p.c", "p.a._helper"), ("q.e", "p._internal")}
+    assert find_cycles(import_graph(parsed)) == {("p.a", "p.b")}  # b's import of a is function-local: it counts
 
 
 def test_no_import_cycle():
