@@ -2,7 +2,8 @@
 
     distillm2 generate --model PATH --prompts FILE --output FILE.jsonl [--n N] [--temperature 0.8]
                        [--top-p 0.95] [--max-new-tokens 1024] [--seed 42] [--engine auto|vllm|hf]
-                       [--max-prompt-tokens N] [--generation-batch-size B] [--dtype D]
+                       [--max-prompt-tokens N] [--generation-batch-size B] [--dtype D] [--max-model-len L]
+                       [--gpu-memory-utilization F] [--tensor-parallel-size T] [--engine-args JSON]
     distillm2 pair     --teacher T.jsonl --student S.jsonl --output PAIRS.jsonl [--strict]
     distillm2 train    --teacher PATH --student PATH --data PAIRS.jsonl --output DIR [options of TrainConfig]
     distillm2 pipeline --prompts FILE --teacher PATH --student PATH --output DIR [--epochs 3]
@@ -19,6 +20,7 @@ too, with exit status 1.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from dataclasses import MISSING, fields
@@ -117,6 +119,24 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
                        help="prompts per engine call and per saved chunk (default 8 on transformers, 1024 on vLLM)")
     group.add_argument("--dtype", default=None,
                        help="dtype of the generating model, e.g. bfloat16 (default: bf16 on GPU, else float32)")
+    group.add_argument("--max-model-len", type=int, default=None,
+                       help="context length of the generating model, on both engines (default: the model's)")
+    group.add_argument("--gpu-memory-utilization", type=float, default=None,
+                       help="vLLM: the fraction of the GPU it reserves, which must be free (vLLM's default 0.92)")
+    group.add_argument("--tensor-parallel-size", type=int, default=None,
+                       help="vLLM: GPUs one model is split over (default 1)")
+    group.add_argument("--engine-args", type=_json_object, default=None,
+                       help="vLLM: further vllm.LLM keyword arguments as a JSON object, e.g. '{\"enforce_eager\": true}'")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not a JSON object: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text}")
+    return value
 
 
 def generation_arguments(options: dict, progress: bool = True) -> list[str]:
@@ -125,9 +145,12 @@ def generation_arguments(options: dict, progress: bool = True) -> list[str]:
     for name, flag in (("n", "--n"), ("temperature", "--temperature"), ("top_p", "--top-p"),
                        ("max_new_tokens", "--max-new-tokens"), ("seed", "--seed"), ("engine", "--engine"),
                        ("batch_size", "--generation-batch-size"), ("max_prompt_tokens", "--max-prompt-tokens"),
-                       ("dtype", "--dtype")):
+                       ("dtype", "--dtype"), ("max_model_len", "--max-model-len"),
+                       ("gpu_memory_utilization", "--gpu-memory-utilization"),
+                       ("tensor_parallel_size", "--tensor-parallel-size"), ("engine_args", "--engine-args")):
         if options.get(name) is not None:
-            argv += [flag, str(options[name])]
+            value = options[name]
+            argv += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
     return argv + ([] if progress else ["--no-progress"])
 
 
@@ -191,7 +214,8 @@ def _run(args: argparse.Namespace) -> None:
             args.model, args.prompts, args.output, n=args.n, temperature=args.temperature, top_p=args.top_p,
             max_new_tokens=args.max_new_tokens, seed=args.seed, engine=args.engine,
             batch_size=args.generation_batch_size, dtype=args.dtype, max_prompt_tokens=args.max_prompt_tokens,
-            progress=args.progress,
+            max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+            tensor_parallel_size=args.tensor_parallel_size, engine_args=args.engine_args, progress=args.progress,
         )
         print(f"{result.num_rows} responses in {result.output_path} ({result.num_generated} generated now, "
               f"{result.num_reused} from an earlier run)")
@@ -211,7 +235,9 @@ def _run(args: argparse.Namespace) -> None:
             prompts=args.prompts, teacher=args.teacher, student=args.student, output=args.output, epochs=args.epochs,
             n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
             seed=args.seed, engine=args.engine, generation_batch_size=args.generation_batch_size,
-            max_prompt_tokens=args.max_prompt_tokens, dtype=args.dtype, train=training,
+            max_prompt_tokens=args.max_prompt_tokens, dtype=args.dtype, max_model_len=args.max_model_len,
+            gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
+            engine_args=args.engine_args, train=training,
             launcher=shlex.split(args.launcher) if args.launcher else None, progress=args.progress,
         ))
         print(f"{result.epochs_completed} epoch(s) done; model: {result.final_dir}; metrics: {result.metrics_csv}")

@@ -543,7 +543,7 @@ def _engine_arguments(engine: str, gpu_memory_utilization, max_model_len, tensor
             raise ValueError(f"engine_args: {key!r} is set by generate itself (its own option)")
         if key in named:
             raise ValueError(f"engine_args: {key!r} has its own option, {key}=")
-    unknown = sorted(set(extra) - _vllm_argument_names())
+    unknown = sorted(set(extra) - _vllm_argument_names()) if extra else []
     if unknown:
         raise ValueError(f"engine_args: {', '.join(unknown)} is not an argument of vLLM's LLM or EngineArgs")
     return {**{key: value for key, value in named.items() if value is not None}, **extra}
