@@ -4,20 +4,25 @@
 `[{"role": "user", "content": prompt}]` with the model's chat template (generation prompt added), samples one
 response per prompt, and writes JSON Lines rows, in prompt order::
 
-    {"index": 0, "prompt": "...", "response": "...", "finish_reason": "stop" | "length",
+    {"index": 0, "prompt": "...", "response": "...", "finish_reason": "stop" | "length" | ...,
      "prompt_truncated": false,
      "generation": {"model": ..., "engine": "hf" | "vllm", "dtype": ..., "temperature": ..., "top_p": ...,
-                    "max_new_tokens": ..., "seed": ..., "batch_size": ..., "max_prompt_tokens": ...}}
+                    "max_new_tokens": ..., "seed": ..., "batch_size": ..., "max_prompt_tokens": ...,
+                    "engine_args": {...} | None, "batch_invariant": bool | None}}
 
 `index` is the prompt's position in the prompt list; `finish_reason` is "stop" when the model ended its turn
-(an end-of-sequence token, not included in `response`) and "length" when `max_new_tokens` cut it. `model` is
+(an end-of-sequence token, not included in `response`) and "length" when `max_new_tokens` cut it; vLLM's
+other reasons ("abort", "error", "repetition") are recorded as vLLM gives them. `engine_args` are the
+`vllm.LLM` arguments besides model, dtype and seed, and `batch_invariant` whether `VLLM_BATCH_INVARIANT=1` was
+set (both None on transformers; neither is a setting that must match to resume). `model` is
 the model folder's resolved (absolute) path; `batch_size` is None on vLLM (it does not change the samples).
 `generation` also holds `model_relative` (the model's path relative to the output's folder) and
 `model_config_sha256` (of its config.json): a row whose model path differs is still this model's when both
 of these match, so that a folder holding the model and the output (a pipeline folder) can be moved.
 
 Long prompts: a prompt whose rendered conversation has more than `max_prompt_tokens` tokens (default: the
-model's `max_position_embeddings` minus `max_new_tokens`, when its config.json gives it) keeps its last
+context length minus `max_new_tokens`; the context length is `max_model_len`, else the one vLLM derives, see
+`context_length`) keeps its last
 tokens, as `train` cuts prompts to `max_length`: the user message is cut to its last tokens so that the
 rendered conversation fits. `prompt` still holds the whole prompt; the row says `"prompt_truncated": true` and
 gives `"prompt_tokens"`, the rendered conversation's length before the cut.
@@ -30,8 +35,10 @@ transformers the model's generation config is replaced by one holding only its s
 vLLM. On transformers the prompts are cut into fixed batches, prompts `[k·B, (k+1)·B)` for batch size B, and
 batch k is seeded with `seed + k·B`; a batch is always generated whole (on resuming, a batch of which some
 rows were written is generated again and its missing rows kept), so its samples do not depend on which rows
-an interruption left. Either way a resumed run writes the rows the uninterrupted run would have (on the same
-hardware and software), and every setting that changes the samples (model, engine, dtype, temperature,
+an interruption left: a resumed run writes the rows the uninterrupted run would have (on the same hardware
+and software). On vLLM a resumed run draws each prompt with the same seed, but vLLM's results depend on the
+batch a prompt is scheduled with unless `VLLM_BATCH_INVARIANT=1` is set, so its new rows need not be the
+uninterrupted run's. Every setting that changes the samples (model, engine, dtype, temperature,
 top_p, max_new_tokens, seed, max_prompt_tokens, and on transformers the batch size) must match to resume.
 
 Resuming: rows are appended to `<output>.partial` (flushed and fsynced per batch) as they are generated; the
