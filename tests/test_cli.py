@@ -143,6 +143,53 @@ def test_pipeline_with_a_launcher_runs_each_stage_as_a_command(tiny_models, tmp_
     assert json.loads((result.final_dir / "adapter" / "adapter_config.json").read_text())["r"] == 4
 
 
+def test_the_default_pipeline_runs_on_one_gpu_with_vllm(tiny_models, tmp_path, monkeypatch):
+    """Without a launcher, on one (simulated) GPU: vLLM reserves `gpu_memory_utilization` (0.92) of it at
+    startup and gives it back only when its process ends, so each vLLM generation (teacher, student at every
+    epoch) must run in its own process; the pipeline's own process never holds any of it."""
+    import vllm_stand_in
+
+    vllm = vllm_stand_in.install(monkeypatch, tmp_path / "device.json", total_gib=24)
+    teacher, student = tiny_models("llama")
+    result = run_pipeline(PipelineConfig(
+        prompts=str(write_prompts(tmp_path / "prompts.jsonl")), teacher=str(teacher), student=str(student),
+        output=str(tmp_path / "pipe"), epochs=2, n=3, max_new_tokens=4, train={"batch_size": 3, "lora_r": 4},
+        progress=False,
+    ))
+    assert result.epochs_completed == 2
+    for path in ("teacher.jsonl", "epoch-0/student.jsonl", "epoch-1/student.jsonl"):
+        rows = _rows(tmp_path / "pipe" / path)
+        assert len(rows) == 3 and {r["generation"]["engine"] for r in rows} == {"vllm"}
+    held = vllm_stand_in.held_bytes(tmp_path / "device.json")
+    assert not [key for key in held if key.startswith(f"{os.getpid()}:")]
+    assert vllm.CALLS == []  # every vLLM generation ran in another process
+
+
+def test_the_vllm_engine_options_reach_generate_and_the_generate_command(monkeypatch, tmp_path):
+    from distillm2_kernels.trainer import cli
+
+    options = ["--max-model-len", "128", "--gpu-memory-utilization", "0.5", "--tensor-parallel-size", "2",
+               "--engine-args", '{"enforce_eager": true, "max_num_seqs": 8}']
+    seen = {}
+    monkeypatch.setattr(cli, "generate", lambda *args, **kwargs: seen.update(kwargs) or (_ for _ in ()).throw(
+        ValueError("stop")))
+    assert main(["generate", "--model", "m", "--prompts", "p", "--output", str(tmp_path / "o.jsonl"), *options]) == 2
+    expected = dict(max_model_len=128, gpu_memory_utilization=0.5, tensor_parallel_size=2,
+                    engine_args={"enforce_eager": True, "max_num_seqs": 8})
+    assert {key: seen[key] for key in expected} == expected
+    monkeypatch.setattr(cli, "run_pipeline", lambda config: seen.setdefault("config", config) and (_ for _ in ()).throw(
+        ValueError("stop")))
+    assert main(["pipeline", "--prompts", "p", "--teacher", "t", "--student", "s", "--output", str(tmp_path / "x"),
+                 *options]) == 2
+    generation = pipeline_module._generation_options(seen["config"], seed=1)
+    assert {key: generation[key] for key in expected} == expected
+    argv = cli.generation_arguments(generation)
+    parsed = build_parser().parse_args(["generate", "--model", "m", "--prompts", "p", "--output", "o", *argv])
+    assert {key: getattr(parsed, key) for key in expected} == expected
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--model", "m", "--prompts", "p", "--output", "o", "--engine-args", "[1]"])
+
+
 def test_training_arguments_reproduce_the_config():
     config = TrainConfig(teacher="t", student="s", data="d.jsonl", output="o", loss="kd", max_steps=7, dora=False,
                          use_lora=False, bf16=True, save_steps=None, max_grad_norm=0.5, stop_at_epoch=2)

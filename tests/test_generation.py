@@ -4,8 +4,8 @@ module), greedy decoding, and resuming an interrupted run without duplicated or 
 from __future__ import annotations
 
 import json
+import math
 import sys
-import types
 
 import pytest
 
@@ -16,6 +16,8 @@ from distillm2_kernels.trainer.generation import generate, select_engine  # noqa
 from distillm2_kernels.trainer.jsonl import DataError, read_jsonl  # noqa: E402
 from distillm2_kernels.trainer.prompts import load_prompts  # noqa: E402
 from tiny_models import PROMPTS, write_prompts  # noqa: E402
+
+import vllm_stand_in  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,45 +57,201 @@ def test_auto_falls_back_to_transformers_when_vllm_cannot_be_imported(monkeypatc
         select_engine("tgi")
 
 
-def test_vllm_path_calls_the_documented_api(monkeypatch, tmp_path):
-    """With a stand-in `vllm` module and a "GPU", auto picks vLLM and calls LLM(model=...) and
-    LLM.chat(conversations, sampling_params=[SamplingParams(...) per prompt], use_tqdm=False)."""
-    calls = {}
-
-    class SamplingParams:
-        def __init__(self, **kwargs):
-            self.kwargs = kwargs
-
-    class LLM:
-        def __init__(self, model, **kwargs):
-            calls["init"] = dict(model=model, **kwargs)
-
-        def chat(self, conversations, sampling_params, use_tqdm):
-            calls.setdefault("chat", []).append((conversations, [p.kwargs for p in sampling_params], use_tqdm))
-            finish = types.SimpleNamespace
-            return [
-                finish(outputs=[finish(text=f"answer to {c[0]['content']}", finish_reason="length" if k else "stop")])
-                for k, c in enumerate(conversations)
-            ]
-
-    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
-    monkeypatch.setattr(generation, "vllm_installed", lambda: True)
-    monkeypatch.setattr(generation, "gpu_available", lambda: True)
-    model = tmp_path / "model"
-    model.mkdir()
-    result = generate(model, PROMPTS[:3], tmp_path / "out.jsonl", temperature=0.7, top_p=0.9, max_new_tokens=5,
+def test_vllm_path_calls_the_documented_api(tiny_models, tmp_path, monkeypatch):
+    """On the strict stand-in `vllm` (stand_in_packages/vllm) with a "GPU", auto picks vLLM and calls
+    LLM(model=..., dtype="auto", seed=...) and LLM.chat(conversations, sampling_params=[SamplingParams(...) per
+    prompt], use_tqdm=False); each row holds the completion's text and finish reason."""
+    vllm = vllm_stand_in.install(monkeypatch, tmp_path / "device.json")
+    created = []
+    real_init = vllm.LLM.__init__
+    monkeypatch.setattr(vllm.LLM, "__init__", lambda self, *a, **kw: (created.append(kw), real_init(self, *a, **kw))[1])
+    teacher, _ = tiny_models("llama")
+    result = generate(teacher, PROMPTS[:3], tmp_path / "out.jsonl", temperature=0.7, top_p=0.9, max_new_tokens=5,
                       seed=10, batch_size=2, progress=False)
     assert result.engine == "vllm" and result.num_generated == 3
-    assert calls["init"] == dict(model=str(model), dtype="auto", seed=10)
-    (first, params, use_tqdm), (second, _, _) = calls["chat"]
-    assert first == [[{"role": "user", "content": PROMPTS[0]}], [{"role": "user", "content": PROMPTS[1]}]]
-    assert second == [[{"role": "user", "content": PROMPTS[2]}]]
-    assert params == [dict(n=1, temperature=0.7, top_p=0.9, max_tokens=5, seed=10 + i) for i in (0, 1)]
-    assert use_tqdm is False
+    assert created == [dict(model=str(teacher), dtype="auto", seed=10)]
+    first, second = vllm.CALLS
+    assert first["conversations"] == [[{"role": "user", "content": PROMPTS[0]}], [{"role": "user", "content": PROMPTS[1]}]]
+    assert second["conversations"] == [[{"role": "user", "content": PROMPTS[2]}]]
+    assert [(p.n, p.temperature, p.top_p, p.max_tokens, p.seed) for p in first["params"]] == [
+        (1, 0.7, 0.9, 5, 10 + i) for i in (0, 1)]
+    assert first["use_tqdm"] is False
     rows = _rows(tmp_path / "out.jsonl")
-    assert [r["response"] for r in rows] == [f"answer to {p}" for p in PROMPTS[:3]]
-    assert [r["finish_reason"] for r in rows] == ["stop", "length", "stop"]
-    assert rows[0]["generation"]["engine"] == "vllm"
+    assert all(r["generation"]["engine"] == "vllm" for r in rows)
+    assert {r["finish_reason"] for r in rows} <= {"stop", "length"}
+    again = generate(teacher, PROMPTS[:3], tmp_path / "again.jsonl", temperature=0.7, top_p=0.9, max_new_tokens=5,
+                     seed=10, progress=False)
+    assert again.num_generated == 3 and _rows(tmp_path / "again.jsonl") == rows  # the stand-in is seeded per prompt
+
+
+def test_the_stand_in_is_as_strict_as_vllm(tiny_models, tmp_path, monkeypatch):
+    """What the stand-in refuses, as vLLM 0.33 does: unknown SamplingParams fields and out-of-range values, a
+    second engine in a process that holds the first one's memory, and an over-long prompt (the whole batch)."""
+    from vllm_stand_in import held_bytes
+
+    vllm = vllm_stand_in.install(monkeypatch, tmp_path / "device.json")
+    from vllm.exceptions import VLLMValidationError
+
+    assert not issubclass(VLLMValidationError, ValueError)
+    with pytest.raises(TypeError):
+        vllm.SamplingParams(max_new_tokens=5)
+    for bad in (dict(temperature=2.5), dict(top_p=0.0), dict(max_tokens=0), dict(temperature=-1.0)):
+        with pytest.raises(VLLMValidationError):
+            vllm.SamplingParams(**bad)
+    assert vllm.SamplingParams(temperature=0.001).temperature == 0.01 and vllm.SamplingParams(seed=-1).seed is None
+    teacher, _ = tiny_models("llama")
+    llm = vllm.LLM(str(teacher), gpu_memory_utilization=0.6)
+    assert list(held_bytes(tmp_path / "device.json").values()) == [math.ceil(0.6 * 80 * (1 << 30))]
+    with pytest.raises(ValueError, match="less than desired GPU memory utilization"):
+        vllm.LLM(str(teacher), gpu_memory_utilization=0.6)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_new_tokens'"):
+        vllm.LLM(str(teacher), max_new_tokens=4)
+    assert llm.llm_engine.model_config.max_model_len == 256
+    conversations = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "x" * 253}]]
+    with pytest.raises(VLLMValidationError, match="maximum model length of 256"):  # 253 + 3 template tokens = 256
+        llm.chat(conversations, [vllm.SamplingParams()] * 2, use_tqdm=False)
+    assert vllm.CALLS == []
+    output = llm.chat(conversations[:1], [vllm.SamplingParams(seed=1, max_tokens=4)], use_tqdm=False)[0]
+    tokenizer = llm.get_tokenizer()
+    assert output.request_id == "0" and output.prompt_token_ids == tokenizer.convert_tokens_to_ids(
+        ["<|user|>", "h", "i", "</s>", "<|assistant|>"])
+    assert output.outputs[0].finish_reason in ("stop", "length") and output.outputs[0].token_ids
+    del llm
+    with pytest.raises(ValueError, match="less than desired GPU memory utilization"):  # deleting frees nothing
+        vllm.LLM(str(teacher), gpu_memory_utilization=0.6)
+
+
+def test_the_vllm_path_sends_the_prompt_tokens_of_the_transformers_path(tiny_models, tmp_path, monkeypatch):
+    """For the same chat template, the token ids vLLM's chat renders for each prompt (long ones cut to fit)
+    equal those that the transformers path gives `model.generate` (without its left padding)."""
+    teacher, _ = tiny_models("llama")
+    prompts = [PROMPTS[0], "".join(f"{i} " for i in range(700)), PROMPTS[3]]
+    options = dict(temperature=0, max_new_tokens=4, progress=False)
+    hf_ids = []
+    from transformers import GenerationMixin
+
+    real_generate = GenerationMixin.generate
+
+    def spy(self, input_ids=None, attention_mask=None, **kwargs):
+        hf_ids.extend(row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask))
+        return real_generate(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", spy)
+    generate(teacher, prompts, tmp_path / "hf.jsonl", engine="hf", **options)
+    vllm = vllm_stand_in.install(monkeypatch, tmp_path / "device.json")
+    generate(teacher, prompts, tmp_path / "vllm.jsonl", engine="vllm", **options)
+    (call,) = vllm.CALLS
+    assert call["prompt_token_ids"] == hf_ids and len(hf_ids[1]) == 252
+    truncated = [(r["prompt_truncated"], r.get("prompt_tokens")) for r in _rows(tmp_path / "vllm.jsonl")]
+    assert truncated == [(r["prompt_truncated"], r.get("prompt_tokens")) for r in _rows(tmp_path / "hf.jsonl")]
+    assert truncated[1] == (True, len(prompts[1]) + 3)
+
+
+@pytest.mark.parametrize("reason", ["abort", "error", "repetition"])
+def test_vllm_finish_reasons_are_recorded_as_they_are(tiny_models, tmp_path, monkeypatch, reason):
+    vllm_stand_in.install(monkeypatch, tmp_path / "device.json")
+    teacher, _ = tiny_models("llama")
+    prompts = [PROMPTS[0], f"say it [finish_reason={reason}]"]
+    generate(teacher, prompts, tmp_path / "out.jsonl", max_new_tokens=5, progress=False)
+    assert _rows(tmp_path / "out.jsonl")[1]["finish_reason"] == reason
+    assert _rows(tmp_path / "out.jsonl")[0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(temperature=2.5), r"temperature must be 0 \(greedy\) or in \[0.01, 2\] on vLLM"),
+    (dict(temperature=0.005), r"temperature must be 0 \(greedy\) or in \[0.01, 2\] on vLLM"),
+    (dict(seed=-1), "seed must be >= 0"),
+    (dict(seed=2**63), "seed"),
+])
+def test_sampling_settings_vllm_refuses_are_one_error_before_the_model_loads(tiny_models, tmp_path, monkeypatch,
+                                                                             bad, message):
+    vllm = vllm_stand_in.install(monkeypatch, tmp_path / "device.json")
+    monkeypatch.setattr(vllm, "LLM", lambda *a, **kw: pytest.fail("the engine was loaded"))
+    teacher, _ = tiny_models("llama")
+    with pytest.raises(ValueError, match=message):
+        generate(teacher, PROMPTS[:2], tmp_path / "out.jsonl", **bad, progress=False)
+
+
+def test_transformers_takes_a_temperature_above_2(tiny_models, tmp_path):
+    teacher, _ = tiny_models("llama")
+    result = generate(teacher, PROMPTS[:2], tmp_path / "out.jsonl", engine="hf", temperature=2.5, max_new_tokens=3,
+                      progress=False)
+    assert result.num_generated == 2
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        generate(teacher, PROMPTS[:2], tmp_path / "x.jsonl", engine="hf", seed=-1, progress=False)
+
+
+def test_vllm_engine_settings_are_passed_through_and_checked_before_loading(tiny_models, tmp_path, monkeypatch):
+    vllm = vllm_stand_in.install(monkeypatch, tmp_path / "device.json", gpus=2)
+    engines = []
+    real_init = vllm.LLM.__init__
+    monkeypatch.setattr(vllm.LLM, "__init__", lambda self, *a, **kw: (engines.append(self), real_init(self, *a, **kw))[1])
+    teacher, _ = tiny_models("llama")
+    options = dict(max_new_tokens=4, progress=False)
+    generate(teacher, PROMPTS[:2], tmp_path / "out.jsonl", gpu_memory_utilization=0.5, max_model_len=128,
+             tensor_parallel_size=2, engine_args={"enforce_eager": True, "max_num_seqs": 8}, **options)
+    (llm,) = engines
+    assert llm.init_arguments == dict(model=str(teacher), dtype="auto", seed=42, gpu_memory_utilization=0.5,
+                                      max_model_len=128, tensor_parallel_size=2, enforce_eager=True, max_num_seqs=8)
+    row = _rows(tmp_path / "out.jsonl")[0]
+    assert row["generation"]["max_prompt_tokens"] == 128 - 4
+    assert row["generation"]["engine_args"] == dict(gpu_memory_utilization=0.5, max_model_len=128,
+                                                    tensor_parallel_size=2, enforce_eager=True, max_num_seqs=8)
+    for bad, message in [
+        (dict(engine_args={"enforce_eagr": True}), "enforce_eagr.*not an argument of vLLM's LLM"),
+        (dict(engine_args={"seed": 1}), "engine_args.*'seed'.*set by generate"),
+        (dict(engine_args={"max_model_len": 64}), "engine_args.*'max_model_len'.*max_model_len="),
+        (dict(gpu_memory_utilization=1.5), r"gpu_memory_utilization must lie in \(0, 1\]"),
+        (dict(tensor_parallel_size=0), "tensor_parallel_size must be >= 1"),
+        (dict(max_model_len=1000), "max_model_len=1000 is more than the model's context of 256"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            generate(teacher, PROMPTS[:2], tmp_path / "bad.jsonl", **bad, **options)
+    with pytest.raises(ValueError, match="gpu_memory_utilization, tensor_parallel_size and engine_args are vLLM"):
+        generate(teacher, PROMPTS[:2], tmp_path / "hf.jsonl", engine="hf", gpu_memory_utilization=0.5, **options)
+    assert len(engines) == 1  # every bad setting was refused before an engine was made
+
+
+def test_a_prompt_longer_than_vllms_context_is_cut_the_same_way_on_both_engines(tiny_models, tmp_path, monkeypatch):
+    """A config.json without `max_position_embeddings` (transformers and vLLM then take the architecture's
+    default, 2048 for Llama): the limit is the one vLLM derives, so the prompt keeps its end on both engines
+    and vLLM is never sent a prompt it refuses."""
+    import shutil
+
+    teacher, _ = tiny_models("llama")
+    model = tmp_path / "model"
+    shutil.copytree(teacher, model)
+    config = json.loads((model / "config.json").read_text())
+    del config["max_position_embeddings"]
+    (model / "config.json").write_text(json.dumps(config))
+    long_prompt = "".join(f"{i} " for i in range(600))  # 2290 characters, one token each
+    options = dict(temperature=0, max_new_tokens=4, progress=False)
+    vllm = vllm_stand_in.install(monkeypatch, tmp_path / "device.json")
+    generate(model, [long_prompt, PROMPTS[0]], tmp_path / "vllm.jsonl", engine="vllm", **options)
+    assert [len(ids) for ids in vllm.CALLS[0]["prompt_token_ids"]] == [2044, len(PROMPTS[0]) + 3]
+    generate(model, [long_prompt, PROMPTS[0]], tmp_path / "hf.jsonl", engine="hf", **options)
+    for path in ("vllm.jsonl", "hf.jsonl"):
+        rows = _rows(tmp_path / path)
+        assert [(r["prompt_truncated"], r.get("prompt_tokens")) for r in rows] == [(True, 2293), (False, None)]
+        assert rows[0]["generation"]["max_prompt_tokens"] == 2044 and rows[0]["prompt"] == long_prompt
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_a_max_prompt_tokens_beyond_the_context_is_refused_before_loading(tiny_models, tmp_path, monkeypatch, engine):
+    vllm_stand_in.install(monkeypatch, tmp_path / "device.json")
+    teacher, _ = tiny_models("llama")
+    with pytest.raises(ValueError, match="max_prompt_tokens=253 and max_new_tokens=4 exceed the model's context of 256"):
+        generate(teacher, [PROMPTS[0]], tmp_path / "out.jsonl", engine=engine, max_prompt_tokens=253,
+                 max_new_tokens=4, progress=False)
+
+
+def test_vllm_rows_say_whether_vllm_was_batch_invariant(tiny_models, tmp_path, monkeypatch):
+    vllm_stand_in.install(monkeypatch, tmp_path / "device.json")
+    teacher, _ = tiny_models("llama")
+    generate(teacher, [PROMPTS[0]], tmp_path / "a.jsonl", max_new_tokens=3, progress=False)
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
+    generate(teacher, [PROMPTS[0]], tmp_path / "b.jsonl", max_new_tokens=3, progress=False)
+    assert [_rows(tmp_path / f)[0]["generation"]["batch_invariant"] for f in ("a.jsonl", "b.jsonl")] == [False, True]
 
 
 def test_prompt_files_jsonl_and_plain_text(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -252,28 +251,19 @@ def test_resuming_with_a_setting_that_changes_the_samples_is_refused(stand_in_en
         generate(model_dir, PROMPTS, output, **{**options, **changed})
 
 
-def test_the_vllm_batch_size_does_not_change_the_samples_and_may_change_on_resume(model_dir, tmp_path,
+def test_the_vllm_batch_size_does_not_change_the_samples_and_may_change_on_resume(tiny_models, tmp_path,
                                                                                 monkeypatch):
-    """vLLM seeds every prompt on its own: its batch size is not a setting of the rows."""
-    class LLM:
-        def __init__(self, model, **kwargs):
-            pass
+    """vLLM seeds every prompt on its own: its batch size is not a setting of the rows (on the strict stand-in,
+    whose samples depend only on the prompt and its seed; real vLLM's may also depend on the batch, unless
+    VLLM_BATCH_INVARIANT=1)."""
+    import vllm_stand_in
 
-        def chat(self, conversations, sampling_params, use_tqdm):
-            finish = types.SimpleNamespace
-            return [finish(outputs=[finish(text=f"{c[0]['content']} {p.kwargs['seed']}", finish_reason="stop")])
-                    for c, p in zip(conversations, sampling_params)]
-
-    class SamplingParams:
-        def __init__(self, **kwargs):
-            self.kwargs = kwargs
-
-    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
-    monkeypatch.setattr(generation, "vllm_installed", lambda: True)
-    monkeypatch.setattr(generation, "gpu_available", lambda: True)
-    generate(model_dir, PROMPTS, tmp_path / "reference.jsonl", batch_size=3, progress=False)
-    generate(model_dir, PROMPTS[:4], tmp_path / "out.jsonl", batch_size=3, progress=False)
-    result = generate(model_dir, PROMPTS, tmp_path / "out.jsonl", batch_size=5, progress=False)
+    vllm_stand_in.install(monkeypatch, tmp_path / "device.json")
+    model, _ = tiny_models("llama")
+    options = dict(max_new_tokens=6, progress=False)
+    generate(model, PROMPTS, tmp_path / "reference.jsonl", batch_size=3, **options)
+    generate(model, PROMPTS[:4], tmp_path / "out.jsonl", batch_size=3, **options)
+    result = generate(model, PROMPTS, tmp_path / "out.jsonl", batch_size=5, **options)
     assert (result.num_reused, result.num_generated) == (4, 4)
     assert _rows(tmp_path / "out.jsonl") == _rows(tmp_path / "reference.jsonl")
     assert _rows(tmp_path / "out.jsonl")[0]["generation"]["batch_size"] is None
@@ -323,36 +313,18 @@ def test_an_over_long_prompt_keeps_its_end_on_transformers_and_the_row_says_so(t
 
 
 def test_an_over_long_prompt_keeps_its_end_on_vllm(tiny_models, tmp_path, monkeypatch):
-    import shutil
+    """On the strict stand-in (which refuses a prompt of max_model_len tokens or more, as vLLM does): the
+    tiny model's context is 256, so with 56 new tokens the rendered conversation keeps its last 200 tokens."""
+    import vllm_stand_in
 
-    from transformers import AutoTokenizer
-
+    vllm = vllm_stand_in.install(monkeypatch, tmp_path / "device.json")
     teacher, _ = tiny_models("llama")
-    model = tmp_path / "model"
-    model.mkdir()
-    shutil.copy(teacher / "config.json", model / "config.json")  # max_position_embeddings 256
-    tokenizer = AutoTokenizer.from_pretrained(teacher)
-    conversations = []
-
-    class LLM:
-        def __init__(self, model, **kwargs):
-            pass
-
-        def get_tokenizer(self):
-            return tokenizer
-
-        def chat(self, batch, sampling_params, use_tqdm):
-            conversations.extend(batch)
-            finish = types.SimpleNamespace
-            return [finish(outputs=[finish(text="ok", finish_reason="stop")]) for _ in batch]
-
-    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=lambda **kw: kw))
-    monkeypatch.setattr(generation, "vllm_installed", lambda: True)
-    monkeypatch.setattr(generation, "gpu_available", lambda: True)
     long_prompt = "x" * 1000 + "the end"
-    generate(model, [long_prompt, PROMPTS[0]], tmp_path / "out.jsonl", max_new_tokens=56, progress=False)
-    assert conversations == [[{"role": "user", "content": long_prompt[-(200 - 3):]}],
-                             [{"role": "user", "content": PROMPTS[0]}]]
+    generate(teacher, [long_prompt, PROMPTS[0]], tmp_path / "out.jsonl", max_new_tokens=56, progress=False)
+    (call,) = vllm.CALLS
+    assert call["conversations"] == [[{"role": "user", "content": long_prompt[-(200 - 3):]}],
+                                     [{"role": "user", "content": PROMPTS[0]}]]
+    assert len(call["prompt_token_ids"][0]) == 200
     rows = _rows(tmp_path / "out.jsonl")
     assert [r["prompt_truncated"] for r in rows] == [True, False] and rows[0]["prompt"] == long_prompt
 
@@ -689,13 +661,14 @@ def test_temporary_files_left_by_a_kill_before_the_rename_are_removed_by_the_nex
 def test_a_pipeline_folder_moved_with_its_model_inside_still_resumes(stand_in_engine, tmp_path):
     """The pipeline's student after epoch e-1 lies in pipe/train/final and its responses in
     pipe/epoch-e/student.jsonl: moved together, the rows are still this model's (same path relative to the
-    output, same config.json); another model at that place is not."""
+    output, same config.json); another model at that place is not. (The config names an architecture that
+    transformers does not know, so that no context length applies: the stand-in engine has no tokenizer.)"""
     import shutil
 
     pipe = tmp_path / "old" / "pipe"
     model = pipe / "train" / "final"
     model.mkdir(parents=True)
-    (model / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    (model / "config.json").write_text(json.dumps({"model_type": "stand-in", "hidden_size": 64}))
     output = pipe / "epoch-1" / "student.jsonl"
     generate(model, PROMPTS[:4], output, max_new_tokens=8, batch_size=2, progress=False)
     moved = tmp_path / "new" / "pipe"
@@ -704,7 +677,7 @@ def test_a_pipeline_folder_moved_with_its_model_inside_still_resumes(stand_in_en
     result = generate(moved / "train" / "final", PROMPTS, moved / "epoch-1" / "student.jsonl", max_new_tokens=8,
                       batch_size=2, progress=False)
     assert (result.num_reused, result.num_generated) == (4, 4)
-    (moved / "train" / "final" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 96}))
+    (moved / "train" / "final" / "config.json").write_text(json.dumps({"model_type": "stand-in", "hidden_size": 96}))
     shutil.move(moved, pipe)
     with pytest.raises(ValueError, match="resume with the same settings"):
         generate(model, PROMPTS, output, max_new_tokens=8, batch_size=2, progress=False)

@@ -7,6 +7,7 @@ lines it runs under a launcher. Which `TrainConfig` fields the pipeline sets its
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import MISSING, fields
 from typing import Sequence
 
@@ -74,7 +75,9 @@ ZERO_MEANS_NONE = ("save_steps", "max_grad_norm")  # options whose default is no
 GENERATION_FLAGS = {  # `generate(...)` keyword -> its `distillm2 generate` option
     "n": "--n", "temperature": "--temperature", "top_p": "--top-p", "max_new_tokens": "--max-new-tokens",
     "seed": "--seed", "engine": "--engine", "batch_size": "--generation-batch-size",
-    "max_prompt_tokens": "--max-prompt-tokens", "dtype": "--dtype",
+    "max_prompt_tokens": "--max-prompt-tokens", "dtype": "--dtype", "max_model_len": "--max-model-len",
+    "gpu_memory_utilization": "--gpu-memory-utilization", "tensor_parallel_size": "--tensor-parallel-size",
+    "engine_args": "--engine-args",
 }
 
 
@@ -111,6 +114,24 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
                        help="prompts per engine call and per saved chunk (default 8 on transformers, 1024 on vLLM)")
     group.add_argument("--dtype", default=None,
                        help="dtype of the generating model, e.g. bfloat16 (default: bf16 on GPU, else float32)")
+    group.add_argument("--max-model-len", type=int, default=None,
+                       help="context length of the generating model, on both engines (default: the model's)")
+    group.add_argument("--gpu-memory-utilization", type=float, default=None,
+                       help="vLLM: the fraction of the GPU it reserves, which must be free (vLLM's default 0.92)")
+    group.add_argument("--tensor-parallel-size", type=int, default=None,
+                       help="vLLM: GPUs one model is split over (default 1)")
+    group.add_argument("--engine-args", type=_json_object, default=None,
+                       help="vLLM: further vllm.LLM keyword arguments as a JSON object, e.g. '{\"enforce_eager\": true}'")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not a JSON object: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text}")
+    return value
 
 
 def training_arguments(config: TrainConfig) -> list[str]:
@@ -134,7 +155,8 @@ def generation_arguments(options: dict, progress: bool = True) -> list[str]:
     argv = []
     for name, flag in GENERATION_FLAGS.items():
         if options.get(name) is not None:
-            argv += [flag, str(options[name])]
+            value = options[name]
+            argv += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
     return argv + ([] if progress else ["--no-progress"])
 
 

@@ -2,7 +2,8 @@
 
     distillm2 generate --model PATH --prompts FILE --output FILE.jsonl [--n N] [--temperature 0.8]
                        [--top-p 0.95] [--max-new-tokens 1024] [--seed 42] [--engine auto|vllm|hf]
-                       [--max-prompt-tokens N] [--generation-batch-size B] [--dtype D]
+                       [--max-prompt-tokens N] [--generation-batch-size B] [--dtype D] [--max-model-len L]
+                       [--gpu-memory-utilization F] [--tensor-parallel-size T] [--engine-args JSON]
     distillm2 pair     --teacher T.jsonl --student S.jsonl --output PAIRS.jsonl [--strict]
     distillm2 train    --teacher PATH --student PATH --data PAIRS.jsonl --output DIR [options of TrainConfig]
     distillm2 pipeline --prompts FILE --teacher PATH --student PATH --output DIR [--epochs 3]
@@ -88,7 +89,8 @@ def _run(args: argparse.Namespace) -> None:
             args.model, args.prompts, args.output, n=args.n, temperature=args.temperature, top_p=args.top_p,
             max_new_tokens=args.max_new_tokens, seed=args.seed, engine=args.engine,
             batch_size=args.generation_batch_size, dtype=args.dtype, max_prompt_tokens=args.max_prompt_tokens,
-            progress=args.progress,
+            max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+            tensor_parallel_size=args.tensor_parallel_size, engine_args=args.engine_args, progress=args.progress,
         )
         print(f"{result.num_rows} responses in {result.output_path} ({result.num_generated} generated now, "
               f"{result.num_reused} from an earlier run)")
@@ -108,7 +110,9 @@ def _run(args: argparse.Namespace) -> None:
             prompts=args.prompts, teacher=args.teacher, student=args.student, output=args.output, epochs=args.epochs,
             n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
             seed=args.seed, engine=args.engine, generation_batch_size=args.generation_batch_size,
-            max_prompt_tokens=args.max_prompt_tokens, dtype=args.dtype, train=training,
+            max_prompt_tokens=args.max_prompt_tokens, dtype=args.dtype, max_model_len=args.max_model_len,
+            gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
+            engine_args=args.engine_args, train=training,
             launcher=shlex.split(args.launcher) if args.launcher else None, progress=args.progress,
         ))
         print(f"{result.epochs_completed} epoch(s) done; model: {result.final_dir}; metrics: {result.metrics_csv}")

@@ -13,7 +13,10 @@ Every stage skips work that is already done, so rerunning the same command conti
 (generation resumes row by row, training from its latest checkpoint). To train further, use a new output
 folder: the schedule's length is fixed by the first run.
 
-Processes: by default everything runs in this process. With `launcher` (e.g. `["accelerate", "launch",
+Processes: by default training runs in this process, and so does generation on transformers; a vLLM
+generation runs as a separate `python -m distillm2_kernels.trainer generate ...` process, since vLLM gives its
+GPU memory (`gpu_memory_utilization` of the whole GPU, which it needs free at startup) back only reliably when
+its process ends. With `launcher` (e.g. `["accelerate", "launch",
 "--config_file", "zero3.yaml"]`, or the command line's `--launcher "accelerate launch ..."`), each training
 epoch runs as `<launcher> -m distillm2_kernels.trainer train ...` and each generation as a separate
 `python -m distillm2_kernels.trainer generate ...` process, so that vLLM's GPU memory is released before
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .arguments import SET_BY_PIPELINE, generation_arguments, training_arguments
-from .generation import generate
+from .generation import generate, select_engine
 from .jsonl import check_writable_folder
 from .pairing import pair
 from .training import TrainConfig, read_final_state, restore_final, train
@@ -54,6 +57,10 @@ class PipelineConfig:
     engine: str = "auto"
     generation_batch_size: Optional[int] = None
     dtype: Optional[str] = None  # the generating models' dtype (default: bf16 on GPU, else float32)
+    max_model_len: Optional[int] = None  # the generating models' context length (default: the model's)
+    gpu_memory_utilization: Optional[float] = None  # vLLM settings, see `generate`
+    tensor_parallel_size: Optional[int] = None
+    engine_args: Optional[dict] = None
     train: dict = field(default_factory=dict)  # further TrainConfig options: preset, loss, lr, batch_size, ...
     launcher: Optional[Sequence[str]] = None  # run training (and generation) in subprocesses, see above
     progress: bool = True
@@ -77,7 +84,9 @@ class PipelineResult:
 def _generation_options(config: PipelineConfig, seed: int) -> dict:
     return dict(n=config.n, temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
                 seed=seed, engine=config.engine, batch_size=config.generation_batch_size,
-                max_prompt_tokens=config.max_prompt_tokens, dtype=config.dtype)
+                max_prompt_tokens=config.max_prompt_tokens, dtype=config.dtype, max_model_len=config.max_model_len,
+                gpu_memory_utilization=config.gpu_memory_utilization,
+                tensor_parallel_size=config.tensor_parallel_size, engine_args=config.engine_args)
 
 
 def _module_command(subcommand: str) -> list[str]:
@@ -91,9 +100,10 @@ def _run(command: list[str]) -> None:
 
 def _generate(config: PipelineConfig, model: Path, output: Path, seed: int) -> None:
     options = _generation_options(config, seed)
-    if config.launcher is None:
+    if config.launcher is None and select_engine(config.engine) == "hf":
         generate(model, config.prompts, output, progress=config.progress, **options)
         return
+    # vLLM (or a launcher): in its own process, which gives the GPU memory back when it ends
     _run(_module_command("generate") + ["--model", str(model), "--prompts", str(config.prompts), "--output",
                                         str(output)] + generation_arguments(options, config.progress))
 
