@@ -21,6 +21,7 @@ from distillm2_kernels.trainer import pipeline as pipeline_module  # noqa: E402
 from distillm2_kernels.trainer.arguments import (  # noqa: E402
     SET_BY_PIPELINE,
     TRAINING_OPTIONS,
+    generation_arguments,
     train_config,
     training_arguments,
 )
@@ -183,7 +184,7 @@ def test_the_vllm_engine_options_reach_generate_and_the_generate_command(monkeyp
                  *options]) == 2
     generation = pipeline_module._generation_options(seen["config"], seed=1)
     assert {key: generation[key] for key in expected} == expected
-    argv = cli.generation_arguments(generation)
+    argv = generation_arguments(generation)
     parsed = build_parser().parse_args(["generate", "--model", "m", "--prompts", "p", "--output", "o", *argv])
     assert {key: getattr(parsed, key) for key in expected} == expected
     with pytest.raises(SystemExit):
