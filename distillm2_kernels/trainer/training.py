@@ -70,9 +70,11 @@ from .metrics_log import MetricsLog
 from .models import (
     HiddenStates,
     check_same_tokenizer,
+    check_engine,
     check_teacher_loading,
+    configure_deepspeed,
     gathered_parameters,
-    is_deepspeed_zero3,
+    loading_unpartitioned,
     lm_head_operands,
     load_model,
     load_student,
@@ -252,10 +254,11 @@ def _student_for_saving(accelerator, student_forward: nn.Module, config: TrainCo
     state_dict = accelerator.get_state_dict(student_forward)  # collective: every process takes part
     if not accelerator.is_main_process:
         return None
-    copy = HiddenStates(load_student(
-        config.student, next(iter(state_dict.values())).dtype, use_lora=config.use_lora, lora_r=config.lora_r,
-        lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, dora=config.dora,
-    ))
+    with loading_unpartitioned(accelerator):  # else ZeRO-3 would partition it, a collective on this process only
+        copy = HiddenStates(load_student(
+            config.student, next(iter(state_dict.values())).dtype, use_lora=config.use_lora, lora_r=config.lora_r,
+            lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, dora=config.dora,
+        ))
     copy.load_state_dict(state_dict)
     return copy.model
 
@@ -370,10 +373,8 @@ def train(config: TrainConfig) -> TrainResult:
 
     # models
     check_teacher_loading()
-    if not config.use_lora and is_deepspeed_zero3(accelerator):
-        raise ValueError(
-            "full fine-tuning (use_lora=False) is not supported under DeepSpeed ZeRO-3: train a LoRA adapter"
-        )
+    check_engine(accelerator, config.use_lora)
+    configure_deepspeed(accelerator, config.batch_size, config.max_grad_norm)
     student = load_student(
         config.student, torch.bfloat16 if bf16 and config.use_lora else torch.float32, use_lora=config.use_lora,
         lora_r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, dora=config.dora,
@@ -382,8 +383,9 @@ def train(config: TrainConfig) -> TrainResult:
     teacher = load_model(config.teacher, "teacher", torch.bfloat16 if bf16 else torch.float32)
     vocab_size = shared_vocab_size(student, teacher, tokenizer)
     student_forward = HiddenStates(student)
-    parameters = [p for p in student_forward.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in student_forward.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+    )
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, math.ceil(config.warmup_ratio * state.total_steps), state.total_steps
     )
@@ -391,6 +393,8 @@ def train(config: TrainConfig) -> TrainResult:
         config.loss, config.preset, num_epochs=state.num_epochs, total_steps=state.total_steps, backend=config.backend
     )
     student_forward, optimizer, scheduler = accelerator.prepare(student_forward, optimizer, scheduler)
+    # the parameters to clip are collected from the prepared module: FSDP2 replaces them by sharded DTensors
+    parameters = [p for p in student_forward.parameters() if p.requires_grad]
     teacher = prepare_teacher(accelerator, teacher)
     accelerator.register_for_checkpointing(objective)
     register_trainable_weight_hooks(accelerator)
