@@ -8,8 +8,8 @@ adaptive α's anchors it held at every step to `<output>/rank<i>.pt`.
 Accelerate has no CPU mode for FSDP or DeepSpeed (with `use_cpu` it quietly runs DDP instead), so with
 `DISTILLM2_PRETEND_GPUS=1` (and `ACCELERATE_TORCH_DEVICE=cpu`) `PartialState._prepare_backend` reports
 ("gloo", MULTI_GPU) as it would on GPUs with NCCL: accelerate then sets FSDP or DeepSpeed up as configured,
-on CPU tensors and gloo collectives. The trainer itself is not touched. `DISTILLM2_KILL_AFTER_STEP=k` ends
-every process (exit status 3) right after the checkpoint of step k is written, as a killed run would stop.
+on CPU tensors and gloo collectives. The trainer itself is not touched. A run with `"expect_error": "text"`
+must raise a ValueError whose message holds that text; the message is written to `<output>/rank<i>.error`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,8 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import DistributedType
 
-from distillm2_kernels.trainer import checkpoint, training
+from distillm2_kernels.trainer import training
 from distillm2_kernels.trainer.objectives import TrainingObjective
-
-KILLED_EXIT_STATUS = 3
 
 
 def pretend_gpus() -> None:
@@ -52,34 +50,35 @@ def record_anchors(anchors: list) -> None:
     TrainingObjective.step = step
 
 
-def kill_after_step(step: int) -> None:
-    """Stop the process once the checkpoint of `step` is complete on every process."""
-    real_save = checkpoint.save_checkpoint
-
-    def save(accelerator, output, state, *args, **kwargs):
-        folder = real_save(accelerator, output, state, *args, **kwargs)
-        if state.global_step == step:
-            sys.stdout.flush()
-            os._exit(KILLED_EXIT_STATUS)
-        return folder
-
-    training.save_checkpoint = save
+def process_index() -> int:
+    """This process's rank, once `train` has set accelerate's state up (a `PartialState()` made before the
+    `Accelerator` would fix it without the launch's `use_cpu`)."""
+    return PartialState().process_index
 
 
 def main(runs: list[dict]) -> None:
     if os.environ.get("DISTILLM2_PRETEND_GPUS") == "1":
         pretend_gpus()
-    if os.environ.get("DISTILLM2_KILL_AFTER_STEP"):
-        kill_after_step(int(os.environ["DISTILLM2_KILL_AFTER_STEP"]))
     anchors: list = []
     record_anchors(anchors)
     for options in runs:
         anchors.clear()
+        expected_error = options.pop("expect_error", None)
         config = training.TrainConfig(**options)
+        if expected_error is not None:
+            try:
+                training.train(config)
+            except ValueError as error:
+                if expected_error not in str(error):
+                    raise
+                os.makedirs(config.output, exist_ok=True)
+                with open(f"{config.output}/rank{process_index()}.error", "w") as handle:
+                    handle.write(str(error))
+                continue
+            raise AssertionError(f"train({options}) did not raise")
         result = training.train(config)
         weights = None if result.model is None else {k: v.detach().clone() for k, v in result.model.state_dict().items()}
-        torch.save({"weights": weights, "anchors": list(anchors)},
-                   f"{config.output}/rank{PartialState().process_index}.pt")
+        torch.save({"weights": weights, "anchors": list(anchors)}, f"{config.output}/rank{process_index()}.pt")
 
 
 if __name__ == "__main__":

@@ -346,26 +346,7 @@ def test_full_fine_tuning_in_bf16_with_gradient_checkpointing_resumes_exactly(ti
 # DDP: 2 processes on gloo
 # ---------------------------------------------------------------------------------------------------------
 
-DRIVER = """
-import json, sys, torch
-from accelerate import PartialState
-from distillm2_kernels.trainer.objectives import TrainingObjective
-from distillm2_kernels.trainer.training import TrainConfig, train
-
-anchors, real_step = [], TrainingObjective.step
-def step(self):  # record the adaptive α's anchors this process holds at every optimizer step
-    state = self.curriculum.state
-    anchors.append(None if state.anchor_t is None else [state.anchor_t.item(), state.anchor_s.item()])
-    real_step(self)
-TrainingObjective.step = step
-
-for options in json.loads(sys.argv[1]):
-    anchors.clear()
-    config = TrainConfig(**options)
-    result = train(config)
-    torch.save({"weights": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
-                "anchors": list(anchors)}, f"{config.output}/rank{PartialState().process_index}.pt")
-"""
+DRIVER = Path(__file__).resolve().parent / "multiprocess_driver.py"  # trains each run, saves rank<i>.pt
 
 
 def _free_port() -> int:
@@ -396,12 +377,11 @@ def test_two_gloo_processes_under_accelerate_launch_train_as_one_process_on_both
     runs = {"lora": dict(common, preset="paper", lora_dropout=0.0, max_steps=2),
             "full": dict(common, use_lora=False, loss="skl", max_steps=1)}
     one_process = {"lora": dict(batch_size=1, grad_accum=2), "full": dict(batch_size=2)}
-    (tmp_path / "driver.py").write_text(DRIVER)
     launcher = Path(sys.executable).parent / "accelerate"
     command = [str(launcher), "launch"] if launcher.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
     ddp = [dict(options, output=str(tmp_path / f"ddp-{name}"), batch_size=1) for name, options in runs.items()]
     command += ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(tmp_path / "driver.py"),
+                "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(DRIVER),
                 json.dumps(ddp)]
     repository = Path(__file__).resolve().parents[1]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",

@@ -323,6 +323,8 @@ def train(config: TrainConfig) -> TrainResult:
         gradient_accumulation_steps=config.grad_accum,
         step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps; it is stepped once per step
     )
+    check_engine(accelerator, config.use_lora)
+    configure_deepspeed(accelerator, config.batch_size, config.max_grad_norm)
     main = accelerator.is_main_process
     output = Path(config.output)
     if main:
@@ -373,8 +375,6 @@ def train(config: TrainConfig) -> TrainResult:
 
     # models
     check_teacher_loading()
-    check_engine(accelerator, config.use_lora)
-    configure_deepspeed(accelerator, config.batch_size, config.max_grad_norm)
     student = load_student(
         config.student, torch.bfloat16 if bf16 and config.use_lora else torch.float32, use_lora=config.use_lora,
         lora_r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, dora=config.dora,
