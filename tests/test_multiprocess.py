@@ -63,7 +63,19 @@ def launch(config_file: Path, runs: list[dict], timeout: int = 300) -> subproces
     env = {name: value for name, value in os.environ.items() if not name.startswith("ACCELERATE_")}
     env.update(DISTILLM2_PRETEND_GPUS="1", ACCELERATE_TORCH_DEVICE="cpu", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(REPOSITORY), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPOSITORY)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=REPOSITORY)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()  # the launcher passes SIGTERM on to the processes it started (each in its own session)
+        try:
+            stdout, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+        pytest.fail(f"the processes did not finish in {timeout} s (a deadlock?):\n{(stdout + stderr)[-6000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def _succeeded(process: subprocess.CompletedProcess) -> str:
