@@ -110,6 +110,30 @@ def test_fsdp_cpu_ram_efficient_loading_is_refused_as_it_would_leave_the_teacher
         check_teacher_loading()
 
 
+def test_the_deepspeed_config_gets_the_trainers_micro_batch_and_clipping_and_a_different_clip_is_refused():
+    """Accelerate takes the micro-batch from a prepared data loader, which the trainer has not, and `prepare`
+    fails without it; the DeepSpeed engine clips, at the trainer's max_grad_norm (tests/test_multiprocess.py
+    runs the whole trainer under ZeRO-3)."""
+    from types import SimpleNamespace
+
+    from distillm2_kernels.trainer.models import configure_deepspeed
+
+    def accelerator(**config):
+        return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+
+    filled = accelerator(train_micro_batch_size_per_gpu="auto")
+    configure_deepspeed(filled, 3, 0.5)
+    assert filled.state.deepspeed_plugin.deepspeed_config == {"train_micro_batch_size_per_gpu": 3, "gradient_clipping": 0.5}
+    unclipped = accelerator(train_micro_batch_size_per_gpu=2, gradient_clipping="auto")
+    configure_deepspeed(unclipped, 3, None)
+    assert unclipped.state.deepspeed_plugin.deepspeed_config == {"train_micro_batch_size_per_gpu": 2,
+                                                                  "gradient_clipping": 0.0}
+    configure_deepspeed(accelerator(gradient_clipping=1.0), 1, 1.0)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        configure_deepspeed(accelerator(gradient_clipping=1.0), 1, 0.5)
+    configure_deepspeed(SimpleNamespace(state=SimpleNamespace()), 1, 1.0)  # no DeepSpeed: nothing to do
+
+
 def test_batch_plan_covers_every_pair_each_epoch_and_splits_ranks():
     plan = BatchPlan(num_examples=10, batch_size=2, world_size=2, grad_accum=2, seed=5)
     assert plan.steps_per_epoch == 2  # 10 pairs, 8 per step: the second step wraps around

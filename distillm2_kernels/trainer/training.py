@@ -14,6 +14,10 @@ One optimizer step, on every process (`accelerate launch` for several):
    step the "paper" preset's α anchors (fixed by each process on its first batch) are replaced by their mean
    over the processes, so that all use, and checkpoints hold, the same ones.
 
+Engines (`accelerate launch`): DDP, FSDP2 and DeepSpeed ZeRO-3 (LoRA only); FSDP version 1 is refused
+(`models.check_engine`). The parameters clipped are those of the prepared module, and under ZeRO-3 the
+micro-batch and the clipping are filled into the DeepSpeed config from these options (`models.configure_deepspeed`).
+
 Length of the run: `max_steps` optimizer steps when given, else `epochs × steps per epoch`; the curriculum's
 number of epochs E is the number the run spans. `stop_at_epoch=e` ends the call once e epochs are complete
 (the schedule still spans the whole run): the batched on-policy pipeline trains one epoch per call, each on
