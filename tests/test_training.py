@@ -110,6 +110,30 @@ def test_fsdp_cpu_ram_efficient_loading_is_refused_as_it_would_leave_the_teacher
         check_teacher_loading()
 
 
+def test_the_deepspeed_config_gets_the_trainers_micro_batch_and_clipping_and_a_different_clip_is_refused():
+    """Accelerate takes the micro-batch from a prepared data loader, which the trainer has not, and `prepare`
+    fails without it; the DeepSpeed engine clips, at the trainer's max_grad_norm (tests/test_multiprocess.py
+    runs the whole trainer under ZeRO-3)."""
+    from types import SimpleNamespace
+
+    from distillm2_kernels.trainer.models import configure_deepspeed
+
+    def accelerator(**config):
+        return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+
+    filled = accelerator(train_micro_batch_size_per_gpu="auto")
+    configure_deepspeed(filled, 3, 0.5)
+    assert filled.state.deepspeed_plugin.deepspeed_config == {"train_micro_batch_size_per_gpu": 3, "gradient_clipping": 0.5}
+    unclipped = accelerator(train_micro_batch_size_per_gpu=2, gradient_clipping="auto")
+    configure_deepspeed(unclipped, 3, None)
+    assert unclipped.state.deepspeed_plugin.deepspeed_config == {"train_micro_batch_size_per_gpu": 2,
+                                                                  "gradient_clipping": 0.0}
+    configure_deepspeed(accelerator(gradient_clipping=1.0), 1, 1.0)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        configure_deepspeed(accelerator(gradient_clipping=1.0), 1, 0.5)
+    configure_deepspeed(SimpleNamespace(state=SimpleNamespace()), 1, 1.0)  # no DeepSpeed: nothing to do
+
+
 def test_batch_plan_covers_every_pair_each_epoch_and_splits_ranks():
     plan = BatchPlan(num_examples=10, batch_size=2, world_size=2, grad_accum=2, seed=5)
     assert plan.steps_per_epoch == 2  # 10 pairs, 8 per step: the second step wraps around
@@ -346,26 +370,7 @@ def test_full_fine_tuning_in_bf16_with_gradient_checkpointing_resumes_exactly(ti
 # DDP: 2 processes on gloo
 # ---------------------------------------------------------------------------------------------------------
 
-DRIVER = """
-import json, sys, torch
-from accelerate import PartialState
-from distillm2_kernels.trainer.objectives import TrainingObjective
-from distillm2_kernels.trainer.training import TrainConfig, train
-
-anchors, real_step = [], TrainingObjective.step
-def step(self):  # record the adaptive α's anchors this process holds at every optimizer step
-    state = self.curriculum.state
-    anchors.append(None if state.anchor_t is None else [state.anchor_t.item(), state.anchor_s.item()])
-    real_step(self)
-TrainingObjective.step = step
-
-for options in json.loads(sys.argv[1]):
-    anchors.clear()
-    config = TrainConfig(**options)
-    result = train(config)
-    torch.save({"weights": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
-                "anchors": list(anchors)}, f"{config.output}/rank{PartialState().process_index}.pt")
-"""
+DRIVER = Path(__file__).resolve().parent / "multiprocess_driver.py"  # trains each run, saves rank<i>.pt
 
 
 def _free_port() -> int:
@@ -396,12 +401,11 @@ def test_two_gloo_processes_under_accelerate_launch_train_as_one_process_on_both
     runs = {"lora": dict(common, preset="paper", lora_dropout=0.0, max_steps=2),
             "full": dict(common, use_lora=False, loss="skl", max_steps=1)}
     one_process = {"lora": dict(batch_size=1, grad_accum=2), "full": dict(batch_size=2)}
-    (tmp_path / "driver.py").write_text(DRIVER)
     launcher = Path(sys.executable).parent / "accelerate"
     command = [str(launcher), "launch"] if launcher.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
     ddp = [dict(options, output=str(tmp_path / f"ddp-{name}"), batch_size=1) for name, options in runs.items()]
     command += ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(tmp_path / "driver.py"),
+                "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(DRIVER),
                 json.dumps(ddp)]
     repository = Path(__file__).resolve().parents[1]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",

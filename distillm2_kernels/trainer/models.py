@@ -42,7 +42,10 @@ __all__ = [
     "LMHead",
     "lm_head_operands",
     "shared_vocab_size",
+    "check_engine",
     "is_deepspeed_zero3",
+    "configure_deepspeed",
+    "loading_unpartitioned",
     "gathered_parameters",
     "prepare_teacher",
     "save_final_model",
@@ -182,10 +185,8 @@ def lm_head_operands(student: nn.Module, teacher: nn.Module, vocab_size: int) ->
     student_weight, student_bias, student_cap = lm_head_of(student)
     teacher_weight, teacher_bias, teacher_cap = lm_head_of(teacher)
     for role, weight in (("student", student_weight), ("teacher", teacher_weight)):
-        if weight.shape[0] < vocab_size:
-            raise ValueError(
-                f"the {role}'s lm_head has {weight.shape[0]} rows, fewer than the vocabulary ({vocab_size})"
-            )
+        if _rows(weight) < vocab_size:
+            raise ValueError(f"the {role}'s lm_head has {_rows(weight)} rows, fewer than the vocabulary ({vocab_size})")
     cut = slice(0, vocab_size)
     return (
         LMHead(student_weight[cut], None if student_bias is None else student_bias[cut], student_cap),
@@ -193,11 +194,17 @@ def lm_head_operands(student: nn.Module, teacher: nn.Module, vocab_size: int) ->
     )
 
 
+def _rows(weight: torch.Tensor) -> int:
+    """The rows of an lm_head weight; a ZeRO-3-partitioned parameter (an empty local tensor) keeps its
+    whole shape in `ds_shape`."""
+    return getattr(weight, "ds_shape", weight.shape)[0]
+
+
 def shared_vocab_size(student: nn.Module, teacher: nn.Module, tokenizer) -> int:
     """The vocabulary the loss compares the two models over: the tokenizer's token ids (0 to the largest,
     normally `len(tokenizer)`), not the padding rows of the lm_heads; both lm_heads must cover it."""
     vocab_size = max(len(tokenizer), 1 + max(tokenizer.get_vocab().values()))
-    rows = min(lm_head_of(student)[0].shape[0], lm_head_of(teacher)[0].shape[0])
+    rows = min(_rows(lm_head_of(student)[0]), _rows(lm_head_of(teacher)[0]))
     if vocab_size > rows:
         raise ValueError(
             f"the tokenizer has {vocab_size} tokens but the lm_heads only {rows} shared rows: "
@@ -209,6 +216,66 @@ def shared_vocab_size(student: nn.Module, teacher: nn.Module, tokenizer) -> int:
 def is_deepspeed_zero3(accelerator) -> bool:
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     return plugin is not None and plugin.zero_stage == 3
+
+
+def check_engine(accelerator, use_lora: bool) -> None:
+    """Refuse the engines the trainer cannot train with, before any model is loaded:
+    - FSDP version 1: after the student's forward, FSDP1 (torch 2.13) leaves the root unit's lm_head weight as
+      a sharded flat view, so the fused loss, which reads it outside the forward, gets a shard (FSDP2 keeps it
+      whole from the root's forward to the backward);
+    - full fine-tuning under DeepSpeed ZeRO-3: the lm_head weight is gathered read-only for the fused loss,
+      so it would get no gradient."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP and not getattr(accelerator, "is_fsdp2", False):
+        raise ValueError(
+            "FSDP version 1 is not supported: it shards the lm_head weight again after the forward, and the fused "
+            "loss reads it after the forward; set fsdp_version: 2 in the accelerate config "
+            "(examples/accelerate/fsdp.yaml)"
+        )
+    if not use_lora and is_deepspeed_zero3(accelerator):
+        raise ValueError(
+            "full fine-tuning (use_lora=False) is not supported under DeepSpeed ZeRO-3: train a LoRA adapter"
+        )
+
+
+def configure_deepspeed(accelerator, batch_size: int, max_grad_norm: Optional[float]) -> None:
+    """Fill in the DeepSpeed settings that accelerate takes from a prepared data loader, which the trainer
+    does not have: the micro-batch (`batch_size` pairs), and the clipping (the trainer's `max_grad_norm`; the
+    DeepSpeed engine clips, so a different number in the config is refused). A no-op without DeepSpeed."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = batch_size
+    clipping = float(max_grad_norm or 0.0)
+    if config.get("gradient_clipping", "auto") == "auto":
+        config["gradient_clipping"] = clipping
+    elif float(config["gradient_clipping"]) != clipping:
+        raise ValueError(
+            f"the DeepSpeed config clips gradients at {config['gradient_clipping']} but the trainer's max_grad_norm is "
+            f"{max_grad_norm}: remove gradient_clipping from the config (the trainer fills it in) or make them equal"
+        )
+
+
+@contextlib.contextmanager
+def loading_unpartitioned(accelerator):
+    """A context in which `from_pretrained` loads whole weights on this process alone. Under DeepSpeed ZeRO-3
+    accelerate registers its config with transformers, which then partitions every model it loads (whatever
+    `zero3_init_flag` says), a collective that would wait for the other processes. A no-op otherwise."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    registered = getattr(plugin, "dschf", None)
+    if registered is None:
+        yield
+        return
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(registered)
 
 
 def gathered_parameters(accelerator, *tensors):

@@ -14,6 +14,10 @@ One optimizer step, on every process (`accelerate launch` for several):
    step the "paper" preset's α anchors (fixed by each process on its first batch) are replaced by their mean
    over the processes, so that all use, and checkpoints hold, the same ones.
 
+Engines (`accelerate launch`): DDP, FSDP2 and DeepSpeed ZeRO-3 (LoRA only); FSDP version 1 is refused
+(`models.check_engine`). The parameters clipped are those of the prepared module, and under ZeRO-3 the
+micro-batch and the clipping are filled into the DeepSpeed config from these options (`models.configure_deepspeed`).
+
 Length of the run: `max_steps` optimizer steps when given, else `epochs × steps per epoch`; the curriculum's
 number of epochs E is the number the run spans. `stop_at_epoch=e` ends the call once e epochs are complete
 (the schedule still spans the whole run): the batched on-policy pipeline trains one epoch per call, each on
@@ -71,9 +75,11 @@ from .metrics_log import MetricsLog
 from .models import (
     HiddenStates,
     check_same_tokenizer,
+    check_engine,
     check_teacher_loading,
+    configure_deepspeed,
     gathered_parameters,
-    is_deepspeed_zero3,
+    loading_unpartitioned,
     lm_head_operands,
     load_model,
     load_student,
@@ -251,10 +257,11 @@ def _student_for_saving(accelerator, student_forward: nn.Module, config: TrainCo
     state_dict = accelerator.get_state_dict(student_forward)  # collective: every process takes part
     if not accelerator.is_main_process:
         return None
-    copy = HiddenStates(load_student(
-        config.student, next(iter(state_dict.values())).dtype, use_lora=config.use_lora, lora_r=config.lora_r,
-        lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, dora=config.dora,
-    ))
+    with loading_unpartitioned(accelerator):  # else ZeRO-3 would partition it, a collective on this process only
+        copy = HiddenStates(load_student(
+            config.student, next(iter(state_dict.values())).dtype, use_lora=config.use_lora, lora_r=config.lora_r,
+            lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, dora=config.dora,
+        ))
     copy.load_state_dict(state_dict)
     return copy.model
 
@@ -319,6 +326,8 @@ def train(config: TrainConfig) -> TrainResult:
         gradient_accumulation_steps=config.grad_accum,
         step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps; it is stepped once per step
     )
+    check_engine(accelerator, config.use_lora)
+    configure_deepspeed(accelerator, config.batch_size, config.max_grad_norm)
     main = accelerator.is_main_process
     output = Path(config.output)
     if main:
@@ -369,10 +378,6 @@ def train(config: TrainConfig) -> TrainResult:
 
     # models
     check_teacher_loading()
-    if not config.use_lora and is_deepspeed_zero3(accelerator):
-        raise ValueError(
-            "full fine-tuning (use_lora=False) is not supported under DeepSpeed ZeRO-3: train a LoRA adapter"
-        )
     student = load_student(
         config.student, torch.bfloat16 if bf16 and config.use_lora else torch.float32, use_lora=config.use_lora,
         lora_r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, dora=config.dora,
@@ -381,8 +386,9 @@ def train(config: TrainConfig) -> TrainResult:
     teacher = load_model(config.teacher, "teacher", torch.bfloat16 if bf16 else torch.float32)
     vocab_size = shared_vocab_size(student, teacher, tokenizer)
     student_forward = HiddenStates(student)
-    parameters = [p for p in student_forward.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in student_forward.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+    )
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, math.ceil(config.warmup_ratio * state.total_steps), state.total_steps
     )
@@ -390,6 +396,8 @@ def train(config: TrainConfig) -> TrainResult:
         config.loss, config.preset, num_epochs=state.num_epochs, total_steps=state.total_steps, backend=config.backend
     )
     student_forward, optimizer, scheduler = accelerator.prepare(student_forward, optimizer, scheduler)
+    # the parameters to clip are collected from the prepared module: FSDP2 replaces them by sharded DTensors
+    parameters = [p for p in student_forward.parameters() if p.requires_grad]
     teacher = prepare_teacher(accelerator, teacher)
     accelerator.register_for_checkpointing(objective)
     register_trainable_weight_hooks(accelerator)
