@@ -11,6 +11,7 @@ context, the same on every row
   threads                 torch.get_num_threads() in the workers
   ceiling_copy_GBps       measured copy bandwidth (2 × bytes / time of a large copy)
   ceiling_matmul_{bf16,fp32}_TFLOPs   measured matmul throughput (2n³ / time)
+  ceiling_exp_ns_per_entry   CPU: ns per entry of a float32 torch.exp pass (benchmarks/ceilings.py)
 case
   suite, op, impl, mode   mode: fwd, fwd+bwd, or step (training_step)
   dtype, N, V, H, H_teacher, B, T, layers   N tokens (training_step: 2·B·T), V vocabulary, H hidden sizes,
@@ -27,6 +28,8 @@ throughput
   TFLOP, TFLOP_per_s      fused-linear: the minimum GEMM work (benchmarks/fused_linear.py) over the median time
   tokens_per_s            training_step: 2·B·T over the median step time
   pct_of_ceiling          GB_per_s / ceiling_copy_GBps, or TFLOP_per_s / the dtype's ceiling_matmul, in %
+  exp_passes              CPU rows with N and V: median time in units of one torch.exp pass over a float32 [N, V]
+                          tensor, measured in the same run (ceiling_exp_ns_per_entry)
 memory (MiB = 2^20 bytes; one call after the warm-up, see benchmarks/measure.py)
   inputs_MiB, output_MiB  the case's inputs (models and batch for training_step); its gradients (fwd+bwd)
   baseline_MiB            the worker's memory before the inputs were built (CPU resident set; CUDA allocated)
@@ -49,7 +52,7 @@ import sys
 from collections import OrderedDict
 from pathlib import Path
 
-from . import implementations
+from . import ceilings, implementations
 from .fused_linear import NAME as FUSED_LINEAR
 from .objective import pairs_and_length
 from .skew_divergence import batch_shape
@@ -58,12 +61,13 @@ MiB = 2**20
 CONTEXT_COLUMNS = [
     "date", "commit", "library", "device", "device_name", "torch", "cuda", "triton", "liger_kernel", "cpu_kernels",
     "threads", "ceiling_copy_GBps", "ceiling_matmul_bf16_TFLOPs", "ceiling_matmul_fp32_TFLOPs",
+    "ceiling_exp_ns_per_entry",
 ]
 CASE_COLUMNS = ["suite", "op", "impl", "mode", "dtype", "N", "V", "H", "H_teacher", "B", "T", "layers", "alpha",
                 "status", "note"]
 METRIC_COLUMNS = [
     "repeats", "warmup_s", "median_ms", "min_ms", "max_ms", "loss", "min_traffic_GB", "GB_per_s", "TFLOP",
-    "TFLOP_per_s", "tokens_per_s", "pct_of_ceiling", "inputs_MiB", "output_MiB", "baseline_MiB",
+    "TFLOP_per_s", "tokens_per_s", "pct_of_ceiling", "exp_passes", "inputs_MiB", "output_MiB", "baseline_MiB",
     "op_increase_MiB", "beyond_output_MiB", "peak_MiB", "load_avg_1m",
 ]
 RATIO_COLUMNS = ([f"speedup_vs_{b}" for b in implementations.BASELINES]
@@ -161,6 +165,8 @@ def make_row(context: dict, suite, shape: dict, op: str, impl: str, result: dict
             row["pct_of_ceiling"] = _round(100 * row["TFLOP_per_s"] / ceiling)
     if "tokens" in work:
         row["tokens_per_s"] = _round(work["tokens"] / seconds)
+    if row["device"] == "cpu":
+        row["exp_passes"] = _round(ceilings.exp_passes(median, context, row))
     increase = max(result["peak_bytes"] - result["before_bytes"], 0)
     row.update(
         inputs_MiB=_round(result["input_bytes"] / MiB, 4), output_MiB=_round(result["output_bytes"] / MiB, 4),
@@ -221,7 +227,7 @@ def table(rows: list, suite_name: str) -> tuple:
     metric, metric_label = _metric_column(suite_name)
     show_h = suite_name in (FUSED_LINEAR, "training_step")
     header = ["op", "mode", "dtype", "N", "V"] + (["H"] if show_h else []) + [
-        "impl", "median ms", "spread", metric_label, "% ceil", "op +MiB", "peak MiB",
+        "impl", "median ms", "spread", metric_label, "% ceil", "exp-passes", "op +MiB", "peak MiB",
         "× naive", "× compiled", "× liger", "mem ÷ naive"]
     body, skipped, failures = [], OrderedDict(), []
     for row in rows:
@@ -236,14 +242,14 @@ def table(rows: list, suite_name: str) -> tuple:
             cells.append(f"{row['H']}/{row['H_teacher']}")
         cells.append(row["impl"])
         if row["status"] != "ok":
-            cells += [row["status"]] + [""] * 9
+            cells += [row["status"]] + [""] * 10
             failures.append(f"{row['status']}: {row['impl']} {row['op']} {row['mode']} {cells[2]} N={row['N']} "
                             f"V={row['V']}: {row['note']}")
         else:
             spread = (row["max_ms"] - row["min_ms"]) / row["median_ms"] * 100 if row["median_ms"] else 0
             liger = row["speedup_vs_liger"] or row["speedup_vs_liger_kl"]
             cells += [_fmt(row["median_ms"], 4), f"±{spread / 2:.0f}%", _fmt(row[metric]), _fmt(row["pct_of_ceiling"], 2),
-                      _fmt(row["op_increase_MiB"], 4), _fmt(row["peak_MiB"], 4), _fmt(row["speedup_vs_naive"]),
+                      _fmt(row["exp_passes"]), _fmt(row["op_increase_MiB"], 4), _fmt(row["peak_MiB"], 4), _fmt(row["speedup_vs_naive"]),
                       _fmt(row["speedup_vs_naive_compiled"]), _fmt(liger), _fmt(row["memory_ratio_vs_naive"])]
         body.append(cells)
     notes = [f"skipped: {impl} ({count} rows): {note}" for (impl, note), count in skipped.items()]
@@ -373,7 +379,9 @@ def write_markdown(rows: list, path: Path, context: dict, command: str, plots: d
         + f", triton {context['triton']}, liger-kernel {context['liger_kernel']}, C++ kernels "
           f"{context['cpu_kernels']}, {context['threads']} threads",
         f"- measured ceilings: copy {context['ceiling_copy_GBps']} GB/s; matmul {context['ceiling_matmul_bf16_TFLOPs']} "
-        f"TFLOP/s (bf16), {context['ceiling_matmul_fp32_TFLOPs']} TFLOP/s (fp32)",
+        f"TFLOP/s (bf16), {context['ceiling_matmul_fp32_TFLOPs']} TFLOP/s (fp32)"
+        + (f"; float32 exp pass {context['ceiling_exp_ns_per_entry']} ns/entry (column exp_passes)"
+           if context.get("ceiling_exp_ns_per_entry") else ""),
         "",
         "## Headline",
         "",
