@@ -1,10 +1,11 @@
 """The C++ CPU backend: `distillm2_kernels._C`, compiled from csrc/ (see csrc/skew_divergence_kernel.h).
 
-Same math, interface and row statistics as the Triton kernels (see `triton_backend`): one thread per row, three
-sweeps per row (online log-sum-exp with the label tokens' log-probabilities; loss and the row constant C;
-gradient), the vocabulary loop vectorised with ATen's `at::vec` at the instruction set ATen itself selects,
-float32 accumulation, the gradient in the student dtype. `skew_forward` without precomputed statistics runs
-sweeps 1 and 2 back to back on each row, while the row is still in cache.
+Same math, interface and row statistics as the Triton kernels (see `triton_backend`): one thread per row; per
+row a max pass, an exponential pass (the log-sums and the label tokens' log-probabilities; in the forward the
+exponentials are kept in a per-thread row scratch), the loss pass (loss and the row constant C, from the cached
+exponentials), and the gradient, vectorised with ATen's `at::vec` at the instruction set ATen itself selects,
+float32 accumulation, the gradient in the student dtype (docs/design.md §3, §7). `skew_forward_and_grad` writes
+the gradient of a scalar reduction from the same scratch, so its logits are read from memory once.
 Rows run in parallel on `torch.get_num_threads()` threads; each row is computed by one thread in a fixed order,
 so results do not depend on the thread count.
 
