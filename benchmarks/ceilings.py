@@ -4,6 +4,10 @@
 - matmul: `a @ b` of square matrices in bfloat16 and in float32 (torch's default precision settings: on CUDA
   no TF32 for float32 unless the user enabled it); TFLOP/s = 2·n³ / median time.
 
+- exp pass (CPU only): `torch.exp(x, out=y)` over a float32 tensor of 2048 × 32000 entries (`--quick`: 2048 ×
+  4000), reported as ns per entry; a CPU row's `exp_passes` is its median time over that times N·V, its time in
+  units of one `torch.exp` pass over a float32 [N, V] tensor (docs/design.md §7), measured in the same run.
+
 Sizes: CUDA 2 GiB copy and n = 8192; CPU 512 MiB copy and n = 2048 (`--quick`: 64 MiB, n = 512 on both).
 Timed like the cases (`distillm2_kernels.measure.measure`): median over the repeats after a warm-up.
 """
@@ -45,4 +49,31 @@ def measure_ceilings(probe, quick: bool = False, repeats: int = 5) -> dict:
         matmul = measure(matmul_once, lambda: None, probe, warmup=2, repeats=repeats)
         result[f"ceiling_matmul_{name}_TFLOPs"] = round(2 * n**3 / matmul.median_s / 1e12, 3)
         del a, b
+    if device.type == "cpu":
+        result["ceiling_exp_ns_per_entry"] = measure_exp_pass(probe, quick=quick, repeats=repeats)
     return result
+
+
+EXP_PASS_ENTRIES = {False: 2048 * 32000, True: 2048 * 4000}
+
+
+def measure_exp_pass(probe, quick: bool = False, repeats: int = 5) -> float:
+    """ns per entry of one `torch.exp` over a float32 tensor (into a preallocated output)."""
+    entries = EXP_PASS_ENTRIES[quick]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(entries, generator=gen, dtype=torch.float32)
+    y = torch.empty_like(x)
+
+    def exp_once() -> None:
+        torch.exp(x, out=y)
+
+    timing = measure(exp_once, lambda: None, probe, warmup=2, repeats=repeats)
+    return round(timing.median_s / entries * 1e9, 4)
+
+
+def exp_passes(median_ms: float, context: dict, row: dict):
+    """A CPU row's time in exp passes over its [N, V] logits, or "" when it has none to compare with."""
+    ns_per_entry = context.get("ceiling_exp_ns_per_entry")
+    if not ns_per_entry or not row.get("N") or not row.get("V"):
+        return ""
+    return median_ms * 1e6 / (ns_per_entry * row["N"] * row["V"])

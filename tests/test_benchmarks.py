@@ -82,6 +82,12 @@ def test_quick_run_writes_table_csv_markdown_and_plots(tmp_path, committed_resul
         assert row["device"] == ("cuda" if HAS_CUDA else "cpu") and row["device_name"]
         assert row["commit"] and row["date"] and row["torch"] == torch.__version__
         assert float(row["ceiling_copy_GBps"]) > 0 and float(row["ceiling_matmul_bf16_TFLOPs"]) > 0
+        if row["device"] == "cpu":  # the exp pass of docs/design.md §7, and every ok row in units of it
+            assert float(row["ceiling_exp_ns_per_entry"]) > 0
+            if row["status"] == "ok" and row["N"] and row["V"]:
+                expected = float(row["median_ms"]) * 1e6 / (float(row["ceiling_exp_ns_per_entry"]) * int(row["N"])
+                                                             * int(row["V"]))
+                assert float(row["exp_passes"]) == pytest.approx(expected, rel=1e-2), row
 
     ours = "triton" if HAS_CUDA else ("cpu" if cpu_backend.unavailable_reason() is None else None)
     runnable = {"naive", "torch"} | ({ours} if ours else set())

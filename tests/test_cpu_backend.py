@@ -567,6 +567,101 @@ def test_non_finite_rows_through_the_backend_interface():
         assert torch.isfinite(grad[~bad]).all() and torch.isfinite(loss[~bad]).all()
 
 
+# --- skew_forward_and_grad: the forward of a scalar reduction with its gradient ------------------------------
+
+
+def forward_and_grad_inputs(dtype):
+    """statistics_inputs' rows (labels in and outside [0, V), ignored rows, masked entries, large logits) with a
+    NaN row and a +inf row added, a per-row α holding both ends, and a per-row gradient scale."""
+    student, teacher, labels = statistics_inputs(torch.float32)
+    student, teacher = torch.cat([student, student[:2]]), torch.cat([teacher, teacher[:2]])
+    student[9, 100], teacher[10, 1030] = math.nan, math.inf
+    labels = torch.cat([labels, torch.tensor([3, 4])])
+    alpha = torch.tensor([0.3, 1.0, 0.0, 0.7, 1.0, 0.05, 0.5, 0.0, 0.9, 0.3, 1.0])
+    scale = torch.rand(11, generator=torch.Generator().manual_seed(3)) - 0.25
+    return student.to(dtype), teacher.to(dtype), labels, alpha, scale
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [1.0, 1.3])
+def test_forward_and_grad_is_the_forward_and_the_backward_bit_for_bit(op, dtype, temperature):
+    """skew_forward_and_grad(rows, ..., scale) gives skew_forward's loss and statistics and
+    skew_backward(rows, ..., stats, scale)'s gradient to the last bit (NaN rows NaN, ignored rows 0)."""
+    reverse, detach = REVERSE_DETACH[op]
+    student, teacher, labels, alpha, scale = forward_and_grad_inputs(dtype)
+    for alpha_value in (alpha, 0.4):
+        rows = prepare_rows(student, teacher, alpha_value, labels, IGNORE_INDEX, temperature)
+        loss, stats, grad = cpu_backend.skew_forward_and_grad(rows, reverse, detach, scale)
+        expected_loss, expected_stats = cpu_backend.skew_forward(rows, reverse, detach)
+        assert grad.dtype == dtype and grad.shape == student.shape and grad.is_contiguous()
+        assert_identical(loss, expected_loss, "loss")
+        assert_identical(stats, expected_stats, "statistics")
+        assert_identical(grad, cpu_backend.skew_backward(rows, reverse, detach, expected_stats, scale), "gradient")
+        assert loss[9:].isnan().all() and grad[9:].isnan().all()
+        assert torch.equal(grad[labels == IGNORE_INDEX], torch.zeros_like(grad[labels == IGNORE_INDEX]))
+
+
+def test_forward_and_grad_in_float64_is_the_torch_backends():
+    student, teacher, labels = statistics_inputs(torch.float64)
+    rows = prepare_rows(student, teacher, 0.3, labels, IGNORE_INDEX, 0.8)
+    scale = torch.rand(9, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    loss, stats, grad = cpu_backend.skew_forward_and_grad(rows, True, False, scale)
+    expected_loss, expected_stats = torch_backend.skew_forward(rows, True, False)
+    assert_identical(loss, expected_loss, "loss")
+    assert_identical(stats, expected_stats, "statistics")
+    assert_identical(grad, torch_backend.skew_backward(rows, True, False, expected_stats, scale), "gradient")
+
+
+FORWARD_AND_GRAD_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from distillm2_kernels._inputs import prepare_rows
+    from distillm2_kernels.backends import cpu_backend
+    inputs = torch.load(sys.argv[1])
+    results = {"isa": cpu_backend.kernel_isa()}
+    rows = prepare_rows(inputs["student"], inputs["teacher"], inputs["alpha"], inputs["labels"], -100, 1.3)
+    for name, (reverse, detach) in (("skl", (False, False)), ("srkl", (True, False)), ("srkl_detach", (True, True))):
+        loss, stats, grad = cpu_backend.skew_forward_and_grad(rows, reverse, detach, inputs["scale"])
+        expected_loss, expected_stats = cpu_backend.skew_forward(rows, reverse, detach)
+        expected_grad = cpu_backend.skew_backward(rows, reverse, detach, expected_stats, inputs["scale"])
+        results[name] = (loss, stats, grad, expected_loss, expected_stats, expected_grad)
+    torch.save(results, sys.argv[2])
+    """
+)
+
+
+@pytest.mark.parametrize("capability", ["DEFAULT", "AVX2", "AVX512"])
+def test_forward_and_grad_is_the_backward_on_every_instruction_set(capability, tmp_path):
+    student, teacher, labels, alpha, scale = forward_and_grad_inputs(torch.bfloat16)
+    torch.save(dict(student=student, teacher=teacher, labels=labels, alpha=alpha, scale=scale), tmp_path / "in.pt")
+    subprocess.run([sys.executable, "-c", FORWARD_AND_GRAD_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                   env=_subprocess_env(ATEN_CPU_CAPABILITY=capability.lower()), check=True, timeout=120)
+    results = torch.load(tmp_path / "out.pt")
+    if results["isa"] != capability:
+        pytest.skip(f"this CPU or build runs {results['isa']} when {capability} is requested")
+    for op in OPS:
+        loss, stats, grad, expected_loss, expected_stats, expected_grad = results[op]
+        assert_identical(loss, expected_loss, f"{capability} {op} loss")
+        assert_identical(stats, expected_stats, f"{capability} {op} statistics")
+        assert_identical(grad, expected_grad, f"{capability} {op} gradient")
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("alpha", [0.0, 1e-30, 0.3])
+def test_underflowing_probabilities_keep_log_space_accuracy(op, alpha):
+    """Entries whose q or p underflows float32 (a logit 100 to 150 below its row's max) while the other
+    distribution holds mass there: the mixture there takes the log-space form, so at α = 0 the loss uses the
+    finite log q (≈ −120) rather than log 0, and the result holds to the tolerance rule."""
+    student, teacher = make_logits((4, 2000), torch.float32, seed=15)
+    student[0, :300] -= 120.0  # q underflows where p does not
+    teacher[1, 500:900] -= 130.0  # p underflows where q does not
+    student[2, ::2] -= 150.0
+    teacher[2, 1::2] -= 150.0
+    student[3, :1000] -= 100.0  # q tiny but normal, p normal: the linear form's boundary
+    check_against_oracle(op, student, teacher, alpha, what=f"underflow α={alpha}")
+
+
 FALLBACK_SCRIPT = textwrap.dedent(
     """
     import sys, warnings

@@ -25,7 +25,9 @@ def write_markdown(rows: list, path: Path, context: dict, command: str, plots: d
         + f", triton {context['triton']}, liger-kernel {context['liger_kernel']}, C++ kernels "
           f"{context['cpu_kernels']}, {context['threads']} threads",
         f"- measured ceilings: copy {context['ceiling_copy_GBps']} GB/s; matmul {context['ceiling_matmul_bf16_TFLOPs']} "
-        f"TFLOP/s (bf16), {context['ceiling_matmul_fp32_TFLOPs']} TFLOP/s (fp32)",
+        f"TFLOP/s (bf16), {context['ceiling_matmul_fp32_TFLOPs']} TFLOP/s (fp32)"
+        + (f"; float32 exp pass {context['ceiling_exp_ns_per_entry']} ns/entry (column exp_passes)"
+           if context.get("ceiling_exp_ns_per_entry") else ""),
         "",
         "## Headline",
         "",

@@ -10,6 +10,7 @@ context, the same on every row
   threads                 torch.get_num_threads() in the workers
   ceiling_copy_GBps       measured copy bandwidth (2 × bytes / time of a large copy)
   ceiling_matmul_{bf16,fp32}_TFLOPs   measured matmul throughput (2n³ / time)
+  ceiling_exp_ns_per_entry   CPU: ns per entry of a float32 torch.exp pass (benchmarks/ceilings.py)
 case
   suite, op, impl, mode   mode: fwd, fwd+bwd, or step (training_step)
   dtype, N, V, H, H_teacher, B, T, layers   N tokens (training_step: 2·B·T), V vocabulary, H hidden sizes,
@@ -26,6 +27,8 @@ throughput
   TFLOP, TFLOP_per_s      fused-linear: the minimum GEMM work (benchmarks/fused_linear.py) over the median time
   tokens_per_s            training_step: 2·B·T over the median step time
   pct_of_ceiling          GB_per_s / ceiling_copy_GBps, or TFLOP_per_s / the dtype's ceiling_matmul, in %
+  exp_passes              CPU rows with N and V: median time in units of one torch.exp pass over a float32 [N, V]
+                          tensor, measured in the same run (ceiling_exp_ns_per_entry)
 memory (MiB = 2^20 bytes; one call after the warm-up, see distillm2_kernels/measure.py)
   inputs_MiB, output_MiB  the case's inputs (models and batch for training_step); its gradients (fwd+bwd)
   baseline_MiB            the worker's memory before the inputs were built (CPU resident set; CUDA allocated)
@@ -48,7 +51,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from .. import implementations
+from .. import ceilings, implementations
 from ..fused_linear import NAME as FUSED_LINEAR
 from ..objective import pairs_and_length
 from ..skew_divergence import batch_shape
@@ -58,12 +61,13 @@ MiB = 2**20
 CONTEXT_COLUMNS = [
     "date", "commit", "library", "device", "device_name", "torch", "cuda", "triton", "liger_kernel", "cpu_kernels",
     "threads", "ceiling_copy_GBps", "ceiling_matmul_bf16_TFLOPs", "ceiling_matmul_fp32_TFLOPs",
+    "ceiling_exp_ns_per_entry",
 ]
 CASE_COLUMNS = ["suite", "op", "impl", "mode", "dtype", "N", "V", "H", "H_teacher", "B", "T", "layers", "alpha",
                 "status", "note"]
 METRIC_COLUMNS = [
     "repeats", "warmup_s", "median_ms", "min_ms", "max_ms", "loss", "min_traffic_GB", "GB_per_s", "TFLOP",
-    "TFLOP_per_s", "tokens_per_s", "pct_of_ceiling", "inputs_MiB", "output_MiB", "baseline_MiB",
+    "TFLOP_per_s", "tokens_per_s", "pct_of_ceiling", "exp_passes", "inputs_MiB", "output_MiB", "baseline_MiB",
     "op_increase_MiB", "beyond_output_MiB", "peak_MiB", "load_avg_1m",
 ]
 RATIO_COLUMNS = ([f"speedup_vs_{b}" for b in implementations.BASELINES]
@@ -130,6 +134,8 @@ def make_row(context: dict, suite, shape: dict, op: str, impl: str, result: dict
             row["pct_of_ceiling"] = significant(100 * row["TFLOP_per_s"] / ceiling)
     if "tokens" in work:
         row["tokens_per_s"] = significant(work["tokens"] / seconds)
+    if row["device"] == "cpu":
+        row["exp_passes"] = significant(ceilings.exp_passes(median, context, row))
     increase = max(result["peak_bytes"] - result["before_bytes"], 0)
     row.update(
         inputs_MiB=significant(result["input_bytes"] / MiB, 4), output_MiB=significant(result["output_bytes"] / MiB, 4),

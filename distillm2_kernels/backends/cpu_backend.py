@@ -1,10 +1,11 @@
 """The C++ CPU backend: `distillm2_kernels._C`, compiled from csrc/ (see csrc/skew_divergence_kernel.h).
 
-Same math, interface and row statistics as the Triton kernels (see `triton_backend`): one thread per row, three
-sweeps per row (online log-sum-exp with the label tokens' log-probabilities; loss and the row constant C;
-gradient), the vocabulary loop vectorised with ATen's `at::vec` at the instruction set ATen itself selects,
-float32 accumulation, the gradient in the student dtype. `skew_forward` without precomputed statistics runs
-sweeps 1 and 2 back to back on each row, while the row is still in cache.
+Same math, interface and row statistics as the Triton kernels (see `triton_backend`): one thread per row; per
+row a max pass, an exponential pass (the log-sums and the label tokens' log-probabilities; in the forward the
+exponentials are kept in a per-thread row scratch), the loss pass (loss and the row constant C, from the cached
+exponentials), and the gradient, vectorised with ATen's `at::vec` at the instruction set ATen itself selects,
+float32 accumulation, the gradient in the student dtype (docs/design.md §3, §7). `skew_forward_and_grad` writes
+the gradient of a scalar reduction from the same scratch, so its logits are read from memory once.
 Rows run in parallel on `torch.get_num_threads()` threads; each row is computed by one thread in a fixed order,
 so results do not depend on the thread count.
 
@@ -171,3 +172,23 @@ def skew_backward(
     grad = torch.empty((rows.num_rows, rows.vocab_size), dtype=rows.student.dtype)
     extension.skew_backward(*args, reverse, detach, stats.contiguous(), grad_loss.to(torch.float32), grad)
     return grad
+
+
+def skew_forward_and_grad(
+    rows: SkewRows, reverse: bool, detach: bool, row_grad_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward of a scalar reduction with its gradient: per-row loss `[N]`, statistics `[N, 7]`, and the
+    gradient of `Σ_r row_grad_scale[r]·loss_r` w.r.t. the student logits (`[N, V]`, the student's dtype), which is
+    `skew_backward(rows, reverse, detach, stats, row_grad_scale)` bit for bit, from one pass over the rows: each
+    row's exponentials are evaluated once and its gradient written from the row scratch (no second read of the
+    logits). `row_grad_scale[r]` = d(reduced loss)/d(loss_r), without the 1/T factor, which is applied here."""
+    if _runs_in_float64(rows):
+        loss, stats = torch_backend.skew_forward(rows, reverse, detach)
+        return loss, stats, torch_backend.skew_backward(rows, reverse, detach, stats, row_grad_scale)
+    extension = _extension(rows)
+    loss = torch.empty(rows.num_rows, dtype=torch.float32)
+    stats = torch.empty((rows.num_rows, STATS), dtype=torch.float32)
+    grad = torch.empty((rows.num_rows, rows.vocab_size), dtype=rows.student.dtype)
+    grad_scale = row_grad_scale.to(torch.float32).contiguous()
+    extension.skew_forward_and_grad(*_extension_args(rows), reverse, detach, grad_scale, loss, stats, grad)
+    return loss, stats, grad

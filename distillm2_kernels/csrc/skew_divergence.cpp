@@ -8,6 +8,11 @@
 //                compute_statistics, loss, stats)
 //       writes loss [N] float32; with compute_statistics runs sweep 1 into stats first, otherwise reads the
 //       statistics in stats (from skew_statistics on the same rows); writes C into stats[:, 4] either way
+//   skew_forward_and_grad(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature, reverse, detach,
+//                         grad_scale, loss, stats, grad)
+//       the forward with its statistics, and the gradient of Σ_r grad_scale[r]·loss_r (grad_scale float32 [N], the
+//       gradient a scalar reduction gives each row) in the same pass over the rows: writes loss, stats and grad
+//       (what skew_backward writes for grad_loss = grad_scale)
 //   skew_backward(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature, reverse, detach,
 //                 stats, grad_loss, grad)
 //       sweep 3: writes grad [N, V] contiguous, student dtype
@@ -194,6 +199,33 @@ void skew_forward(const at::Tensor& student, const at::Tensor& teacher, const st
   }
 }
 
+void skew_forward_and_grad(const at::Tensor& student, const at::Tensor& teacher,
+                           const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& alpha_rows,
+                           double alpha, int64_t ignore_index, double inv_temperature, bool reverse, bool detach,
+                           const at::Tensor& grad_scale, at::Tensor& loss, at::Tensor& stats, at::Tensor& grad) {
+  const SkewProblem problem =
+      make_problem(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature, reverse, detach);
+  check_row_vector("grad_scale", grad_scale, at::kFloat, problem.num_rows);
+  TORCH_CHECK(grad_scale.is_contiguous(), "grad_scale must be contiguous");
+  check_output("loss", loss, at::kFloat, {problem.num_rows});
+  check_output("stats", stats, at::kFloat, {problem.num_rows, kStats});
+  check_output("grad", grad, student.scalar_type(), {problem.num_rows, problem.vocab_size});
+  const float* grad_scale_ptr = grad_scale.data_ptr<float>();
+  float* loss_ptr = loss.data_ptr<float>();
+  float* stats_ptr = stats.data_ptr<float>();
+  void* grad_ptr = grad.data_ptr();
+  switch (selected_isa()) {
+#ifdef DISTILLM2_X86_KERNELS
+    case Isa::Avx512:
+      return AVX512::skew_forward_and_grad_rows(problem, grad_scale_ptr, loss_ptr, stats_ptr, grad_ptr);
+    case Isa::Avx2:
+      return AVX2::skew_forward_and_grad_rows(problem, grad_scale_ptr, loss_ptr, stats_ptr, grad_ptr);
+#endif
+    default:
+      return DEFAULT::skew_forward_and_grad_rows(problem, grad_scale_ptr, loss_ptr, stats_ptr, grad_ptr);
+  }
+}
+
 void skew_backward(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
                    const std::optional<at::Tensor>& alpha_rows, double alpha, int64_t ignore_index,
                    double inv_temperature, bool reverse, bool detach, const at::Tensor& stats,
@@ -233,6 +265,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("student"), py::arg("teacher"), py::arg("labels"), py::arg("alpha_rows"), py::arg("alpha"),
         py::arg("ignore_index"), py::arg("inv_temperature"), py::arg("reverse"), py::arg("detach"),
         py::arg("compute_statistics"), py::arg("loss"), py::arg("stats"));
+  m.def("skew_forward_and_grad", &distillm2::skew_forward_and_grad, py::call_guard<py::gil_scoped_release>(),
+        "Writes the per-row loss [N], the statistics [N, num_stats] and the gradient of sum(grad_scale * loss) "
+        "w.r.t. the student logits, [N, V] contiguous in the student dtype",
+        py::arg("student"), py::arg("teacher"), py::arg("labels"), py::arg("alpha_rows"), py::arg("alpha"),
+        py::arg("ignore_index"), py::arg("inv_temperature"), py::arg("reverse"), py::arg("detach"),
+        py::arg("grad_scale"), py::arg("loss"), py::arg("stats"), py::arg("grad"));
   m.def("skew_backward", &distillm2::skew_backward, py::call_guard<py::gil_scoped_release>(),
         "Writes the gradient w.r.t. the student logits, [N, V] contiguous in the student dtype",
         py::arg("student"), py::arg("teacher"), py::arg("labels"), py::arg("alpha_rows"), py::arg("alpha"),

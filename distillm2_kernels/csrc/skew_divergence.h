@@ -41,11 +41,16 @@ constexpr int64_t kStats = 7;
 //   void skew_statistics_rows(const SkewProblem&, float* stats /*[N, kStats] out, C = 0*/);
 //   void skew_forward_rows(const SkewProblem&, bool compute_statistics, float* loss /*[N]*/,
 //                          float* stats /*[N, kStats]: written when compute_statistics, else read; C written*/);
+//   void skew_forward_and_grad_rows(const SkewProblem&, const float* grad_scale /*[N]: d(reduced loss)/d(loss_r)*/,
+//                                   float* loss /*[N]*/, float* stats /*[N, kStats] out*/,
+//                                   void* grad /*[N, V] contiguous, student dtype: grad_scale[r]/T · ∂loss_r/∂s*/);
 //   void skew_backward_rows(const SkewProblem&, const float* stats /*[N, kStats]*/, const float* grad_loss,
 //                           int64_t grad_loss_stride, void* grad /*[N, V] contiguous, student dtype*/);
 #define DISTILLM2_DECLARE_KERNELS                                                                        \
   void skew_statistics_rows(const SkewProblem& problem, float* stats);                                   \
   void skew_forward_rows(const SkewProblem& problem, bool compute_statistics, float* loss, float* stats); \
+  void skew_forward_and_grad_rows(                                                                       \
+      const SkewProblem& problem, const float* grad_scale, float* loss, float* stats, void* grad);       \
   void skew_backward_rows(                                                                               \
       const SkewProblem& problem, const float* stats, const float* grad_loss, int64_t grad_loss_stride, \
       void* grad);
