@@ -42,6 +42,20 @@ class SkewRows:
         return self.student.shape[-1]
 
 
+def flat_rows(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature) -> SkewRows:
+    """`SkewRows` of already-checked row logits and per-row tensors, with the flat leading shape `[N]`."""
+    return SkewRows(
+        student=student,
+        teacher=teacher,
+        labels=labels,
+        alpha_rows=alpha_rows,
+        alpha=alpha,
+        ignore_index=ignore_index,
+        inv_temperature=inv_temperature,
+        leading_shape=torch.Size([num_rows(student)]),
+    )
+
+
 def num_rows(logits: torch.Tensor) -> int:
     """N of row logits `[N, V]` or `[outer, inner, V]`."""
     return logits.shape[0] if logits.dim() == 2 else logits.shape[0] * logits.shape[1]

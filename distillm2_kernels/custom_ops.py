@@ -8,7 +8,7 @@
 
 `<rows>` is the fields of a validated `_inputs.SkewRows` in the order of `ROW_FIELDS` (skew_statistics takes
 no α): the op schemas take tensors and scalars only, so a `SkewRows` is split into them here and rebuilt on
-the other side, in one place (`_split`, `_join`); callers pass and get `SkewRows`. `backend` is a concrete
+the other side, in one place (`_split`, `_inputs.flat_rows`); callers pass and get `SkewRows`. `backend` is a concrete
 name ("triton", "cpu" or "torch", `backends.resolve_backend_name`); the module that runs the rows is
 `backends.backend_module`, as for the fused-linear ops. `skew_forward_and_grad` uses the backend's
 `skew_forward_and_grad` when it has one (`backends.protocol.SkewForwardAndGrad`), else `skew_forward` then
@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from ._inputs import SkewRows, compute_dtype, num_rows
+from ._inputs import SkewRows, compute_dtype, flat_rows, num_rows
 from .backends import backend_module
 from .backends.protocol import forward_and_grad_of
 from .statistics import STATS
@@ -38,20 +38,7 @@ def _split(rows: SkewRows) -> tuple:
     return tuple(getattr(rows, name) for name in ROW_FIELDS)
 
 
-def _join(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature) -> SkewRows:
-    return SkewRows(
-        student=student,
-        teacher=teacher,
-        labels=labels,
-        alpha_rows=alpha_rows,
-        alpha=alpha,
-        ignore_index=ignore_index,
-        inv_temperature=inv_temperature,
-        leading_shape=torch.Size([num_rows(student)]),
-    )
-
-
-def _run(op, implementation, *args):
+def run_op(op, implementation, *args):
     """The custom op while torch.compile traces, its implementation directly in eager mode."""
     return op(*args) if torch.compiler.is_compiling() else implementation(*args)
 
@@ -67,7 +54,7 @@ def _skew_statistics(
     inv_temperature: float,
     backend: str,
 ) -> torch.Tensor:
-    rows = _join(student, teacher, labels, None, 0.0, ignore_index, inv_temperature)
+    rows = flat_rows(student, teacher, labels, None, 0.0, ignore_index, inv_temperature)
     return backend_module(backend, compute_dtype(rows.student, rows.teacher)).skew_statistics(rows)
 
 
@@ -82,7 +69,7 @@ def _(student, teacher, labels, ignore_index, inv_temperature, backend):
 def statistics(rows: SkewRows, backend: str) -> torch.Tensor:
     """Sweep 1: the row statistics `[N, STATS]`, with the label tokens' log-probabilities."""
     args = (rows.student, rows.teacher, rows.labels, rows.ignore_index, rows.inv_temperature, backend)
-    return _run(skew_statistics, _skew_statistics, *args)
+    return run_op(skew_statistics, _skew_statistics, *args)
 
 
 # --- sweeps 1 and 2 ---------------------------------------------------------------------------------------
@@ -101,7 +88,7 @@ def _skew_forward(
     backend: str,
     stats: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = _join(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature)
+    rows = flat_rows(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature)
     return backend_module(backend, compute_dtype(rows.student, rows.teacher)).skew_forward(rows, reverse, detach, stats)
 
 
@@ -118,7 +105,7 @@ def forward(
     rows: SkewRows, *, reverse: bool, detach: bool, backend: str, stats: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sweeps 1 and 2 (sweep 2 only when `stats` is given): per-row loss `[N]` and statistics `[N, STATS]`."""
-    return _run(skew_forward, _skew_forward, *_split(rows), reverse, detach, backend, stats)
+    return run_op(skew_forward, _skew_forward, *_split(rows), reverse, detach, backend, stats)
 
 
 # --- sweep 3 ----------------------------------------------------------------------------------------------
@@ -138,7 +125,7 @@ def _skew_backward(
     stats: torch.Tensor,
     grad_loss: torch.Tensor,
 ) -> torch.Tensor:
-    rows = _join(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature)
+    rows = flat_rows(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature)
     return backend_module(backend, compute_dtype(rows.student, rows.teacher)).skew_backward(rows, reverse, detach, stats, grad_loss)
 
 
@@ -155,7 +142,7 @@ def backward(
 ) -> torch.Tensor:
     """Sweep 3: the gradient w.r.t. the student logits, `[N, V]` contiguous in the student's dtype."""
     args = (*_split(rows), reverse, detach, backend, stats, grad_loss)
-    return _run(skew_backward, _skew_backward, *args)
+    return run_op(skew_backward, _skew_backward, *args)
 
 
 # --- sweeps 1 to 3, for a scalar reduction ------------------------------------------------------------------
@@ -174,7 +161,7 @@ def _skew_forward_and_grad(
     backend: str,
     row_grad_scale: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows = _join(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature)
+    rows = flat_rows(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature)
     module = backend_module(backend, compute_dtype(rows.student, rows.teacher))
     fused = forward_and_grad_of(module)
     if fused is not None:
@@ -198,4 +185,4 @@ def forward_and_grad(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss [N], stats [N, STATS], row_grad_scale[i] · ∂loss_i/∂student_i [N, V]) in one call."""
     args = (*_split(rows), reverse, detach, backend, row_grad_scale)
-    return _run(skew_forward_and_grad, _skew_forward_and_grad, *args)
+    return run_op(skew_forward_and_grad, _skew_forward_and_grad, *args)

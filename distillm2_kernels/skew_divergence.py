@@ -28,7 +28,7 @@ import torch
 
 from . import custom_ops
 from ._autograd import InputGrads
-from ._inputs import Alpha, SkewRows, check_label_ids, compute_dtype, prepare_rows
+from ._inputs import Alpha, SkewRows, check_label_ids, compute_dtype, flat_rows, prepare_rows
 from .backends import backend_module, resolve_backend_name
 from .backends.protocol import forward_and_grad_of
 from .reductions import SCALAR_REDUCTIONS, reduce_token_losses, reduction_row_weights
@@ -85,17 +85,7 @@ def _save_rows(ctx, rows: SkewRows, *tensors: Optional[torch.Tensor]) -> None:
 def _saved_rows(ctx) -> tuple[SkewRows, tuple]:
     student, teacher, labels, alpha_rows, *rest = ctx.saved_tensors
     alpha, ignore_index, inv_temperature = ctx.scalars
-    rows = SkewRows(
-        student=student,
-        teacher=teacher,
-        labels=labels,
-        alpha_rows=alpha_rows,
-        alpha=alpha,
-        ignore_index=ignore_index,
-        inv_temperature=inv_temperature,
-        leading_shape=student.shape[:-1],
-    )
-    return rows, tuple(rest)
+    return flat_rows(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature), tuple(rest)
 
 
 def _per_token_forward(ctx, student, teacher, alpha, labels, ignore_index, temperature, backend, reverse, detach, statistics):

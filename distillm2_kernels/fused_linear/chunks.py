@@ -16,7 +16,7 @@ from typing import Iterator, NamedTuple, Optional
 
 import torch
 
-from .._inputs import SkewRows, TokenOptions
+from .._inputs import SkewRows, TokenOptions, flat_rows
 from ..backends import backend_module
 from ..statistics import LABEL_LOGPROBS, STATS
 from .lm_head import LMHead
@@ -85,15 +85,10 @@ def _blocks(z_s, z_t, labels, alpha_rows, options: TokenOptions, block_rows: int
     step = block_rows or n
     for a in range(0, n, step):
         b = min(n, a + step)
-        rows = SkewRows(
-            student=z_s[a:b],
-            teacher=z_t[a:b],
-            labels=None if labels is None else labels[a:b],
-            alpha_rows=None if alpha_rows is None else alpha_rows[a:b],
-            alpha=options.alpha,
-            ignore_index=options.ignore_index,
-            inv_temperature=options.inv_temperature,
-            leading_shape=torch.Size([b - a]),
+        rows = flat_rows(
+            z_s[a:b], z_t[a:b], None if labels is None else labels[a:b],
+            None if alpha_rows is None else alpha_rows[a:b], options.alpha, options.ignore_index,
+            options.inv_temperature,
         )
         yield _Block(a, b, rows)
 

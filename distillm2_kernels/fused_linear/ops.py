@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .._inputs import TokenOptions, compute_dtype
+from ..custom_ops import run_op
 from ..statistics import STATS
 from .chunks import ChunkOutputs, run_chunks
 from .lm_head import LMHead
@@ -49,10 +50,6 @@ def _options(labels, alpha_rows, alpha, ignore_index, inv_temperature, n) -> Tok
         inv_temperature=inv_temperature,
         leading_shape=torch.Size([n]),
     )
-
-
-def _run(op, implementation, *args):
-    return op(*args) if torch.compiler.is_compiling() else implementation(*args)
 
 
 # --- sweep 1 alone ------------------------------------------------------------------------------------------
@@ -98,7 +95,7 @@ def statistics_pass(
     *, student: Head, teacher: Head, options: TokenOptions, backend: str, budget: int
 ) -> torch.Tensor:
     """Sweep 1 over the kept rows: the row statistics `[N, STATS]` (zeros at dropped rows)."""
-    return _run(
+    return run_op(
         fused_linear_statistics, _fused_linear_statistics, *student, *teacher, options.labels,
         options.ignore_index, options.inv_temperature, backend, budget,
     )
@@ -187,7 +184,7 @@ def loss_pass(
         options.alpha, options.ignore_index, options.inv_temperature, reverse, detach, backend, budget,
         want_loss, want_label_logprobs, want_hidden,
     )
-    row_losses, label_logprobs, grad_hidden = _run(fused_linear_loss, _fused_linear_loss, *args)
+    row_losses, label_logprobs, grad_hidden = run_op(fused_linear_loss, _fused_linear_loss, *args)
     return ChunkOutputs(
         row_losses if want_loss else None,
         None,
