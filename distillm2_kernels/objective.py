@@ -53,6 +53,7 @@ from ._inputs import Alpha
 from .fused_linear import Softcap, fused_linear_skl_plus_srkl, fused_linear_token_statistics
 from .reductions import reduce_token_losses, sequence_mean
 from .skew_divergence import TokenStatistics, skew_divergence, token_statistics
+from .statistics import LabelLogprob
 
 __all__ = [
     "ObjectiveConfig",
@@ -262,10 +263,10 @@ def _objective(
     metrics = {
         "skl": sequence_mean(skl.token_losses, valid_t),
         "srkl": sequence_mean(srkl.token_losses, valid_s),
-        "teacher_logprob_t": sequence_mean(skl.label_logprobs[..., 1], valid_t),
-        "student_logprob_t": sequence_mean(skl.label_logprobs[..., 0], valid_t),
-        "teacher_logprob_s": sequence_mean(srkl.label_logprobs[..., 1], valid_s),
-        "student_logprob_s": sequence_mean(srkl.label_logprobs[..., 0], valid_s),
+        "teacher_logprob_t": sequence_mean(skl.label_logprobs[..., LabelLogprob.TEACHER], valid_t),
+        "student_logprob_t": sequence_mean(skl.label_logprobs[..., LabelLogprob.STUDENT], valid_t),
+        "teacher_logprob_s": sequence_mean(srkl.label_logprobs[..., LabelLogprob.TEACHER], valid_s),
+        "student_logprob_s": sequence_mean(srkl.label_logprobs[..., LabelLogprob.STUDENT], valid_s),
         "alpha_t": per_row(alpha_t),
         "alpha_s": per_row(alpha_s),
         "beta": torch.tensor(beta),

@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ["RowStat", "STATS", "LABEL_LOGPROBS", "TokenStatistics", "check_statistics"]
+__all__ = ["RowStat", "STATS", "LABEL_LOGPROBS", "LabelLogprob", "TokenStatistics", "check_statistics"]
 
 
 class RowStat(enum.IntEnum):
@@ -33,6 +33,13 @@ class RowStat(enum.IntEnum):
 STATS = len(RowStat)
 # The (log q(label), log p(label)) columns as one slice: `stats[:, LABEL_LOGPROBS]` is `[N, 2]`.
 LABEL_LOGPROBS = slice(int(RowStat.LABEL_LOG_Q), int(RowStat.LABEL_LOG_P) + 1)
+
+
+class LabelLogprob(enum.IntEnum):
+    """The last dim of a `[..., 2]` label log-probabilities tensor (`stats[:, LABEL_LOGPROBS]`)."""
+
+    STUDENT = RowStat.LABEL_LOG_Q - LABEL_LOGPROBS.start  # log q(label)
+    TEACHER = RowStat.LABEL_LOG_P - LABEL_LOGPROBS.start  # log p(label)
 
 
 class TokenStatistics(NamedTuple):
