@@ -148,3 +148,29 @@ def test_fullgraph_with_inductor_matches_eager(name):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
     for a, e in zip(actual_grads, expected_grads):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_fused_linear_custom_ops_pass_opcheck(dtype):
+    """The fused-linear ops' schemas, fake implementations (shapes, dtypes) and declared mutations."""
+    x = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in _inputs(dtype).items()}
+    models = (
+        x["student_hidden"].reshape(-1, H_S), x["student_weight"], x["student_bias"], 3.0,
+        x["teacher_hidden"].reshape(-1, H_T), x["teacher_weight"], None, None,
+    )
+    labels = x["labels"].reshape(-1)
+    torch.library.opcheck(
+        torch.ops.distillm2.fused_linear_statistics.default, (*models, labels, -100, 0.5, "torch", 4096)
+    )
+    stats = torch.ops.distillm2.fused_linear_statistics(*models, labels, -100, 0.5, "torch", 4096)
+    alpha_rows = torch.rand(B * T)
+    for want_loss, want_label_logprobs, want_hidden in ((True, True, True), (False, False, True), (True, False, False)):
+        accumulators = (torch.zeros(V, H_S), torch.zeros(V))
+        args = (
+            *models, labels, alpha_rows, stats, torch.rand(B * T), *accumulators, 0.0, -100, 0.5, True, False,
+            "torch", 4096, want_loss, want_label_logprobs, want_hidden,
+        )
+        torch.library.opcheck(torch.ops.distillm2.fused_linear_loss.default, args)
+    # no row weights: no gradient, whatever want_hidden says, and no accumulator
+    args = (*models, labels, None, None, None, None, None, 0.1, -100, 1.0, False, False, "torch", 4096, True, False, True)
+    torch.library.opcheck(torch.ops.distillm2.fused_linear_loss.default, args)

@@ -140,7 +140,15 @@ def _fused_linear_loss(
         statistics=statistics, want_loss=want_loss, want_label_logprobs=want_label_logprobs,
         row_weights=row_weights, want_hidden=want_hidden, grad_weight=grad_weight, grad_bias=grad_bias,
     )
-    return tuple(student_hidden.new_empty(0) if t is None else t for t in (out.row_losses, out.label_logprobs, out.grad_hidden))
+    def empty(dtype):  # an output not asked for: empty, of the fake's dtype, aliasing nothing
+        return student_hidden.new_empty(0, dtype=dtype)
+
+    cd = student.compute_dtype
+    return (
+        empty(cd) if out.row_losses is None else out.row_losses,
+        empty(cd) if out.label_logprobs is None else out.label_logprobs,
+        empty(student_hidden.dtype) if out.grad_hidden is None else out.grad_hidden,
+    )
 
 
 fused_linear_loss = torch.library.custom_op(
@@ -149,8 +157,12 @@ fused_linear_loss = torch.library.custom_op(
 
 
 @fused_linear_loss.register_fake
-def _(student_hidden, student_weight, student_bias, student_softcap, teacher_hidden, teacher_weight, *rest):
-    *_, want_loss, want_label_logprobs, want_hidden = rest
+def _(
+    student_hidden, student_weight, student_bias, student_softcap, teacher_hidden, teacher_weight, teacher_bias,
+    teacher_softcap, labels, alpha_rows, statistics, row_weights, grad_weight, grad_bias, alpha, ignore_index,
+    inv_temperature, reverse, detach, backend, memory_budget_bytes, want_loss, want_label_logprobs, want_hidden,
+):
+    want_hidden = want_hidden and row_weights is not None  # as `run_chunks`: no weights, no gradient
     dtype = compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
     n = student_hidden.shape[0]
     return (
