@@ -16,14 +16,8 @@ from typing import Optional, Union
 import torch
 
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-REDUCTIONS = ("none", "sum", "mean", "seqmean")
 
 Alpha = Union[float, torch.Tensor]
-
-# Row statistics every backend keeps between forward and backward, [N, STATS]: max z_s,
-# log Σ exp((z_s − max z_s)/T), the same two for z_t, the row constant C of the gradient, and the label
-# tokens' log q(label), log p(label) (0 without labels; the whole row 0 where the label is ignored).
-STATS = 7
 
 
 @dataclass
@@ -46,6 +40,20 @@ class SkewRows:
     @property
     def vocab_size(self) -> int:
         return self.student.shape[-1]
+
+
+def flat_rows(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature) -> SkewRows:
+    """`SkewRows` of already-checked row logits and per-row tensors, with the flat leading shape `[N]`."""
+    return SkewRows(
+        student=student,
+        teacher=teacher,
+        labels=labels,
+        alpha_rows=alpha_rows,
+        alpha=alpha,
+        ignore_index=ignore_index,
+        inv_temperature=inv_temperature,
+        leading_shape=torch.Size([num_rows(student)]),
+    )
 
 
 def num_rows(logits: torch.Tensor) -> int:
@@ -99,14 +107,27 @@ def _as_rows_pair(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.T
     return student.view(shape), teacher.view(shape)
 
 
-def _check_logits(name: str, logits: object) -> torch.Tensor:
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dtype not in LOGIT_DTYPES:
+def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """The dtype the arithmetic runs in: float64 when any of `tensors` is float64, else float32."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def check_float_tensor(name: str, tensor: object) -> torch.Tensor:
+    """TypeError unless `tensor` is a tensor of one of `LOGIT_DTYPES`."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in LOGIT_DTYPES:
         raise TypeError(
             f"{name} must be a floating tensor (float16, bfloat16 or float32; float64 on the torch "
-            f"backend), got dtype {logits.dtype}"
+            f"backend), got dtype {tensor.dtype}"
         )
+    return tensor
+
+
+def _check_logits(name: str, logits: object) -> torch.Tensor:
+    logits = check_float_tensor(name, logits)
     if logits.dim() == 0:
         raise ValueError(f"{name} must have shape [..., V], got a 0-d tensor")
     if logits.shape[-1] == 0:
@@ -246,18 +267,6 @@ def prepare_rows(
     return SkewRows(student=student_rows, teacher=teacher_rows, **vars(options))
 
 
-def check_reduction(
-    reduction: str, leading_shape: torch.Size, expected_input: str = "logits of shape [B, T, V]"
-) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if reduction == "seqmean" and len(leading_shape) != 2:
-        raise ValueError(
-            f"reduction='seqmean' needs {expected_input} (a token mean within each sequence), "
-            f"got leading shape {tuple(leading_shape)}"
-        )
-
-
 def require(ok: torch.Tensor, message: str) -> None:
     """ValueError(message) unless the 0-d bool tensor `ok` holds. On the GPU, and under torch.compile, an
     asynchronous assert instead: no host sync, and no data-dependent branch (a graph break)."""
@@ -273,3 +282,4 @@ def check_label_ids(labels: Optional[torch.Tensor], vocab_size: int, ignore_inde
         return
     ok = ((labels == ignore_index) | ((labels >= 0) & (labels < vocab_size))).all()
     require(ok, f"labels must be token ids in [0, {vocab_size}) or ignore_index ({ignore_index})")
+

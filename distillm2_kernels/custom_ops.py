@@ -1,19 +1,23 @@
-"""The backends' kernels as PyTorch custom ops, so that `torch.compile` traces the fused losses without graph breaks.
+"""The backends' sweeps as PyTorch custom ops, so that `torch.compile` traces the logits ops without graph breaks.
 
-    distillm2::skew_statistics(student, teacher, labels, ignore_index, inv_temperature, backend)
-        -> stats [N, 7]                                                     (sweep 1)
-    distillm2::skew_forward(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature,
-                            reverse, detach, backend, stats?) -> (loss [N], stats [N, 7])   (sweeps 1 and 2)
-    distillm2::skew_backward(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature,
-                             reverse, detach, backend, stats, grad_loss [N]) -> grad_student [N, V]   (sweep 3)
+    distillm2::skew_statistics(<rows>, backend) -> stats [N, STATS]                         (sweep 1)
+    distillm2::skew_forward(<rows>, reverse, detach, backend, stats?) -> (loss [N], stats)  (sweeps 1 and 2)
+    distillm2::skew_backward(<rows>, reverse, detach, backend, stats, grad_loss [N]) -> grad_student [N, V]
+    distillm2::skew_forward_and_grad(<rows>, reverse, detach, backend, row_grad_scale [N])
+        -> (loss, stats, grad_student)                                                 (sweeps 1 to 3)
 
-The arguments are the fields of `_inputs.SkewRows` (already validated: student and teacher are `[N, V]` or
-`[outer, inner, V]` row logits, read in place); `backend` is a concrete backend name
-("triton", "cpu" or "torch", see `backends.resolve_backend_name`). `skew_forward` given `stats` from
-`skew_statistics` skips sweep 1. The fake implementations give the output shapes and dtypes: float32 loss
-and stats (float64 for float64 logits) and a contiguous `[N, V]` gradient in the student's dtype. The autograd
-formulas live in `skew_divergence`; its Functions call `statistics` / `forward` / `backward`, which use the
-ops only while torch.compile traces.
+`<rows>` is the fields of a validated `_inputs.SkewRows` in the order of `ROW_FIELDS` (skew_statistics takes
+no α): the op schemas take tensors and scalars only, so a `SkewRows` is split into them here and rebuilt on
+the other side, in one place (`_split`, `_inputs.flat_rows`); callers pass and get `SkewRows`. `backend` is a concrete
+name ("triton", "cpu" or "torch", `backends.resolve_backend_name`); the module that runs the rows is
+`backends.backend_module`, as for the fused-linear ops. `skew_forward_and_grad` uses the backend's
+`skew_forward_and_grad` when it has one (`backends.protocol.SkewForwardAndGrad`), else `skew_forward` then
+`skew_backward`. The fake implementations give the output shapes and dtypes: float32 loss and stats
+(float64 for float64 logits) and a contiguous `[N, V]` gradient in the student's dtype.
+
+`statistics`, `forward`, `backward` and `forward_and_grad` call the ops while torch.compile traces and their
+implementations directly in eager mode (the first call through the dispatcher imports the compiler stack,
+~800 modules, ~75 MB resident).
 """
 
 from __future__ import annotations
@@ -22,37 +26,27 @@ from typing import Optional
 
 import torch
 
-from ._inputs import SkewRows, num_rows
-from .backends import BACKEND_MODULES, STATS
+from ._inputs import SkewRows, compute_dtype, flat_rows, num_rows
+from .backends import backend_module
+from .backends.protocol import forward_and_grad_of
+from .statistics import STATS
+
+ROW_FIELDS = ("student", "teacher", "labels", "alpha_rows", "alpha", "ignore_index", "inv_temperature")
 
 
-def _rows(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    labels: Optional[torch.Tensor],
-    alpha_rows: Optional[torch.Tensor],
-    alpha: float,
-    ignore_index: int,
-    inv_temperature: float,
-) -> SkewRows:
-    return SkewRows(
-        student=student,
-        teacher=teacher,
-        labels=labels,
-        alpha_rows=alpha_rows,
-        alpha=alpha,
-        ignore_index=ignore_index,
-        inv_temperature=inv_temperature,
-        leading_shape=torch.Size([num_rows(student)]),
-    )
+def _split(rows: SkewRows) -> tuple:
+    return tuple(getattr(rows, name) for name in ROW_FIELDS)
 
 
-def _result_dtype(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
-    float64 = student.dtype == torch.float64 or teacher.dtype == torch.float64
-    return torch.float64 if float64 else torch.float32
+def run_op(op, implementation, *args):
+    """The custom op while torch.compile traces, its implementation directly in eager mode."""
+    return op(*args) if torch.compiler.is_compiling() else implementation(*args)
 
 
-def skew_statistics_eager(
+# --- sweep 1 ---------------------------------------------------------------------------------------------
+
+
+def _skew_statistics(
     student: torch.Tensor,
     teacher: torch.Tensor,
     labels: Optional[torch.Tensor],
@@ -60,20 +54,28 @@ def skew_statistics_eager(
     inv_temperature: float,
     backend: str,
 ) -> torch.Tensor:
-    """Sweep 1: the row statistics `[N, 7]`, with the label tokens' log-probabilities."""
-    rows = _rows(student, teacher, labels, None, 0.0, ignore_index, inv_temperature)
-    return BACKEND_MODULES[backend].skew_statistics(rows)
+    rows = flat_rows(student, teacher, labels, None, 0.0, ignore_index, inv_temperature)
+    return backend_module(backend, compute_dtype(rows.student, rows.teacher)).skew_statistics(rows)
 
 
-skew_statistics = torch.library.custom_op("distillm2::skew_statistics", mutates_args=())(skew_statistics_eager)
+skew_statistics = torch.library.custom_op("distillm2::skew_statistics", mutates_args=())(_skew_statistics)
 
 
 @skew_statistics.register_fake
-def _skew_statistics_fake(student, teacher, labels, ignore_index, inv_temperature, backend):
-    return student.new_empty((num_rows(student), STATS), dtype=_result_dtype(student, teacher))
+def _(student, teacher, labels, ignore_index, inv_temperature, backend):
+    return student.new_empty((num_rows(student), STATS), dtype=compute_dtype(student, teacher))
 
 
-def skew_forward_eager(
+def statistics(rows: SkewRows, backend: str) -> torch.Tensor:
+    """Sweep 1: the row statistics `[N, STATS]`, with the label tokens' log-probabilities."""
+    args = (rows.student, rows.teacher, rows.labels, rows.ignore_index, rows.inv_temperature, backend)
+    return run_op(skew_statistics, _skew_statistics, *args)
+
+
+# --- sweeps 1 and 2 ---------------------------------------------------------------------------------------
+
+
+def _skew_forward(
     student: torch.Tensor,
     teacher: torch.Tensor,
     labels: Optional[torch.Tensor],
@@ -86,24 +88,30 @@ def skew_forward_eager(
     backend: str,
     stats: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sweeps 1 and 2 (sweep 2 only when `stats` is given): per-row loss `[N]` and statistics `[N, 7]`."""
-    rows = _rows(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature)
-    return BACKEND_MODULES[backend].skew_forward(rows, reverse, detach, stats)
+    rows = flat_rows(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature)
+    return backend_module(backend, compute_dtype(rows.student, rows.teacher)).skew_forward(rows, reverse, detach, stats)
 
 
-skew_forward = torch.library.custom_op("distillm2::skew_forward", mutates_args=())(skew_forward_eager)
+skew_forward = torch.library.custom_op("distillm2::skew_forward", mutates_args=())(_skew_forward)
 
 
 @skew_forward.register_fake
-def _skew_forward_fake(
-    student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature, reverse, detach, backend, stats=None
-):
-    dtype = _result_dtype(student, teacher)
-    n = num_rows(student)
+def _(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature, reverse, detach, backend, stats=None):
+    dtype, n = compute_dtype(student, teacher), num_rows(student)
     return student.new_empty((n,), dtype=dtype), student.new_empty((n, STATS), dtype=dtype)
 
 
-def skew_backward_eager(
+def forward(
+    rows: SkewRows, *, reverse: bool, detach: bool, backend: str, stats: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sweeps 1 and 2 (sweep 2 only when `stats` is given): per-row loss `[N]` and statistics `[N, STATS]`."""
+    return run_op(skew_forward, _skew_forward, *_split(rows), reverse, detach, backend, stats)
+
+
+# --- sweep 3 ----------------------------------------------------------------------------------------------
+
+
+def _skew_backward(
     student: torch.Tensor,
     teacher: torch.Tensor,
     labels: Optional[torch.Tensor],
@@ -117,32 +125,64 @@ def skew_backward_eager(
     stats: torch.Tensor,
     grad_loss: torch.Tensor,
 ) -> torch.Tensor:
-    """Sweep 3: the gradient w.r.t. the student logits, `[N, V]` contiguous in the student's dtype."""
-    rows = _rows(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature)
-    return BACKEND_MODULES[backend].skew_backward(rows, reverse, detach, stats, grad_loss)
+    rows = flat_rows(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature)
+    return backend_module(backend, compute_dtype(rows.student, rows.teacher)).skew_backward(rows, reverse, detach, stats, grad_loss)
 
 
-skew_backward = torch.library.custom_op("distillm2::skew_backward", mutates_args=())(skew_backward_eager)
+skew_backward = torch.library.custom_op("distillm2::skew_backward", mutates_args=())(_skew_backward)
 
 
 @skew_backward.register_fake
-def _skew_backward_fake(
-    student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature, reverse, detach, backend, stats, grad_loss
-):
+def _(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature, reverse, detach, backend, stats, grad_loss):
     return student.new_empty((num_rows(student), student.shape[-1]), dtype=student.dtype)
 
 
-def _eager_or_op(op, eager):
-    """The custom op while torch.compile traces, its implementation directly in eager mode: the first call
-    through the dispatcher imports the compiler stack (~800 modules, ~75 MB resident)."""
-
-    def call(*args):
-        return op(*args) if torch.compiler.is_compiling() else eager(*args)
-
-    call.__doc__ = eager.__doc__
-    return call
+def backward(
+    rows: SkewRows, *, reverse: bool, detach: bool, backend: str, stats: torch.Tensor, grad_loss: torch.Tensor
+) -> torch.Tensor:
+    """Sweep 3: the gradient w.r.t. the student logits, `[N, V]` contiguous in the student's dtype."""
+    args = (*_split(rows), reverse, detach, backend, stats, grad_loss)
+    return run_op(skew_backward, _skew_backward, *args)
 
 
-statistics = _eager_or_op(skew_statistics, skew_statistics_eager)
-forward = _eager_or_op(skew_forward, skew_forward_eager)
-backward = _eager_or_op(skew_backward, skew_backward_eager)
+# --- sweeps 1 to 3, for a scalar reduction ------------------------------------------------------------------
+
+
+def _skew_forward_and_grad(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    alpha_rows: Optional[torch.Tensor],
+    alpha: float,
+    ignore_index: int,
+    inv_temperature: float,
+    reverse: bool,
+    detach: bool,
+    backend: str,
+    row_grad_scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows = flat_rows(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature)
+    module = backend_module(backend, compute_dtype(rows.student, rows.teacher))
+    fused = forward_and_grad_of(module)
+    if fused is not None:
+        return fused(rows, reverse, detach, row_grad_scale)
+    loss, stats = module.skew_forward(rows, reverse, detach)
+    return loss, stats, module.skew_backward(rows, reverse, detach, stats, row_grad_scale)
+
+
+skew_forward_and_grad = torch.library.custom_op("distillm2::skew_forward_and_grad", mutates_args=())(_skew_forward_and_grad)
+
+
+@skew_forward_and_grad.register_fake
+def _(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature, reverse, detach, backend, row_grad_scale):
+    dtype, n = compute_dtype(student, teacher), num_rows(student)
+    grad = student.new_empty((n, student.shape[-1]), dtype=student.dtype)
+    return student.new_empty((n,), dtype=dtype), student.new_empty((n, STATS), dtype=dtype), grad
+
+
+def forward_and_grad(
+    rows: SkewRows, *, reverse: bool, detach: bool, backend: str, row_grad_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss [N], stats [N, STATS], row_grad_scale[i] · ∂loss_i/∂student_i [N, V]) in one call."""
+    args = (*_split(rows), reverse, detach, backend, row_grad_scale)
+    return run_op(skew_forward_and_grad, _skew_forward_and_grad, *args)

@@ -5,7 +5,7 @@ q = softmax(z_s/T) and p = softmax(z_t/T):
 
     SKL_α  = KL(p ‖ αp + (1−α)q)        SRKL_α = KL(q ‖ (1−α)p + αq)
 
-Reductions (no host synchronisation in any of them):
+Reductions (`reductions`; no host synchronisation in any of them):
     "none"     per-token loss, the logits' leading shape; ignored tokens are 0
     "sum"      sum over tokens
     "mean"     sum over the non-ignored tokens divided by their count (0 when there are none)
@@ -19,37 +19,11 @@ from typing import Optional
 
 import torch
 
-from ._inputs import REDUCTIONS, Alpha, check_reduction
-from .skew_divergence import skew_divergence
+from ._inputs import Alpha
+from .reductions import check_reduction_name, reduce_token_losses
+from .skew_divergence import reduced_skew_divergence
 
-__all__ = ["fused_skl", "fused_srkl", "reduce_token_losses"]
-
-
-def _check_reduction_name(reduction: str) -> None:
-    if reduction not in REDUCTIONS:  # before any work; the shape is checked when reducing
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
-def reduce_token_losses(
-    per_token: torch.Tensor, labels: Optional[torch.Tensor], ignore_index: int, reduction: str
-) -> torch.Tensor:
-    """Reduce a per-token loss whose ignored tokens are already 0."""
-    check_reduction(reduction, per_token.shape)
-    if reduction == "none":
-        return per_token
-    if reduction == "sum":
-        return per_token.sum()
-    valid = None if labels is None else labels != ignore_index
-    if reduction == "mean":
-        if valid is None:
-            return per_token.sum() / max(per_token.numel(), 1)
-        return per_token.sum() / valid.sum().clamp(min=1)
-    # seqmean
-    if valid is None:
-        return per_token.mean(-1).sum() / max(per_token.shape[0], 1)
-    counts = valid.sum(-1)
-    per_sequence = per_token.sum(-1) / counts.clamp(min=1)
-    return per_sequence.sum() / (counts > 0).sum().clamp(min=1)
+__all__ = ["fused_skl", "fused_srkl", "reduce_token_losses"]  # reduce_token_losses: see `reductions`
 
 
 def fused_skl(
@@ -81,18 +55,11 @@ def fused_skl(
     >>> bool(loss > 0), student.grad[0, 0].abs().max().item()  # an ignored token gets no gradient
     (True, 0.0)
     """
-    _check_reduction_name(reduction)
-    per_token = skew_divergence(
-        student_logits,
-        teacher_logits,
-        alpha,
-        labels,
-        reverse=False,
-        ignore_index=ignore_index,
-        temperature=temperature,
-        backend=backend,
+    check_reduction_name(reduction)
+    return reduced_skew_divergence(
+        student_logits, teacher_logits, alpha, labels, reverse=False, ignore_index=ignore_index,
+        temperature=temperature, reduction=reduction, backend=backend,
     )
-    return reduce_token_losses(per_token, labels, ignore_index, reduction)
 
 
 def fused_srkl(
@@ -112,16 +79,8 @@ def fused_srkl(
     detach_mixture=True treats the q inside r as a constant in the backward, as the released DistiLLM-2
     code does; the forward value is the same. Other arguments as in `fused_skl`.
     """
-    _check_reduction_name(reduction)
-    per_token = skew_divergence(
-        student_logits,
-        teacher_logits,
-        alpha,
-        labels,
-        reverse=True,
-        detach_mixture=detach_mixture,
-        ignore_index=ignore_index,
-        temperature=temperature,
-        backend=backend,
+    check_reduction_name(reduction)
+    return reduced_skew_divergence(
+        student_logits, teacher_logits, alpha, labels, reverse=True, detach_mixture=detach_mixture,
+        ignore_index=ignore_index, temperature=temperature, reduction=reduction, backend=backend,
     )
-    return reduce_token_losses(per_token, labels, ignore_index, reduction)

@@ -8,13 +8,14 @@ import torch
 from torch import nn
 
 from ._inputs import Alpha, check_alpha_value
-from .functional import _check_reduction_name, fused_skl, fused_srkl
+from .functional import fused_skl, fused_srkl
+from .reductions import check_reduction_name
 
 
 class _SkewLoss(nn.Module):
     def __init__(self, alpha: float, ignore_index: int, temperature: float, reduction: str, backend: str):
         super().__init__()
-        _check_reduction_name(reduction)
+        check_reduction_name(reduction)
         self.alpha = check_alpha_value(alpha)
         self.ignore_index = ignore_index
         self.temperature = temperature

@@ -51,7 +51,9 @@ import torch
 
 from ._inputs import Alpha
 from .fused_linear import Softcap, fused_linear_skl_plus_srkl, fused_linear_token_statistics
+from .reductions import reduce_token_losses, sequence_mean
 from .skew_divergence import TokenStatistics, skew_divergence, token_statistics
+from .statistics import LabelLogprob
 
 __all__ = [
     "ObjectiveConfig",
@@ -98,6 +100,8 @@ class ObjectiveConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
+_CONFIG_FIELDS = tuple(f.name for f in fields(ObjectiveConfig))
+
 PRESETS = {
     "distillm2": ObjectiveConfig(),
     "paper": ObjectiveConfig(adaptive_alpha=True, beta_schedule=True, weighting="beta"),
@@ -113,11 +117,11 @@ def resolve_config(preset: Union[str, ObjectiveConfig] = "distillm2", **override
         config = PRESETS[preset]
     else:
         raise ValueError(f"preset must be one of {sorted(PRESETS)} or an ObjectiveConfig, got {preset!r}")
-    unknown = set(overrides) - {f.name for f in fields(ObjectiveConfig)}
+    if not overrides:  # the usual call, also under torch.compile (which cannot trace `dataclasses.replace`)
+        return config
+    unknown = set(overrides) - set(_CONFIG_FIELDS)
     if unknown:
-        raise TypeError(
-            f"unknown objective option(s) {sorted(unknown)}; options: {[f.name for f in fields(ObjectiveConfig)]}"
-        )
+        raise TypeError(f"unknown objective option(s) {sorted(unknown)}; options: {list(_CONFIG_FIELDS)}")
     return replace(config, **overrides)
 
 
@@ -179,9 +183,8 @@ def _first_step_state() -> CurriculumState:
     return CurriculumState(num_epochs=1, total_steps=1)
 
 
-def _sequence_mean(per_token: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean over each sequence's valid tokens (0 for a sequence without any)."""
-    return (per_token * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+# trainer/objectives.py imports it under this name (to become `reductions.sequence_mean` there)
+_sequence_mean = sequence_mean
 
 
 def _check_halves(kind: str, last: str, student_t, labels_t, student_s, labels_s) -> None:
@@ -207,13 +210,6 @@ class _HalfOutputs(NamedTuple):
 
     token_losses: torch.Tensor  # [B, T] SKL (_t) or SRKL (_s) per token, 0 at ignored tokens
     label_logprobs: torch.Tensor  # [B, T, 2]: log q(y_k), log p(y_k), 0 at ignored tokens
-
-
-def _reduce(token_losses: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
-    """"seqmean": token mean per sequence, mean over the sequences with a token; "mean": one token mean."""
-    if reduction == "seqmean":
-        return _sequence_mean(token_losses, valid).sum() / (valid.sum(-1) > 0).sum().clamp(min=1)
-    return token_losses.sum() / valid.sum().clamp(min=1)
 
 
 def _objective(
@@ -243,10 +239,10 @@ def _objective(
     alpha_t: Alpha = config.alpha
     alpha_s: Alpha = config.alpha
     if needed:
-        gap_t = _sequence_mean(stats_t.teacher_label_logprobs, valid_t).exp() - _sequence_mean(
+        gap_t = sequence_mean(stats_t.teacher_label_logprobs, valid_t).exp() - sequence_mean(
             stats_t.student_label_logprobs, valid_t
         ).exp()  # p̃ − q̃ on the teacher's responses
-        gap_s = _sequence_mean(stats_s.student_label_logprobs, valid_s).exp() - _sequence_mean(
+        gap_s = sequence_mean(stats_s.student_label_logprobs, valid_s).exp() - sequence_mean(
             stats_s.teacher_label_logprobs, valid_s
         ).exp()  # q̃ − p̃ on the student's responses
         if state.anchor_t is None:
@@ -265,12 +261,12 @@ def _objective(
         return torch.full((batch,), alpha, device=labels_t.device)
 
     metrics = {
-        "skl": _sequence_mean(skl.token_losses, valid_t),
-        "srkl": _sequence_mean(srkl.token_losses, valid_s),
-        "teacher_logprob_t": _sequence_mean(skl.label_logprobs[..., 1], valid_t),
-        "student_logprob_t": _sequence_mean(skl.label_logprobs[..., 0], valid_t),
-        "teacher_logprob_s": _sequence_mean(srkl.label_logprobs[..., 1], valid_s),
-        "student_logprob_s": _sequence_mean(srkl.label_logprobs[..., 0], valid_s),
+        "skl": sequence_mean(skl.token_losses, valid_t),
+        "srkl": sequence_mean(srkl.token_losses, valid_s),
+        "teacher_logprob_t": sequence_mean(skl.label_logprobs[..., LabelLogprob.TEACHER], valid_t),
+        "student_logprob_t": sequence_mean(skl.label_logprobs[..., LabelLogprob.STUDENT], valid_t),
+        "teacher_logprob_s": sequence_mean(srkl.label_logprobs[..., LabelLogprob.TEACHER], valid_s),
+        "student_logprob_s": sequence_mean(srkl.label_logprobs[..., LabelLogprob.STUDENT], valid_s),
         "alpha_t": per_row(alpha_t),
         "alpha_s": per_row(alpha_s),
         "beta": torch.tensor(beta),
@@ -324,8 +320,7 @@ def distillm2_loss(
                 student, teacher, alpha, labels, reverse=reverse, detach_mixture=reverse and config.detach_mixture,
                 statistics=stats, **common,
             )
-            valid = (labels != config.ignore_index).to(torch.float32)
-            loss = loss + coefficient * _reduce(token_losses, valid, config.reduction)
+            loss = loss + coefficient * reduce_token_losses(token_losses, labels, config.ignore_index, config.reduction)
             outputs.append(_HalfOutputs(token_losses.detach(), stats.label_logprobs))
         return loss, *outputs
 

@@ -83,6 +83,8 @@ def skew_reverse_kl_rows(
 def _reduce(
     per_token: torch.Tensor, labels: Optional[torch.Tensor], ignore_index: int, reduction: str
 ) -> torch.Tensor:
+    """The reductions of `reductions`, written again from their definitions: the oracle must not share the
+    code it checks (a wrong seqmean there would pass against itself)."""
     if labels is None:
         mask = torch.ones_like(per_token, dtype=torch.bool)
     else:
@@ -139,6 +141,8 @@ def _naive_log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float
 
 
 def _naive_sequence_mean(per_token: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """The released trainer's seqmean, as it writes it (a sequence without tokens divides by 0): the baseline
+    reproduces that code, not our `reductions.sequence_mean`."""
     mask = (labels != ignore_index).float()
     return ((per_token * mask).sum(-1) / mask.sum(-1)).mean()
 

@@ -22,37 +22,26 @@ skip the dispatcher.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
 from . import custom_ops
-from ._inputs import Alpha, check_label_ids, prepare_rows
-from .backends import STATS, resolve_backend_name
+from ._autograd import InputGrads
+from ._inputs import Alpha, SkewRows, check_label_ids, compute_dtype, flat_rows, prepare_rows
+from .backends import backend_module, resolve_backend_name
+from .backends.protocol import forward_and_grad_of
+from .reductions import SCALAR_REDUCTIONS, reduce_token_losses, reduction_row_weights
+from .statistics import TokenStatistics, check_statistics
 
-
-class TokenStatistics(NamedTuple):
-    """Sweep 1's row statistics for one pair of logits `[..., V]` (`token_statistics`, or
-    `fused_linear_token_statistics` for the logits a fused-linear op builds): `stats` is `[N, 7]` (see
-    `backends`)."""
-
-    stats: torch.Tensor
-    leading_shape: torch.Size
-
-    @property
-    def student_label_logprobs(self) -> torch.Tensor:
-        """log q(label) per token, the logits' leading shape (0 at ignored tokens)."""
-        return self.stats[:, 5].view(self.leading_shape)
-
-    @property
-    def teacher_label_logprobs(self) -> torch.Tensor:
-        """log p(label) per token, the logits' leading shape (0 at ignored tokens)."""
-        return self.stats[:, 6].view(self.leading_shape)
-
-    @property
-    def label_logprobs(self) -> torch.Tensor:
-        """(log q(label), log p(label)) per token, `[..., 2]` (0 at ignored tokens)."""
-        return self.stats[:, 5:7].view(*self.leading_shape, 2)
+__all__ = [
+    "FusedSKLFunction",
+    "FusedSRKLFunction",
+    "TokenStatistics",
+    "token_statistics",
+    "skew_divergence",
+    "reduced_skew_divergence",
+]
 
 
 def token_statistics(
@@ -73,52 +62,48 @@ def token_statistics(
     check_label_ids(rows.labels, rows.vocab_size, rows.ignore_index)
     name = resolve_backend_name(backend, rows.student.device)
     with torch.no_grad():  # statistics carry no gradient (an α computed from them must not require grad)
-        stats = custom_ops.statistics(
-            rows.student, rows.teacher, rows.labels, rows.ignore_index, rows.inv_temperature, name
-        )
+        stats = custom_ops.statistics(rows, name)
     return TokenStatistics(stats, rows.leading_shape)
 
 
-def _check_statistics(statistics: Optional[TokenStatistics], rows) -> Optional[torch.Tensor]:
-    if statistics is None:
-        return None
-    if not isinstance(statistics, TokenStatistics):
-        raise TypeError(f"statistics must come from token_statistics(), got {type(statistics).__name__}")
-    if statistics.leading_shape != rows.leading_shape or statistics.stats.shape != (rows.num_rows, STATS):
-        raise ValueError(
-            f"statistics were computed for logits of leading shape {tuple(statistics.leading_shape)}, "
-            f"these have {tuple(rows.leading_shape)}"
-        )
-    if statistics.stats.device != rows.student.device:
-        raise ValueError(f"statistics are on {statistics.stats.device}, the logits on {rows.student.device}")
-    return statistics.stats
-
-
-def _forward(ctx, student, teacher, alpha, labels, ignore_index, temperature, backend, reverse, detach, statistics):
+def _prepare(student, teacher, alpha, labels, ignore_index, temperature, backend, statistics):
+    """(rows, concrete backend name, the given stats or None), arguments checked."""
     rows = prepare_rows(student, teacher, alpha, labels, ignore_index, temperature)
-    given_stats = _check_statistics(statistics, rows)
+    given_stats = check_statistics(
+        statistics, rows.leading_shape, rows.student.device, source="logits", producer="token_statistics"
+    )
     if given_stats is None:  # else token_statistics checked the labels when it read their log-probabilities
         check_label_ids(rows.labels, rows.vocab_size, rows.ignore_index)
-    backend = resolve_backend_name(backend, rows.student.device)
-    scalars = (rows.alpha, rows.ignore_index, rows.inv_temperature, reverse, detach, backend)
-    loss, stats = custom_ops.forward(
-        rows.student, rows.teacher, rows.labels, rows.alpha_rows, *scalars, given_stats
-    )
+    return rows, resolve_backend_name(backend, rows.student.device), given_stats
+
+
+def _save_rows(ctx, rows: SkewRows, *tensors: Optional[torch.Tensor]) -> None:
+    ctx.save_for_backward(rows.student, rows.teacher, rows.labels, rows.alpha_rows, *tensors)
+    ctx.scalars = (rows.alpha, rows.ignore_index, rows.inv_temperature)
+
+
+def _saved_rows(ctx) -> tuple[SkewRows, tuple]:
+    student, teacher, labels, alpha_rows, *rest = ctx.saved_tensors
+    alpha, ignore_index, inv_temperature = ctx.scalars
+    return flat_rows(student, teacher, labels, alpha_rows, alpha, ignore_index, inv_temperature), tuple(rest)
+
+
+def _per_token_forward(ctx, student, teacher, alpha, labels, ignore_index, temperature, backend, reverse, detach, statistics):
+    rows, name, given_stats = _prepare(student, teacher, alpha, labels, ignore_index, temperature, backend, statistics)
+    loss, stats = custom_ops.forward(rows, reverse=reverse, detach=detach, backend=name, stats=given_stats)
     ctx.set_materialize_grads(False)
-    ctx.scalars = scalars
+    ctx.sweep = dict(reverse=reverse, detach=detach, backend=name)
     ctx.student_shape = student.shape
     if ctx.needs_input_grad[0]:
-        ctx.save_for_backward(rows.student, rows.teacher, rows.labels, rows.alpha_rows, stats)
+        _save_rows(ctx, rows, stats)
     return loss.view(rows.leading_shape)
 
 
-def _backward(ctx, grad_loss):
+def _per_token_backward(ctx, grad_loss) -> Optional[torch.Tensor]:
     if grad_loss is None or not ctx.needs_input_grad[0]:
         return None
-    student, teacher, labels, alpha_rows, stats = ctx.saved_tensors
-    grad = custom_ops.backward(
-        student, teacher, labels, alpha_rows, *ctx.scalars, stats, grad_loss.reshape(-1)
-    )
+    rows, (stats,) = _saved_rows(ctx)
+    grad = custom_ops.backward(rows, **ctx.sweep, stats=stats, grad_loss=grad_loss.reshape(-1))
     return grad.view(ctx.student_shape)
 
 
@@ -142,23 +127,14 @@ class FusedSKLFunction(torch.autograd.Function):
         backend: str = "auto",
         statistics: Optional[TokenStatistics] = None,
     ) -> torch.Tensor:
-        return _forward(
-            ctx,
-            student_logits,
-            teacher_logits,
-            alpha,
-            labels,
-            ignore_index,
-            temperature,
-            backend,
-            False,
-            False,
+        return _per_token_forward(
+            ctx, student_logits, teacher_logits, alpha, labels, ignore_index, temperature, backend, False, False,
             statistics,
         )
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return _backward(ctx, grad_loss), None, None, None, None, None, None, None
+        return _SKL_GRADS(student_logits=_per_token_backward(ctx, grad_loss))
 
 
 class FusedSRKLFunction(torch.autograd.Function):
@@ -181,23 +157,18 @@ class FusedSRKLFunction(torch.autograd.Function):
         detach_mixture: bool = False,
         statistics: Optional[TokenStatistics] = None,
     ) -> torch.Tensor:
-        return _forward(
-            ctx,
-            student_logits,
-            teacher_logits,
-            alpha,
-            labels,
-            ignore_index,
-            temperature,
-            backend,
-            True,
-            bool(detach_mixture),
-            statistics,
+        return _per_token_forward(
+            ctx, student_logits, teacher_logits, alpha, labels, ignore_index, temperature, backend, True,
+            bool(detach_mixture), statistics,
         )
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return _backward(ctx, grad_loss), None, None, None, None, None, None, None, None
+        return _SRKL_GRADS(student_logits=_per_token_backward(ctx, grad_loss))
+
+
+_SKL_GRADS = InputGrads(FusedSKLFunction.forward)
+_SRKL_GRADS = InputGrads(FusedSRKLFunction.forward)
 
 
 def skew_divergence(
@@ -221,3 +192,76 @@ def skew_divergence(
     return FusedSKLFunction.apply(
         student_logits, teacher_logits, alpha, labels, ignore_index, temperature, backend, statistics
     )
+
+
+class _ReducedSkewFunction(torch.autograd.Function):
+    """A scalar reduction of SKL / SRKL whose gradient comes out of the forward, from the backend's
+    `skew_forward_and_grad` with the reduction's per-row weights: the backward only scales it by the
+    incoming gradient (no third sweep). Used where the backend has that extension (`_has_forward_and_grad`).
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, alpha, labels, ignore_index, temperature, backend, reverse, detach, reduction):
+        rows, name, _ = _prepare(student_logits, teacher_logits, alpha, labels, ignore_index, temperature, backend, None)
+        row_grad_scale = reduction_row_weights(
+            reduction, rows.labels, rows.ignore_index, rows.leading_shape, torch.float32, rows.student.device
+        )
+        loss, _, grad = custom_ops.forward_and_grad(
+            rows, reverse=reverse, detach=detach, backend=name, row_grad_scale=row_grad_scale
+        )
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad)
+        ctx.student_shape = student_logits.shape
+        return reduce_token_losses(loss.view(rows.leading_shape), labels, ignore_index, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if grad_loss is None:
+            return _REDUCED_GRADS()
+        (grad,) = ctx.saved_tensors
+        return _REDUCED_GRADS(student_logits=(grad * grad_loss).view(ctx.student_shape))
+
+
+_REDUCED_GRADS = InputGrads(_ReducedSkewFunction.forward)
+
+
+def _has_forward_and_grad(backend: str, student: object, teacher: object) -> bool:
+    """Whether the backend that would run these logits implements `skew_forward_and_grad` (and a gradient is
+    wanted). An argument error says False: the per-token path then raises it, in its usual order."""
+    if not (isinstance(student, torch.Tensor) and isinstance(teacher, torch.Tensor)):
+        return False
+    if not (torch.is_grad_enabled() and student.requires_grad):
+        return False
+    try:
+        name = resolve_backend_name(backend, student.device)
+    except ValueError:
+        return False
+    return forward_and_grad_of(backend_module(name, compute_dtype(student, teacher))) is not None
+
+
+def reduced_skew_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    alpha: Alpha,
+    labels: Optional[torch.Tensor],
+    *,
+    reverse: bool,
+    detach_mixture: bool = False,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    reduction: str,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """SKL or SRKL reduced by `reduction` (`reductions`): in one Function with the gradient computed in the
+    forward when the reduction is a scalar and the backend implements `skew_forward_and_grad`, else the
+    per-token Function followed by the reduction."""
+    if reduction in SCALAR_REDUCTIONS and _has_forward_and_grad(backend, student_logits, teacher_logits):
+        return _ReducedSkewFunction.apply(
+            student_logits, teacher_logits, alpha, labels, ignore_index, temperature, backend, reverse,
+            reverse and bool(detach_mixture), reduction,
+        )
+    per_token = skew_divergence(
+        student_logits, teacher_logits, alpha, labels, reverse=reverse, detach_mixture=detach_mixture,
+        ignore_index=ignore_index, temperature=temperature, backend=backend,
+    )
+    return reduce_token_losses(per_token, labels, ignore_index, reduction)

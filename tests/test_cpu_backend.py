@@ -312,14 +312,17 @@ def test_forward_on_precomputed_statistics_is_identical(op, dtype):
 
 @pytest.mark.parametrize("op", OPS)
 def test_float64_statistics_are_the_torch_backends(op):
+    """backend="cpu" on float64 rows: the torch backend's results (`backends.backend_module` routes them)."""
+    from distillm2_kernels import custom_ops
+
     reverse, detach = REVERSE_DETACH[op]
     student, teacher, labels = statistics_inputs(torch.float64)
     rows = prepare_rows(student, teacher, 0.3, labels, IGNORE_INDEX, 0.8)
-    stats = cpu_backend.skew_statistics(rows)
+    stats = custom_ops.statistics(rows, "cpu")
     assert stats.dtype == torch.float64 and stats.shape == (9, 7)
     assert_identical(stats, torch_backend.skew_statistics(rows), "float64 statistics")
     before = stats.clone()
-    loss, stats_with_c = cpu_backend.skew_forward(rows, reverse, detach, stats=stats)
+    loss, stats_with_c = custom_ops.forward(rows, reverse=reverse, detach=detach, backend="cpu", stats=stats)
     assert_identical(stats, before, "the given statistics")
     expected_loss, expected_stats = torch_backend.skew_forward(rows, reverse, detach)
     assert_identical(loss, expected_loss, "loss")

@@ -1,16 +1,10 @@
 """The implementations behind the public ops, and how one is chosen.
 
-Each backend module provides the same three functions over flattened rows (`_inputs.SkewRows`)::
-
-    skew_statistics(rows) -> stats [N, STATS]                                     sweep 1
-    skew_forward(rows, reverse, detach, stats=None) -> (loss [N], stats [N, STATS])   sweeps 1 (unless
-                                                                                  given stats) and 2
-    skew_backward(rows, reverse, detach, stats, grad_loss [N]) -> grad_student [N, V]   sweep 3
-
-with the same STATS = 7 row statistics: max z_s, log Σ exp((z_s − max z_s)/T), the same two for z_t, the
-row constant C of the gradient, and the label tokens' log q(label), log p(label) (0 without labels; every
-column 0 on ignored rows). `ROW_TEMPORARIES` says how many `[rows, V]` float32 temporaries a backend holds
-(for callers that size their own row blocks).
+Each backend module implements `protocol.SkewBackend`: three functions over flattened rows
+(`_inputs.SkewRows`), sweep 1 (`skew_statistics`), sweeps 1-2 (`skew_forward`) and sweep 3 (`skew_backward`),
+with the row statistics `[N, STATS]` whose columns are `RowStat` (`statistics`). Both op families reach them
+the same way: a concrete name from `resolve_backend_name` (at trace time under torch.compile), then
+`backend_module(name, compute dtype)`, the one place that routes float64 rows (to the torch backend).
 
 | name     | runs on                                             | module           |
 | -------- | --------------------------------------------------- | ---------------- |
@@ -30,11 +24,23 @@ from types import ModuleType
 
 import torch
 
-from .._inputs import STATS  # noqa: F401  (re-exported: the layout every backend shares)
 from . import cpu_backend, torch_backend, triton_backend
+from .protocol import STATS, RowStat, SkewBackend
+
+__all__ = [
+    "BACKENDS",
+    "BACKEND_MODULES",
+    "STATS",
+    "RowStat",
+    "SkewBackend",
+    "available_backends",
+    "resolve_backend_name",
+    "resolve_backend",
+    "backend_module",
+]
 
 BACKENDS = ("auto", "triton", "cpu", "torch")
-BACKEND_MODULES = {"triton": triton_backend, "cpu": cpu_backend, "torch": torch_backend}
+BACKEND_MODULES: dict[str, SkewBackend] = {"triton": triton_backend, "cpu": cpu_backend, "torch": torch_backend}
 
 _warned_cpu_fallback = False
 
@@ -100,3 +106,12 @@ def resolve_backend_name(name: str, device: torch.device) -> str:
 def resolve_backend(name: str, device: torch.device) -> ModuleType:
     """The backend module for `name` ("auto", "triton", "cpu" or "torch") and tensors on `device`."""
     return BACKEND_MODULES[resolve_backend_name(name, device)]
+
+
+def backend_module(name: str, dtype: torch.dtype) -> SkewBackend:
+    """The module that runs rows of compute dtype `dtype` (`_inputs.compute_dtype` of the logits) for the
+    concrete backend `name`: the one place that routes float64. float64 rows on "cpu" run on the torch
+    backend in float64 (the C++ kernels are float32; Triton rejects float64 with a TypeError)."""
+    if name == "cpu" and dtype == torch.float64:
+        return torch_backend
+    return BACKEND_MODULES[name]

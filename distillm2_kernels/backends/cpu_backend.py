@@ -9,7 +9,7 @@ the gradient of a scalar reduction from the same scratch, so its logits are read
 Rows run in parallel on `torch.get_num_threads()` threads; each row is computed by one thread in a fixed order,
 so results do not depend on the thread count.
 
-float64 logits are computed by the chunked `torch_backend` in float64.
+float64 rows are not this module's: `backends.backend_module` sends them to the chunked `torch_backend`.
 
 Where the extension comes from, looked up on first use (not at import): the module installed with the package
 (setup.py builds it when the build environment has torch), if it was built against the running torch; else the
@@ -27,8 +27,9 @@ from typing import Optional
 
 import torch
 
-from .._inputs import STATS, SkewRows
-from . import cpu_build, cpu_jit, torch_backend
+from .._inputs import SkewRows
+from ..statistics import STATS
+from . import cpu_build, cpu_jit
 
 ROW_TEMPORARIES = 0  # [rows, V] temporaries the kernels allocate besides their output (see torch_backend)
 
@@ -101,10 +102,6 @@ def kernel_isa() -> Optional[str]:
     return None if module is None else module.kernel_isa()
 
 
-def _runs_in_float64(rows: SkewRows) -> bool:
-    return rows.student.dtype == torch.float64 or rows.teacher.dtype == torch.float64
-
-
 def _extension(rows: SkewRows) -> ModuleType:
     module, reason, _ = _extension_state()
     if module is None:
@@ -131,9 +128,7 @@ def _extension_args(rows: SkewRows) -> tuple:
 
 
 def skew_statistics(rows: SkewRows) -> torch.Tensor:
-    """Sweep 1: the row statistics `[N, 7]` (column 4, C, is 0 until `skew_forward` fills it)."""
-    if _runs_in_float64(rows):
-        return torch_backend.skew_statistics(rows)
+    """Sweep 1: the row statistics `[N, STATS]` (column `RowStat.C` is 0 until `skew_forward` fills it)."""
     extension = _extension(rows)
     stats = torch.empty((rows.num_rows, STATS), dtype=torch.float32)
     extension.skew_statistics(
@@ -145,10 +140,8 @@ def skew_statistics(rows: SkewRows) -> torch.Tensor:
 def skew_forward(
     rows: SkewRows, reverse: bool, detach: bool, stats: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss `[N]` float32 and the statistics `[N, 7]` the backward needs. `stats` from
+    """Per-row loss `[N]` float32 and the statistics `[N, STATS]` the backward needs. `stats` from
     `skew_statistics` on the same rows skips sweep 1 (it is not modified)."""
-    if _runs_in_float64(rows):
-        return torch_backend.skew_forward(rows, reverse, detach, stats)
     extension = _extension(rows)
     args = _extension_args(rows)
     loss = torch.empty(rows.num_rows, dtype=torch.float32)
@@ -165,8 +158,6 @@ def skew_backward(
     rows: SkewRows, reverse: bool, detach: bool, stats: torch.Tensor, grad_loss: torch.Tensor
 ) -> torch.Tensor:
     """Gradient w.r.t. the student logits, `[N, V]` contiguous in the student's dtype."""
-    if _runs_in_float64(rows):
-        return torch_backend.skew_backward(rows, reverse, detach, stats, grad_loss)
     extension = _extension(rows)
     args = _extension_args(rows)
     grad = torch.empty((rows.num_rows, rows.vocab_size), dtype=rows.student.dtype)

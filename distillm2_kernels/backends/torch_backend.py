@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from .._inputs import STATS, SkewRows
+from .._inputs import SkewRows, compute_dtype
+from ..statistics import STATS, RowStat
 
 CHUNK_BYTES = 8 * 1024 * 1024  # bytes of one float32 [rows, V] temporary per chunk
 # [rows, V] float32 temporaries alive at once while a block of rows is processed (measured peak, forward
@@ -47,12 +48,6 @@ def _chunks(rows: SkewRows, dtype: torch.dtype):
         b = min(rows.student.shape[0], a + outer_step)
         student, teacher = rows.student[a:b].to(dtype), rows.teacher[a:b].to(dtype)
         yield a * inner, b * inner, student.reshape(-1, v), teacher.reshape(-1, v)
-
-
-def _compute_dtype(rows: SkewRows) -> torch.dtype:
-    if rows.student.dtype == torch.float64 or rows.teacher.dtype == torch.float64:
-        return torch.float64
-    return torch.float32
 
 
 def _max_and_log_sum(z: torch.Tensor, inv_temperature: float):
@@ -106,8 +101,8 @@ def _label_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def skew_statistics(rows: SkewRows) -> torch.Tensor:
-    """Sweep 1: the row statistics `[N, 7]` (C, column 4, is 0 until `skew_forward` fills it)."""
-    dtype = _compute_dtype(rows)
+    """Sweep 1: the row statistics `[N, STATS]` (column `RowStat.C` is 0 until `skew_forward` fills it)."""
+    dtype = compute_dtype(rows.student, rows.teacher)
     stats = torch.empty((rows.num_rows, STATS), dtype=dtype, device=rows.student.device)
     for start, end, s, t in _chunks(rows, dtype):
         max_s, log_sum_s = _max_and_log_sum(s, rows.inv_temperature)
@@ -130,13 +125,13 @@ def skew_statistics(rows: SkewRows) -> torch.Tensor:
 def skew_forward(
     rows: SkewRows, reverse: bool, detach: bool, stats: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss `[N]` (float32, float64 for float64 logits) and the statistics `[N, 7]`. `stats` from
+    """Per-row loss `[N]` (float32, float64 for float64 logits) and the statistics `[N, STATS]`. `stats` from
     `skew_statistics` on the same rows skips sweep 1 (it is not modified)."""
     stats = skew_statistics(rows) if stats is None else stats.clone()
     dtype = stats.dtype
     loss = torch.empty(rows.num_rows, dtype=dtype, device=rows.student.device)
     for start, end, s, t in _chunks(rows, dtype):
-        chunk = _Chunk(rows, start, end, s, t, dtype, row_stats=stats[start:end, :4].unbind(-1))
+        chunk = _Chunk(rows, start, end, s, t, dtype, row_stats=stats[start:end, : RowStat.C].unbind(-1))
         if reverse:
             q, d, e = chunk.srkl_terms()
             row_loss = (q * d).sum(-1)
@@ -149,7 +144,7 @@ def skew_forward(
             row_loss = torch.where(chunk.valid, row_loss, 0.0)
             c = torch.where(chunk.valid, c, 0.0)
         loss[start:end] = row_loss
-        stats[start:end, 4] = c
+        stats[start:end, RowStat.C] = c
     return loss, stats
 
 
@@ -157,12 +152,12 @@ def skew_backward(
     rows: SkewRows, reverse: bool, detach: bool, stats: torch.Tensor, grad_loss: torch.Tensor
 ) -> torch.Tensor:
     """Gradient w.r.t. the student logits, `[N, V]` contiguous in the student's dtype."""
-    dtype = _compute_dtype(rows)
+    dtype = compute_dtype(rows.student, rows.teacher)
     grad = torch.empty((rows.num_rows, rows.vocab_size), dtype=rows.student.dtype, device=rows.student.device)
     for start, end, s, t in _chunks(rows, dtype):
         chunk_stats = stats[start:end].to(dtype)
-        chunk = _Chunk(rows, start, end, s, t, dtype, row_stats=chunk_stats[:, :4].unbind(-1))
-        c = chunk_stats[:, 4:5]
+        chunk = _Chunk(rows, start, end, s, t, dtype, row_stats=chunk_stats[:, : RowStat.C].unbind(-1))
+        c = chunk_stats[:, RowStat.C, None]
         if reverse:
             q, d, e = chunk.srkl_terms()
             # a zero probability gets 0, NaN in a row holding NaN or +inf (whose C is NaN)

@@ -31,7 +31,8 @@ from typing import Optional
 
 import torch
 
-from .._inputs import STATS, SkewRows, row_layout
+from .._inputs import SkewRows, row_layout
+from ..statistics import STATS
 
 try:
     import triton
@@ -357,7 +358,7 @@ def _as_float32(value: float) -> float:
 
 
 def skew_statistics(rows: SkewRows) -> torch.Tensor:
-    """Sweep 1: the row statistics `[N, 7]` (column 4, C, is 0 until `skew_forward` fills it)."""
+    """Sweep 1: the row statistics `[N, STATS]` (column `RowStat.C` is 0 until `skew_forward` fills it)."""
     _check_runnable(rows)
     n, v = rows.num_rows, rows.vocab_size
     stats = torch.empty((n, STATS), dtype=torch.float32, device=rows.student.device)
@@ -382,7 +383,7 @@ def skew_statistics(rows: SkewRows) -> torch.Tensor:
 def skew_forward(
     rows: SkewRows, reverse: bool, detach: bool, stats: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss `[N]` float32 and the statistics `[N, 7]` the backward needs. `stats` from
+    """Per-row loss `[N]` float32 and the statistics `[N, STATS]` the backward needs. `stats` from
     `skew_statistics` on the same rows skips sweep 1 (it is not modified)."""
     stats = skew_statistics(rows) if stats is None else stats.clone()
     n, v = rows.num_rows, rows.vocab_size
