@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from distillm2_kernels._inputs import prepare_rows
-from distillm2_kernels.backends import cpu_backend
+from distillm2_kernels.backends import cpu_backend, prepare_rows
 
 from . import environment
 

@@ -183,10 +183,6 @@ def _first_step_state() -> CurriculumState:
     return CurriculumState(num_epochs=1, total_steps=1)
 
 
-# trainer/objectives.py imports it under this name (to become `reductions.sequence_mean` there)
-_sequence_mean = sequence_mean
-
-
 def _check_halves(kind: str, last: str, student_t, labels_t, student_s, labels_s) -> None:
     """Shapes of both halves: `[B, T, <last>]` student `kind` ("logits", "hidden") with `[B, T]` labels,
     the same B in both halves."""

@@ -24,6 +24,7 @@ from types import ModuleType
 
 import torch
 
+from .._inputs import SkewRows, prepare_rows
 from . import cpu_backend, torch_backend, triton_backend
 from .protocol import STATS, RowStat, SkewBackend
 
@@ -33,6 +34,8 @@ __all__ = [
     "STATS",
     "RowStat",
     "SkewBackend",
+    "SkewRows",
+    "prepare_rows",
     "available_backends",
     "resolve_backend_name",
     "resolve_backend",

@@ -173,9 +173,6 @@ def skew_forward_and_grad(
     `skew_backward(rows, reverse, detach, stats, row_grad_scale)` bit for bit, from one pass over the rows: each
     row's exponentials are evaluated once and its gradient written from the row scratch (no second read of the
     logits). `row_grad_scale[r]` = d(reduced loss)/d(loss_r), without the 1/T factor, which is applied here."""
-    if _runs_in_float64(rows):
-        loss, stats = torch_backend.skew_forward(rows, reverse, detach)
-        return loss, stats, torch_backend.skew_backward(rows, reverse, detach, stats, row_grad_scale)
     extension = _extension(rows)
     loss = torch.empty(rows.num_rows, dtype=torch.float32)
     stats = torch.empty((rows.num_rows, STATS), dtype=torch.float32)

@@ -19,7 +19,8 @@ from typing import Callable, Optional
 import torch
 
 from ..fused_linear import fused_linear_skl
-from ..objective import DistiLLM2Loss, _sequence_mean
+from ..objective import DistiLLM2Loss
+from ..reductions import sequence_mean
 from .models import LMHead
 
 __all__ = ["LOSSES", "TrainingObjective"]
@@ -86,7 +87,7 @@ class TrainingObjective:
             reduction=config.reduction, backend=self.backend, return_token_outputs=True,
         )
         valid = (labels[t] != config.ignore_index).to(torch.float32)
-        skl = _sequence_mean(outputs.losses.detach(), valid).mean()
+        skl = sequence_mean(outputs.losses.detach(), valid).mean()
         return loss, {"skl": skl, "alpha_t": torch.tensor(self.alpha)}
 
     def share_anchors(self, mean: Callable[[torch.Tensor], torch.Tensor]) -> None:
