@@ -84,7 +84,7 @@ def _row_max(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _shifted(z: torch.Tensor, row_max: torch.Tensor, inv_temperature: float) -> torch.Tensor:
     """x = (z − max z)/T, a new `[R, V]` tensor in row_max's dtype (z is read in its own dtype)."""
-    x = torch.sub(z, row_max)
+    x = z.to(row_max.dtype, copy=True).sub_(row_max) if z.dtype != row_max.dtype else torch.sub(z, row_max)
     if inv_temperature != 1.0:
         x.mul_(inv_temperature)
     return x
@@ -338,6 +338,7 @@ def skew_forward_and_grad(
             row_loss, c = _forward_terms(block, reverse, detach)
             c = c if block.valid is None else torch.where(block.valid, c, 0.0)
             chunk_stats[:, 4] = c
+            block = None  # its temporaries go before the gradient's block is built
             block = _Block(rows, start, end, s, t, dtype, stats=chunk_stats, teacher_exp=False)
             _exact_gradient(block, reverse, detach, chunk_stats[:, 4:5], scale, rows_grad)
         else:
