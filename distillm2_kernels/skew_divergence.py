@@ -212,14 +212,23 @@ class _ReducedSkewFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(grad)
         ctx.student_shape = student_logits.shape
+        ctx.grad_consumed = False
         return reduce_token_losses(loss.view(rows.leading_shape), labels, ignore_index, reduction)
 
     @staticmethod
     def backward(ctx, grad_loss):
         if grad_loss is None:
             return _REDUCED_GRADS()
+        if ctx.grad_consumed:
+            raise RuntimeError(
+                "distillm2_kernels: a second backward through a fused loss with a scalar reduction; its gradient "
+                "is computed in the forward and scaled in place by the first backward (so no second [N, V] "
+                "tensor is allocated). Compute the loss again, or use reduction='none' and reduce it yourself."
+            )
+        ctx.grad_consumed = True
         (grad,) = ctx.saved_tensors
-        return _REDUCED_GRADS(student_logits=(grad * grad_loss).view(ctx.student_shape))
+        # in place: the gradient is the only [N, V] tensor of the op, forward and backward together
+        return _REDUCED_GRADS(student_logits=grad.mul_(grad_loss).view(ctx.student_shape))
 
 
 _REDUCED_GRADS = InputGrads(_ReducedSkewFunction.forward)

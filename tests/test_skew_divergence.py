@@ -313,7 +313,8 @@ def test_strided_leading_dims_are_not_copied(backend, op, layout, chunk_rows, mo
     monkeypatch.setattr(torch_backend, "CHUNK_BYTES", chunk_rows * vocab * 4)
     module = BACKEND_MODULES[backend]
     seen = []
-    for name in ("skew_forward", "skew_backward"):
+    fused = hasattr(module, "skew_forward_and_grad")  # a scalar reduction's gradient comes out of the forward
+    for name in ("skew_forward_and_grad",) if fused else ("skew_forward", "skew_backward"):
         def spy(rows, *args, _real=getattr(module, name)):
             seen.append((rows.student.data_ptr(), rows.teacher.data_ptr()))
             return _real(rows, *args)
@@ -323,10 +324,11 @@ def test_strided_leading_dims_are_not_copied(backend, op, layout, chunk_rows, mo
         loss = run_fused(op, student, teacher, 0.2, backend, reduction="sum")
     with NewStorages() as backward:
         loss.backward()
-    assert seen == [(student.data_ptr(), teacher.data_ptr())] * 2
-    assert max(size for size, _ in forward.sizes) < n * vocab, forward.sizes
-    full = [op_name for size, op_name in backward.sizes if size >= n * vocab]
-    assert len(full) == 1, full  # the gradient itself
+    assert seen == [(student.data_ptr(), teacher.data_ptr())] * (1 if fused else 2)
+    forward_full = [op_name for size, op_name in forward.sizes if size >= n * vocab]
+    backward_full = [op_name for size, op_name in backward.sizes if size >= n * vocab]
+    # the gradient itself, the only allocation of the logits' size: in the forward where it is computed there
+    assert (len(forward_full), len(backward_full)) == ((1, 0) if fused else (0, 1)), (forward_full, backward_full)
     assert student.grad.shape == student.shape
 
 
@@ -597,3 +599,23 @@ def test_function_apply(backend):
     assert student.grad.shape == student.shape
     per_token = FusedSRKLFunction.apply(student, teacher, 0.1, None, -100, 1.0, backend, True)
     torch.testing.assert_close(per_token, fused_srkl(student, teacher, 0.1, reduction="none", backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_backward_of_a_forward_computed_gradient_is_refused(backend):
+    """Where the backend computes a scalar reduction's gradient in the forward, the backward scales it in place
+    (the op's only [N, V] tensor): a second backward through the same graph says so instead of returning a
+    gradient scaled twice. Elsewhere the second backward gives the first one's gradient again."""
+    from distillm2_kernels.backends import BACKEND_MODULES
+
+    student, teacher = make_logits((6, 50), torch.float32, seed=3)
+    student = student.requires_grad_(True)
+    loss = run_fused("skl", student, teacher, 0.2, backend)
+    (first,) = torch.autograd.grad(3.0 * loss, student, retain_graph=True)
+    first = first.clone()
+    if hasattr(BACKEND_MODULES[backend], "skew_forward_and_grad"):
+        with pytest.raises(RuntimeError, match="second backward"):
+            torch.autograd.grad(loss, student)
+    else:
+        (second,) = torch.autograd.grad(3.0 * loss, student)
+        assert torch.equal(first, second)
