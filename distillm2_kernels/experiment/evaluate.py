@@ -16,7 +16,7 @@ from typing import List, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .pretrain import _collate, encode_conversations
+from .conversations import collate_conversations, encode_conversations
 from .task import AdditionTask, Example
 
 __all__ = ["Evaluation", "greedy_answers", "answer_nll", "evaluate"]
@@ -75,7 +75,7 @@ def answer_nll(
     encoded = encode_conversations(tokenizer, examples, prompt_loss=False)
     total, count = 0.0, 0
     for begin in range(0, len(encoded), batch_size):
-        batch = _collate(encoded[begin : begin + batch_size], tokenizer.pad_token_id)
+        batch = collate_conversations(encoded[begin : begin + batch_size], tokenizer.pad_token_id)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
         labels = batch["labels"][:, 1:]
         total += torch.nn.functional.cross_entropy(

@@ -27,41 +27,16 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..trainer.data import pad_rows
+from .conversations import collate_conversations, encode_conversations
 from .task import Example
 
-__all__ = ["PretrainResult", "encode_conversations", "pretrain"]
+__all__ = ["PretrainResult", "pretrain"]
 
 
 @dataclass
 class PretrainResult:
     losses: List[float]  # training loss per optimizer step
     seconds: float
-
-
-def encode_conversations(
-    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], *, prompt_loss: bool = False
-) -> List[tuple]:
-    """(input_ids, labels) per example; labels are -100 on the prompt when `prompt_loss` is False."""
-    encoded = []
-    for example in examples:
-        user = [{"role": "user", "content": example.prompt}]
-        prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(
-            user + [{"role": "assistant", "content": example.answer}], tokenize=False
-        )
-        assert full.startswith(prompt), "the chat template's prompt must prefix the conversation"
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-        labels = list(ids) if prompt_loss else [-100] * len(prompt_ids) + ids[len(prompt_ids):]
-        encoded.append((ids, labels))
-    return encoded
-
-
-def _collate(batch: Sequence[tuple], pad_id: int) -> dict:
-    """Right-padded tensors of (input_ids, labels) rows, as the trainer pads them."""
-    input_ids, attention_mask, labels = pad_rows(batch, pad_id)
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
 def pretrain(
@@ -107,7 +82,7 @@ def pretrain(
             shuffled = list(range(len(data)))
             rng.shuffle(shuffled)
             order += shuffled
-        batch = _collate([data[i] for i in order[:batch_size]], tokenizer.pad_token_id)
+        batch = collate_conversations([data[i] for i in order[:batch_size]], tokenizer.pad_token_id)
         del order[:batch_size]
         loss = model(**batch).loss
         loss.backward()
