@@ -281,7 +281,7 @@ def test_quick_experiment_writes_tables_csv_and_plot(tmp_path, capsys):
     from distillm2_kernels.experiment.run import QUICK, ExperimentConfig
 
     output = tmp_path / "out"
-    assert main(["--quick", "--output", str(output), "--no-progress", "--seeds", "1", "2"]) == 0
+    assert main(["--quick", "--output", str(output), "--no-progress", "--seed", "1", "2"]) == 0
     printed = capsys.readouterr().out
     models = ["teacher", "student (before)", *ARMS]
     table = printed[printed.index("model "):]
@@ -322,5 +322,5 @@ def test_quick_experiment_writes_tables_csv_and_plot(tmp_path, capsys):
         assert (output / "seed-1" / "runs" / "distillm2-onpolicy" / f"epoch-{epoch}" / "pairs.jsonl").is_file()
     assert len((output / "seed-1" / "data" / "pairs.jsonl").read_text().splitlines()) == QUICK["num_prompts"]
     # a rerun of the same command reuses the finished seeds
-    assert main(["--quick", "--output", str(output), "--no-progress", "--seeds", "1", "2"]) == 0
+    assert main(["--quick", "--output", str(output), "--no-progress", "--seed", "1", "2"]) == 0
     assert capsys.readouterr().out.count("reusing") == 2

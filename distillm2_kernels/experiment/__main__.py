@@ -1,4 +1,4 @@
-"""`python -m distillm2_kernels.experiment [--quick] [--seeds N ...] [--output DIR] ...`: see `run.py`."""
+"""`python -m distillm2_kernels.experiment [--quick] [--seeds N | --seed S ...] [--output DIR] ...`: see `run.py`."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _lr_override(text: str) -> tuple:
     return arm, float(value)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> tuple:
+def build_parser() -> argparse.ArgumentParser:
     default = ExperimentConfig()
     parser = argparse.ArgumentParser(
         prog="python -m distillm2_kernels.experiment",
@@ -32,8 +32,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple:
     )
     parser.add_argument("--output", type=Path, default=default.output, help="output folder (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a smoke run of toy sizes (the numbers mean nothing)")
-    parser.add_argument("--seeds", type=int, nargs="+",
-                        help=f"seeds (default {' '.join(map(str, default.seeds))}); a count n alone means 0 … n−1")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seeds", type=int, metavar="N", help=f"run seeds 0 … N−1 (default {len(default.seeds)})")
+    seeds.add_argument("--seed", type=int, nargs="+", metavar="S", help="run these seeds")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), help="default: all six")
     parser.add_argument("--lr", type=_lr_override, action="append", default=[], metavar="ARM=LR",
                         help="an arm's learning rate (default: the committed sweep's, see run.DEFAULT_LRS)")
@@ -47,13 +48,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple:
     parser.add_argument("--distil-batch-size", type=int,
                         help=f"pairs per step (default {default.distil_batch_size})")
     parser.add_argument("--eval-samples", type=int, help=f"samples per held-out prompt (default {default.eval_samples})")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: these models are too small to gain from more, and one "
+                        "thread keeps the float rounding independent of the machine's core count)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> ExperimentConfig:
+    """The experiment's configuration from the command line (`--tune-lr` and `--threads` are `main`'s)."""
+    return config_from(build_parser().parse_args(argv))
+
+
+def config_from(args: argparse.Namespace) -> ExperimentConfig:
+    default = ExperimentConfig()
     config = replace(default, **QUICK) if args.quick else default
-    seeds = args.seeds
-    if seeds is not None and len(seeds) == 1 and not args.quick and seeds[0] > 1:
-        seeds = list(range(seeds[0]))  # --seeds 5: seeds 0 … 4
+    seeds = args.seed if args.seed else (range(args.seeds) if args.seeds else None)
     overrides = {
         "output": args.output, "seeds": tuple(seeds) if seeds else None, "teacher_steps": args.teacher_steps,
         "student_steps": args.student_steps, "num_prompts": args.num_prompts, "distil_epochs": args.distil_epochs,
@@ -65,16 +75,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple:
         config = replace(config, lrs=tuple({**dict(config.lrs), **dict(args.lr)}.items()))
     if args.no_progress:
         config = replace(config, progress=False)
-    return config, args.tune_lr
+    return config
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars for models of a few kB
-    config, tune = parse_args(argv)
-    if tune:
-        grid = (1e-2, 3e-2) if config.teacher_steps < 100 else LR_GRID  # --quick: a grid of two
+    args = build_parser().parse_args(argv)
+    config = config_from(args)
+    torch.set_num_threads(args.threads)
+    if args.tune_lr:
+        grid = LR_GRID[1:] if config.teacher_steps < 100 else LR_GRID  # --quick: a grid of two
         config = replace(config, lrs=tuple({**dict(config.lrs), **tune_learning_rates(config, grid)}.items()))
     run_experiment(config)
     return 0

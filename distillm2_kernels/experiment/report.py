@@ -185,8 +185,8 @@ def write_markdown(
 
 
 def plot_summary(path: Path, summaries: Sequence[Summary], rows: Sequence[SeedRow], *, title: str = "") -> Path:
-    """One panel per metric: each model's mean (bar), ± one standard deviation (error bar), and every seed
-    (dots)."""
+    """One panel per metric: each model's mean (large dot) ± one standard deviation (error bar), and every
+    seed's value (small dots beside it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,19 +202,14 @@ def plot_summary(path: Path, summaries: Sequence[Summary], rows: Sequence[SeedRo
         means = [scale * grid[m][metric].mean for m in models]
         stds = [scale * grid[m][metric].std if grid[m][metric].n > 1 else 0.0 for m in models]
         x = list(range(len(models)))
-        axis.bar(x, means, yerr=stds, capsize=4, color=[colours[i % len(colours)] for i in x], alpha=0.75)
         for i, model in enumerate(models):
+            colour = colours[i % len(colours)]
             seeds = [scale * r.metrics[metric] for r in rows if r.model == model]
-            axis.plot([i] * len(seeds), seeds, "k.", markersize=4)
+            axis.plot([i + 0.15] * len(seeds), seeds, ".", color=colour, alpha=0.5, markersize=5)
+            axis.errorbar([i], [means[i]], yerr=[stds[i]], fmt="o", color=colour, capsize=5, markersize=7)
         axis.set_xticks(x, models, rotation=40, ha="right")
         axis.set_title(METRICS[metric][0], fontsize=9)
         axis.grid(axis="y", alpha=0.3)
-        low = min(min(means) - max(stds), min(scale * r.metrics[metric] for r in rows))
-        high = max(max(means) + max(stds), max(scale * r.metrics[metric] for r in rows))
-        if metric != "teacher_logp":
-            axis.set_ylim(max(0.0, low - 0.05 * (high - low + 1)), high + 0.05 * (high - low + 1))
-        else:
-            axis.set_ylim(low - 0.05 * (high - low + 1), min(0.0, high + 0.05 * (high - low + 1)))
     if title:
         figure.suptitle(title)
     figure.tight_layout()

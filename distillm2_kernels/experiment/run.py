@@ -23,18 +23,18 @@ the validation prompts is measured every 100 steps; the step at which it first r
 threshold is flagged in the notes. The student is trained to near its plateau, so its starting point does
 not hang on where on a steep learning curve a fixed step count lands on one machine's float rounding.
 
-Distillation data: 1024 training prompts, one response each sampled from the teacher and from the initial
+Distillation data: 2048 training prompts, one response each sampled from the teacher and from the initial
 student at the paper's settings (temperature 0.8, top-p 0.95; `trainer.generation.generate`), joined by
 `trainer.pairing.pair` (`chosen` = teacher, `rejected` = student). No reference answer is used from here on.
 
 Arms (`distil.py`): `distillm2`, `paper`, `skl`, `srkl`, `kd` on those pairs, and `distillm2-onpolicy` (the
 trainer's batched on-policy pipeline: the student's responses regenerated at every epoch). Every arm: 3
-epochs over 1024 pairs, 32 pairs per step (96 optimizer steps), full fine-tuning, AdamW, 10 % warm-up then
+epochs over 2048 pairs, 32 pairs per step (192 optimizer steps), full fine-tuning, AdamW, 10 % warm-up then
 cosine, clipping at 1, the trainer's seed = the experiment seed.
 
 Learning rate: one per arm, chosen for every arm by the same procedure (`--tune-lr`): on a tuning seed
 that is not one of the reported seeds (seed 100: its own teacher, student and data), each arm is trained at
-each rate of a grid (3e-3, 1e-2, 3e-2) and scored on the validation prompts (the mean of the valid fractions
+each rate of a grid (1e-3, 3e-3, 1e-2) and scored on the validation prompts (the mean of the valid fractions
 at temperature 0.8 and 1); the best rate is the arm's. `DEFAULT_LRS` holds the result of that sweep, which the
 committed run reproduces (`results/experiment/lr_sweep.md`).
 
@@ -68,8 +68,8 @@ __all__ = ["ExperimentConfig", "QUICK", "DEFAULT_LRS", "LR_GRID", "TUNE_SEED", "
            "run_experiment", "tune_learning_rates"]
 
 # The per-arm learning rates picked by `--tune-lr` (the sweep of `tune_learning_rates` on TUNE_SEED).
-DEFAULT_LRS: Dict[str, float] = {arm: 1e-2 for arm in ARMS}
-LR_GRID: Tuple[float, ...] = (3e-3, 1e-2, 3e-2)
+DEFAULT_LRS: Dict[str, float] = {arm: 3e-3 for arm in ARMS}
+LR_GRID: Tuple[float, ...] = (1e-3, 3e-3, 1e-2)
 TUNE_SEED = 100
 
 
@@ -94,7 +94,7 @@ class ExperimentConfig:
     student_threshold: float = 0.5
     check_every: int = 100
     pretrain_batch_size: int = 64
-    num_prompts: int = 1024  # distillation prompts, the first training prompts
+    num_prompts: int = 2048  # distillation prompts, the first training prompts
     temperature: float = 0.8  # sampling of the distillation data (the paper's)
     top_p: float = 0.95
     distil_epochs: int = 3
@@ -332,7 +332,14 @@ def tune_learning_rates(config: ExperimentConfig, grid: Sequence[float] = LR_GRI
     writes `lr_sweep.csv` / `lr_sweep.md` in the output folder."""
     import csv
 
-    state = _Seed(replace(config, output=Path(config.output) / "lr-sweep"), seed)
+    output = Path(config.output)
+    cache = output / "lr-sweep" / "chosen.json"
+    key = hashlib.sha256(json.dumps([config.seed_key(), list(grid), seed]).encode()).hexdigest()[:16]
+    if cache.is_file() and json.loads(cache.read_text())["key"] == key:
+        best = json.loads(cache.read_text())["lrs"]
+        _say(f"[lr sweep] reusing {cache}: " + ", ".join(f"{arm} {lr:g}" for arm, lr in best.items()))
+        return best
+    state = _Seed(replace(config, output=output / "lr-sweep"), seed)
     teacher = state.pretrain("teacher")
     student = state.pretrain("student")
     paths = state.distillation_data(teacher.folder, student.folder)
@@ -351,8 +358,6 @@ def tune_learning_rates(config: ExperimentConfig, grid: Sequence[float] = LR_GRI
             _say(f"[lr sweep, seed {seed}] {arm} lr {lr:g}: score {metrics['score']:.3f} "
                  f"(valid_0.8 {metrics['valid_0.8']:.3f}, valid_1.0 {metrics['valid_1.0']:.3f})")
     best = {arm: max(grid, key=lambda lr: (scores[arm, lr]["score"], -lr)) for arm in config.arms}
-    output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
     with open(output / "lr_sweep.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         keys = ["score", "valid_0.8", "valid_1.0", "greedy", "teacher_logp", "coverage"]
@@ -367,6 +372,7 @@ def tune_learning_rates(config: ExperimentConfig, grid: Sequence[float] = LR_GRI
         cells = [f"**{c}**" if lr == best[arm] else c for c, lr in zip(cells, grid)]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     (output / "lr_sweep.md").write_text("\n".join(lines) + "\n")
+    cache.write_text(json.dumps({"key": key, "lrs": best}))
     _say("[lr sweep] chosen: " + ", ".join(f"{arm} {lr:g}" for arm, lr in best.items()))
     return best
 
