@@ -5,7 +5,7 @@ sorted (`"aabcc"`); a valid answer is any arrangement of exactly those letters w
 side by side (`"acabc"`, `"cabac"`, …). An answer is checked exactly: same letters with the same counts,
 and no adjacent pair equal (`ArrangeTask.is_valid`).
 
-Why this task (docs/design.md §7's miniature experiment needs a task where distribution matching matters):
+Why this task (the experiment needs one where matching the teacher's distribution matters, not only its argmax):
 - many valid answers per prompt (`count_valid`: from 1 to 40 320 here, 120 at the median, 12 for `"aabbc"`), so the
   teacher's distribution carries information beyond its argmax, and how many different valid answers a
   model samples (coverage) is measurable;
