@@ -77,7 +77,7 @@ TUNE_SEED = 100
 @dataclass(frozen=True)
 class ExperimentConfig:
     output: Path = Path("experiment_output")
-    seeds: Tuple[int, ...] = (0,)  # `make demo`: one seed, about 4 min on 2 idle cores; --seeds 5 for the table
+    seeds: Tuple[int, ...] = (0,)  # `make demo`: one seed (≈ 3 min on 2 cores at load 4–5); --seeds 5: the table
     letters: str = "abcdefgh"
     min_length: int = 5
     max_length: int = 8
@@ -330,7 +330,7 @@ def tune_learning_rates(config: ExperimentConfig, grid: Sequence[float] = LR_GRI
                         ) -> Dict[str, float]:
     """Each arm at each rate of `grid` on `seed` (not a reported seed), scored on the validation prompts by
     the mean of the T=0.8 and T=1 valid fractions; returns the best rate per arm (the smaller one on a tie) and
-    writes `lr_sweep.csv` / `lr_sweep.md` in the output folder."""
+    writes `<output>/lr_sweep.csv` and `<output>/lr_sweep.md`."""
     import csv
 
     output = Path(config.output)
@@ -372,7 +372,7 @@ def tune_learning_rates(config: ExperimentConfig, grid: Sequence[float] = LR_GRI
         cells = [f"{100 * scores[arm, lr]['score']:.1f}" for lr in grid]
         cells = [f"**{c}**" if lr == best[arm] else c for c, lr in zip(cells, grid)]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    (output / "lr_sweep.md").write_text("\n".join(lines) + "\n")
+    (output / "lr_sweep").with_suffix(".md").write_text("\n".join(lines) + "\n")
     cache.write_text(json.dumps({"key": key, "lrs": best}))
     _say("[lr sweep] chosen: " + ", ".join(f"{arm} {lr:g}" for arm, lr in best.items()))
     return best
