@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml setup.py requirements-test.txt
 	rm -f distillm2_kernels/_C.*.so
 	touch $(STAMP)
 
-# the miniature distillation experiment (teacher and student trained from scratch, three methods compared)
+# the miniature distillation experiment (teacher and student trained from scratch, six arms compared; one seed)
 demo: install
 	$(PY) -m distillm2_kernels.experiment
 

@@ -298,14 +298,14 @@ def run_python_c(reader: Reader, words: list[str]) -> None:
 
 def run_make_demo(reader: Reader, words: list[str]) -> None:
     """`make demo` = `python -m distillm2_kernels.experiment` (the Makefile's target, checked) at its
-    `--quick` sizes: the same stages (pretraining, sampling, pairing, three distillations, the report) in
-    seconds instead of about five minutes."""
+    `--quick` sizes: the same stages (pretraining, sampling, pairing, six distillation arms, the report) in
+    seconds instead of minutes."""
     assert re.search(r"^demo: install\n\t\$\(PY\) -m distillm2_kernels\.experiment$", _makefile(), re.M)
     from distillm2_kernels.experiment.__main__ import main
 
     output = reader.folder / "experiment_output"
     assert main(["--quick", "--output", str(output), "--no-progress"]) == 0
-    for name in ("results.csv", "results.md", "training_curves.png"):  # what the README says it writes
+    for name in ("results.csv", "summary.csv", "results.md", "results.png"):  # what the README says it writes
         assert (output / name).is_file(), name
 
 
@@ -437,7 +437,7 @@ def check_liger_download(reader: Reader, words: list[str]) -> None:
 
 
 COMMANDS = [
-    (r"make demo", run_make_demo, "runs the experiment at its --quick sizes (the full one takes ~5 min)", False),
+    (r"make demo", run_make_demo, "runs the experiment at its --quick sizes (the full one takes minutes)", False),
     (r"make test", check_make_test, "checked, not run: it is this test suite", False),
     (r"make bench", check_make_bench, "checked, not run: ~10 min; the --quick line runs the same entry point", False),
     (r"pip install .*", check_pip_install, "checked, not run: it would change this environment", False),
@@ -576,7 +576,8 @@ def test_the_experiment_takes_the_options_the_readme_names():
     from distillm2_kernels.experiment.__main__ import parse_args
 
     config = parse_args(["--quick", "--seed", "3", "--output", "elsewhere"])
-    assert config.seed == 3 and str(config.output) == "elsewhere"
+    assert config.seeds == (3,) and str(config.output) == "elsewhere"
+    assert parse_args(["--seeds", "5"]).seeds == (0, 1, 2, 3, 4)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -186,6 +186,8 @@ def _reference_loss(loss_kind, preset, student_logits, teacher_logits, labels, n
     """The objective written from `reference` on materialised logits (docs/design.md §4)."""
     s, t, y = student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:]
     pt, ps = slice(0, num_pairs), slice(num_pairs, 2 * num_pairs)
+    if loss_kind == "srkl":
+        return reference.srkl_reference(s[ps], t[ps], 0.1, labels=y[ps], reduction="seqmean", detach_mixture=True)
     if loss_kind != "distillm2":
         alpha = 0.0 if loss_kind == "kd" else 0.1
         return reference.skl_reference(s[pt], t[pt], alpha, labels=y[pt], reduction="seqmean")
@@ -205,13 +207,13 @@ def _one_step(family, tiny_models, loss_kind, preset, dtype, backend, fused: boo
     examples = [PairExample([{"role": "user", "content": PROMPTS[i]}], TEACHER_RESPONSES[i],
                             [{"role": "user", "content": PROMPTS[i]}], STUDENT_RESPONSES[i]) for i in range(3)]
     batch = collate_pairs(tokenize_pairs(examples, tokenizer), tokenizer.pad_token_id,
-                          with_rejected=loss_kind == "distillm2")
+                          with_rejected=loss_kind in ("distillm2", "srkl"))
     student, teacher = _models(teacher_dir, student_dir, dtype)
     vocab = shared_vocab_size(student, teacher, tokenizer)
     if fused:
         objective = TrainingObjective(loss_kind, preset, num_epochs=2, total_steps=4, backend=backend)
         loss, metrics = distillation_loss(HiddenStates(student), student, teacher, objective, batch, vocab)
-        assert metrics["skl"] > 0
+        assert metrics["srkl" if loss_kind == "srkl" else "skl"] > 0
     else:
         student_logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[..., :vocab]
         with torch.no_grad():
@@ -225,7 +227,7 @@ def _one_step(family, tiny_models, loss_kind, preset, dtype, backend, fused: boo
 @pytest.mark.parametrize(
     "loss_kind, preset",
     [("distillm2", "distillm2"), ("distillm2", "paper"), ("distillm2", "distillm"), ("skl", "distillm2"),
-     ("kd", "distillm2")],
+     ("kd", "distillm2"), ("srkl", "distillm2")],
 )
 def test_fused_step_gradients_equal_the_reference_on_materialised_logits(tiny_models, family, loss_kind, preset):
     """float64 models, the "torch" backend (the one that runs float64): the LoRA/DoRA gradients of one step

@@ -1,18 +1,17 @@
 """Supervised training from scratch: next-token cross-entropy on chat-formatted prompt + answer.
 
-Each example is rendered with the tokenizer's chat template (`<|user|>437+085<|assistant|>522<|eos|>`), the
+Each example is rendered with the tokenizer's chat template (`<|user|>aabcc<|assistant|>acabc<|eos|>`), the
 whole conversation is the model's input, and the loss covers the assistant turn and its `<|eos|>`
 (`prompt_loss=False`, the default, as in supervised fine-tuning) or every token (`prompt_loss=True`: plain
-language modelling). The default is measured: at 1000 steps of 64 examples the 4 × 128 teacher reached 83 %
-held-out accuracy with the answer-only loss and 1.8 % with the prompt in the loss (on an earlier version of
-the task without zero-padded operands) — the operands are uniformly random digits, so predicting them is
-noise that dominates the loss and its gradient.
+language modelling). The default was measured on the experiment's earlier task, multi-digit addition: at
+1000 steps of 64 examples a 4 × 128 teacher reached 83 % held-out accuracy with the answer-only loss and
+1.8 % with the prompt in the loss — random prompt characters are noise that dominates the loss and its
+gradient. (Not re-measured on the arrangement task.)
 AdamW, linear warm-up then cosine decay to 10 % of the peak rate, gradient clipping at 1, batches drawn by
 a seeded shuffle of the examples (a new shuffle each pass).
 
-The teacher is trained until it is good; the student, smaller, for a budget that leaves it partway up its
-learning curve, so that it starts the distillation clearly weaker than the teacher but not at zero
-(`run.py` sets both budgets).
+`run.py` sets the budgets: the teacher for a step count well past its quality threshold, the smaller student
+for one near its plateau; `callback` lets it measure the validation quality along the way.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Every character of the task's alphabet is one token; four special tokens frame t
 `<|user|>` and `<|assistant|>` open the turns, `<|eos|>` ends an assistant turn (and generation), `<|pad|>`
 pads batches. The chat template renders
 
-    [{"role": "user", "content": "437+085"}, {"role": "assistant", "content": "522"}]
-    →  "<|user|>437+085<|assistant|>522<|eos|>"
+    [{"role": "user", "content": "aabcc"}, {"role": "assistant", "content": "acabc"}]
+    →  "<|user|>aabcc<|assistant|>acabc<|eos|>"
 
 and, with `add_generation_prompt=True` after a user turn, ends with `<|assistant|>`, so the rendered prompt is
 a prefix of the rendered conversation (what trainers that split prompt from response by prefix expect).

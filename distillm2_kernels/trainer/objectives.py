@@ -5,6 +5,8 @@ student-response rows, with the preset's α, β, weighting and reduction (`disti
 `loss="skl"`: SKL_α on the teacher-response rows only, α the preset's constant α (0.1 in every preset; the
 paper preset's adaptive α needs both halves and is not used), reduced with the preset's reduction.
 `loss="kd"`: plain forward KL(p ‖ q) on the teacher-response rows = SKL at α = 0.
+`loss="srkl"`: SRKL_α on the student-response rows only (α the preset's constant α, the preset's mixture
+detaching and reduction) — DistiLLM-2 without its SKL half; the batch still holds the teacher-response rows.
 
 All three go through the fused-linear ops from the last hidden states and the lm_head weights: no `[N, V]`
 logits. Hidden states and labels arrive unshifted (`[R, T, ...]`, position k holds token k); the objective
@@ -18,14 +20,14 @@ from typing import Callable, Optional
 
 import torch
 
-from ..fused_linear import fused_linear_skl
+from ..fused_linear import fused_linear_skl, fused_linear_srkl
 from ..objective import DistiLLM2Loss
 from ..reductions import sequence_mean
 from .models import LMHead
 
 __all__ = ["LOSSES", "TrainingObjective"]
 
-LOSSES = ("distillm2", "skl", "kd")
+LOSSES = ("distillm2", "skl", "kd", "srkl")
 
 
 def _softcap(student: LMHead, teacher: LMHead):
@@ -49,11 +51,11 @@ class TrainingObjective:
 
     @property
     def uses_student_responses(self) -> bool:
-        return self.loss == "distillm2"
+        return self.loss in ("distillm2", "srkl")
 
     @property
     def alpha(self) -> float:
-        """The constant α of the SKL-only losses."""
+        """The constant α of the single-term losses (SKL, KD, SRKL)."""
         return 0.0 if self.loss == "kd" else self.curriculum.config.alpha
 
     def __call__(
@@ -80,6 +82,17 @@ class TrainingObjective:
                 "alpha_s": metrics["alpha_s"].mean(), "beta": metrics["beta"].float(),
             }
         config = self.curriculum.config
+        if self.loss == "srkl":
+            loss, outputs = fused_linear_srkl(
+                student_hidden[s], heads["student_weight"], teacher_hidden[s], heads["teacher_weight"], self.alpha,
+                student_bias=heads["student_bias"], teacher_bias=heads["teacher_bias"], labels=labels[s],
+                ignore_index=config.ignore_index, temperature=config.temperature, softcap=heads["softcap"],
+                reduction=config.reduction, detach_mixture=config.detach_mixture, backend=self.backend,
+                return_token_outputs=True,
+            )
+            valid = (labels[s] != config.ignore_index).to(torch.float32)
+            srkl = sequence_mean(outputs.losses.detach(), valid).mean()
+            return loss, {"srkl": srkl, "alpha_s": torch.tensor(self.alpha)}
         loss, outputs = fused_linear_skl(
             student_hidden[t], heads["student_weight"], teacher_hidden[t], heads["teacher_weight"], self.alpha,
             student_bias=heads["student_bias"], teacher_bias=heads["teacher_bias"], labels=labels[t],

@@ -344,7 +344,7 @@ def train(config: TrainConfig) -> TrainResult:
         local_model_dir(getattr(config, role), role)
     tokenizer = load_tokenizer(config.student)
     check_same_tokenizer(tokenizer, config.teacher)
-    examples = read_pairs(config.data, need_rejected=config.loss == "distillm2")
+    examples = read_pairs(config.data, need_rejected=config.loss in ("distillm2", "srkl"))
     pairs = tokenize_pairs(examples, tokenizer, max_length=config.max_length, progress=config.progress and main)
     plan = BatchPlan(len(pairs), config.batch_size, accelerator.num_processes, config.grad_accum, config.seed)
     sha256 = file_sha256(config.data)
