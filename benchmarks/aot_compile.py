@@ -89,6 +89,7 @@ POINTERS = {
     "labels_ptr": ("int64", True),
     "alpha_ptr": ("float32", True),
     "grad_loss_ptr": ("float32", True),
+    "row_grad_scale_ptr": ("float32", True),
     "loss_ptr": ("float32", False),
     "stats_ptr": ("float32", False),
 }
