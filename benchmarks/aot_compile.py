@@ -27,12 +27,17 @@ launcher calls) turns the value into the type and attribute, as at launch. The m
   the incoming gradient's stride (1, or 0 when broadcast);
 - by default a covering subset of that product, `--full` the whole of it (see `specializations`).
 
-Instructions per vocabulary entry (the budget of docs/design.md section 7; reported, not enforced): in the PTX
-(sm_80 and sm_90), the static count of the instructions in each loop that loads from global memory (the sweeps
-over the logits; the ignored rows' zero-fill loop loads nothing), divided by the entries one thread handles per
-iteration, BLOCK_V / (32·num_warps); likewise the special-function instructions (ex2, lg2, rcp, sqrt, rsqrt,
-sin, cos, tanh: their `.approx` forms). Branches taken rarely (logf's slow path) count as if always taken.
-Note that `tl.log` lowers to libdevice's `logf`, a polynomial on the FMA pipes, not to `lg2.approx`.
+Instructions per vocabulary entry (the budget of docs/design.md section 7.1): in the PTX (sm_80 and sm_90), the
+static count of the instructions in each loop that loads from global memory (the sweeps over the logits; the
+ignored rows' zero-fill loop loads nothing), divided by the entries one thread handles per iteration,
+BLOCK_V / (32·num_warps); likewise the special-function instructions (ex2, lg2, rcp, sqrt, rsqrt, sin, cos, tanh:
+their `.approx` forms). Branches taken rarely count as if always taken. Software equivalents of SFU ops are added
+to the SFU column ("SFU eq"): each PTX `div`, and each op of `SOFTWARE_TRANSCENDENTALS` (libdevice's logf and the
+like, a polynomial on the FMA pipes) on a block tensor inside a loop that loads, counted in the TTGIR, where such
+an op acts once per entry. The tables are printed for bf16 and fp32 logits at the largest launch configuration,
+per kernel and summed per op (fwd = statistics + loss kernels, fwd+bwd adds the backward kernel, and the fused
+`_skew_forward_and_grad_kernel`), with the model's HBM traffic (`TRAFFIC`) and what the sums miss of `BUDGET`.
+tests/test_aot_compile.py asserts the instructions within the budget and the SFU ops no higher than when written.
 """
 
 from __future__ import annotations
