@@ -350,7 +350,8 @@ if TRITON_AVAILABLE:
     ):
         """Sweep 2: the loss and the row constant C. Per entry: SKL 4 SFU ops (ex2 ×2, lg2, rcp) and 33.2 PTX
         instructions, SRKL 4 and 30.2, detached SRKL 3 (no rcp) and 25.1; reads 2 units, writes none."""
-        row = tl.program_id(0).to(tl.int64)
+        program = tl.program_id(0)
+        row = program.to(tl.int64)
         stats_row = stats_ptr + row * 7
         if HAS_LABELS:
             if tl.load(labels_ptr + row) == ignore_index:
@@ -364,8 +365,9 @@ if TRITON_AVAILABLE:
         loss, c = _loss_sweep(student_row, teacher_row, V, tl.load(stats_row + 0), tl.load(stats_row + 1) * LOG2E,
                               tl.load(stats_row + 2), tl.load(stats_row + 3) * LOG2E, inv_temperature * LOG2E, alpha,
                               REVERSE, DETACH, BLOCK_V)
-        tl.store(loss_ptr + row, loss)
-        tl.store(stats_row + 4, c)
+        # [N] and [N, 7] outputs: 32-bit offsets (N·7 < 2^31); recomputed here, not kept across the loop
+        tl.store(loss_ptr + program, loss)
+        tl.store(stats_ptr + program * 7 + 4, c)
 
     @triton.jit
     def _skew_backward_kernel(
@@ -441,30 +443,30 @@ if TRITON_AVAILABLE:
         the second and third reads of a row follow the first within one program, so that they hit L2 while the
         rows in flight fit there: then 2 units read and 1 written from HBM, else 6 read and 1 written
         (docs/design.md §7)."""
-        row = tl.program_id(0).to(tl.int64)
-        grad_row = grad_student_ptr + row * V
-        stats_row = stats_ptr + row * 7
+        program = tl.program_id(0)
+        row = program.to(tl.int64)
+        # the [N] and [N, 7] arrays take 32-bit offsets (N·7 < 2^31), recomputed where used, so that no address
+        # lives across a sweep (it would spill at sm_80); the [N, V] ones 64-bit
+        if ALPHA_PER_ROW:
+            alpha = tl.load(alpha_ptr + program)
         ignored, max_s, log2_sum_s, max_t, log2_sum_t = _statistics(
             student_ptr, teacher_ptr, student_outer_stride, student_inner_stride, teacher_outer_stride,
             teacher_inner_stride, inner_rows, labels_ptr, ignore_index, inv_temperature, stats_ptr, V, row,
             BLOCK_V, HAS_LABELS)
         if ignored:
-            tl.store(loss_ptr + row, 0.0)
-            _zero_row(grad_row, V, BLOCK_V)
+            tl.store(loss_ptr + program, 0.0)
+            _zero_row(grad_student_ptr + row * V, V, BLOCK_V)
         else:
-            if ALPHA_PER_ROW:
-                alpha = tl.load(alpha_ptr + row)
             student_row = _row_start(student_ptr, row, inner_rows, student_outer_stride, student_inner_stride)
             teacher_row = _row_start(teacher_ptr, row, inner_rows, teacher_outer_stride, teacher_inner_stride)
             scale = inv_temperature * LOG2E
             loss, c = _loss_sweep(student_row, teacher_row, V, max_s, log2_sum_s, max_t, log2_sum_t, scale, alpha,
                                   REVERSE, DETACH, BLOCK_V)
-            tl.store(loss_ptr + row, loss)
-            tl.store(stats_row + 4, c)
-            grad_scale = tl.load(row_grad_scale_ptr + row) * inv_temperature
-            _gradient_sweep(grad_row, student_row, teacher_row, V, max_s, log2_sum_s, max_t, log2_sum_t, scale,
-                            alpha, c, grad_scale, REVERSE, DETACH, BLOCK_V)
-
+            tl.store(loss_ptr + program, loss)
+            tl.store(stats_ptr + program * 7 + 4, c)
+            grad_scale = tl.load(row_grad_scale_ptr + program) * inv_temperature
+            _gradient_sweep(grad_student_ptr + row * V, student_row, teacher_row, V, max_s, log2_sum_s, max_t,
+                            log2_sum_t, scale, alpha, c, grad_scale, REVERSE, DETACH, BLOCK_V)
 
 def _check_runnable(rows: SkewRows) -> None:
     reason = unavailable_reason(rows.student.device)
