@@ -113,6 +113,7 @@ SFU_OPCODES = ("ex2", "lg2", "rcp", "sqrt", "rsqrt", "sin", "cos", "tanh")
 SOFTWARE_TRANSCENDENTALS = ("math.log", "math.log2", "math.log10", "math.log1p", "math.expm1", "math.erf",
                             "math.sin", "math.cos", "math.tan", "math.tanh", "math.pow", "math.sqrt",
                             "math.rsqrt", "tt.extern_elementwise", "tt.precise_divf", "tt.precise_sqrt")
+H200 = {"multiprocessors": 132, "registers_per_sm": 65536, "l2_bytes": 50e6}  # for the model's L2 fit
 COUNT_VERSION = 2  # part of the cache key: bump when a compile's result gains or changes a field
 # The budget of docs/design.md section 7 for fwd+bwd of a scalar reduction, per vocabulary entry.
 BUDGET = {"instructions": 90, "sfu": 4, "traffic": 5}
@@ -609,7 +610,8 @@ def instruction_table(results: list, arch: int = HEADLINE["arch"], dtypes: tuple
                  f"{'HBM units':>9} {'fused instr':>11} {'fused SFU':>9} {'fused HBM':>9}")
     for op, sums in op_sums(chosen).items():
         fused = (f"{sums['fused_instructions']:>11.1f} {sums['fused_sfu']:>9.2f} "
-                 f"{sums['fused_traffic']:>4g} ({sums['fused_traffic'] + sums['fused_l2_reads']:g})"
+                 f"{sums['fused_traffic']:>4g} ({sums['fused_traffic'] + sums['fused_l2_reads']:g})  "
+                 f"L2 fit for V <= {sums['fused_l2_max_vocab']}"
                  if "fused_instructions" in sums else "")
         lines.append(f"{op:<14} {sums['fwd_instructions']:>9.1f} {sums['fwd_sfu']:>7.2f} "
                      f"{sums['fwd_bwd_instructions']:>13.1f} {sums['fwd_bwd_sfu']:>11.2f} {sums['fwd_bwd_traffic']:>9g} "
@@ -617,7 +619,8 @@ def instruction_table(results: list, arch: int = HEADLINE["arch"], dtypes: tuple
     lines.append("(fwd = statistics + loss kernels; fwd+bwd adds the backward kernel; fused = "
                  "_skew_forward_and_grad_kernel, the scalar reductions' fwd+bwd in one kernel. SFU = special-function "
                  "ops and their software equivalents per entry. HBM units: the model's traffic in units of one "
-                 "[N, V] input; fused: when the rows in flight fit L2, else the value in brackets)")
+                 "[N, V] input; fused: when the rows in flight fit L2 (on an H200, by the kernel's registers: up to the V "
+                 "shown), else the value in brackets)")
     gaps = budget_gaps(chosen)
     lines.append(f"budget (docs/design.md section 7), fwd+bwd per entry: at most {BUDGET['instructions']} instructions, "
                  f"{BUDGET['sfu']} SFU ops, {BUDGET['traffic']} HBM units: "
@@ -648,8 +651,21 @@ def op_sums(chosen: dict) -> dict:
             f = per_entry(fused)
             read, written, l2 = TRAFFIC[fused["kernel"]]
             sums[op].update(fused_instructions=f["instructions"], fused_sfu=f["sfu_equivalents"],
-                            fused_traffic=read + written, fused_l2_reads=l2)
+                            fused_traffic=read + written, fused_l2_reads=l2,
+                            fused_l2_max_vocab=l2_max_vocab(fused))
     return sums
+
+
+def l2_max_vocab(r: dict, machine: dict = H200) -> int:
+    """The largest V at which the rows a kernel has in flight (programs per SM by its registers, one row each)
+    fit `machine`'s L2, both logits rows of each (the model of docs/design.md section 7.1)."""
+    import torch
+
+    per_warp = -(-r["registers"] // 8) * 8 * 32  # registers are allocated 8 a thread (256 a warp) at a time
+    programs = max(1, machine["registers_per_sm"] // (per_warp * r["num_warps"])) * machine["multiprocessors"]
+    entry_bytes = sum(torch.empty((), dtype=getattr(torch, r["case"][role])).element_size()
+                      for role in ("student", "teacher"))
+    return int(machine["l2_bytes"] // (programs * entry_bytes))
 
 
 def budget_gaps(chosen: dict) -> list:
@@ -663,6 +679,9 @@ def budget_gaps(chosen: dict) -> list:
                                    ("HBM units (rows in flight fitting L2)", traffic, BUDGET["traffic"])):
             if value > limit + 1e-9:
                 gaps.append(f"{op} {what} {value:.2f} > {limit}")
+        if traffic <= BUDGET["traffic"] < sums["fwd_bwd_traffic"] and "fused_l2_max_vocab" in sums:
+            gaps.append(f"{op} HBM units {sums['fwd_bwd_traffic']:g} > {BUDGET['traffic']} for V above "
+                        f"{sums['fused_l2_max_vocab']}")
     return gaps
 
 

@@ -199,3 +199,11 @@ def test_ptx_loops_counts_the_instructions_of_each_loop():
     assert entry["sfu_equivalents"] == 1.0
     entry = aot_compile.per_entry(dict(result, software_transcendentals={"math.log": 1}))
     assert entry["sfu"] == 1.0 and entry["sfu_equivalents"] == 2.0
+
+
+def test_l2_fit_of_the_rows_in_flight():
+    # 78 registers -> 80 a thread, 20480 a program of 8 warps: 3 programs an SM, 396 rows on 132 SMs; bf16 rows:
+    # 4 bytes an entry for the two, 50 MB / (396 x 4) entries
+    r = {"registers": 78, "num_warps": 8, "case": {"student": "bfloat16", "teacher": "bfloat16"}}
+    assert aot_compile.l2_max_vocab(r) == 31565
+    assert aot_compile.l2_max_vocab(dict(r, case={"student": "float32", "teacher": "float32"})) == 31565 // 2
