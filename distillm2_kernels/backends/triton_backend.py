@@ -193,14 +193,24 @@ if TRITON_AVAILABLE:
         return q, d2, e
 
     @triton.jit
+    def _pair_sums(x, BLOCK_V: tl.constexpr, ACC_V: tl.constexpr):
+        """[BLOCK_V] -> [ACC_V]: x[2i] + x[2i+1] (x itself when ACC_V = BLOCK_V = 1)."""
+        if ACC_V == BLOCK_V:
+            return x
+        else:
+            return tl.sum(tl.reshape(x, [ACC_V, 2]), 1)
+
+    @triton.jit
     def _loss_sweep(student_row, teacher_row, V, max_s, log2_sum_s, max_t, log2_sum_t, scale, alpha,
                     REVERSE: tl.constexpr, DETACH: tl.constexpr, BLOCK_V: tl.constexpr):
         """Sweep 2: (loss, C) of one row from its statistics (log2-sums, scale = log2(e)/T)."""
+        ACC_V: tl.constexpr = BLOCK_V // 2 if BLOCK_V > 1 else 1
         log2_alpha = tl.log2(alpha)
         log2_one_minus_alpha = tl.log2(1.0 - alpha)
         offsets = tl.arange(0, BLOCK_V)
-        loss_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
-        c_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+        # the accumulators hold adjacent pairs of entries summed (in-thread: half the registers)
+        loss_acc = tl.zeros([ACC_V], dtype=tl.float32)
+        c_acc = tl.zeros([ACC_V], dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
             cols = start + offsets
             in_row = cols < V
@@ -208,13 +218,13 @@ if TRITON_AVAILABLE:
             log2_p = _block_log2_probs(teacher_row, cols, in_row, max_t, log2_sum_t, scale)
             if REVERSE:
                 q, d2, e = _srkl_terms(log2_q, log2_p, log2_alpha, log2_one_minus_alpha, not DETACH)
-                loss_acc += q * d2
+                loss_acc += _pair_sums(q * d2, BLOCK_V, ACC_V)
                 if not DETACH:
-                    c_acc += q * e
+                    c_acc += _pair_sums(q * e, BLOCK_V, ACC_V)
             else:
                 loss_terms, c_terms = _skl_loss_terms(log2_q, log2_p, log2_alpha, log2_one_minus_alpha)
-                loss_acc += loss_terms
-                c_acc += c_terms
+                loss_acc += _pair_sums(loss_terms, BLOCK_V, ACC_V)
+                c_acc += _pair_sums(c_terms, BLOCK_V, ACC_V)
         loss = tl.sum(loss_acc, 0) * LN2
         c = tl.sum(c_acc, 0)
         if REVERSE:
