@@ -149,8 +149,9 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _row_log_sum(row_ptr, V, scale, BLOCK_V: tl.constexpr):
-        """Online (max z, log Σ exp((z − max z)/T)) = (max z, ln Σ 2^((z − max z)·scale)) over `row[:V]`, scale = log2(e)/T; a row of −inf gives
-        max 0, log-sum −inf, a row holding NaN or +inf gives log-sum NaN (so every log-probability is NaN).
+        """Online (max z, log Σ exp((z − max z)/T)) = (max z, ln Σ 2^((z − max z)·scale)) over `row[:V]`,
+        scale = log2(e)/T; a row of −inf gives max 0, log-sum −inf, a row holding NaN or +inf gives log-sum NaN
+        (so every log-probability is NaN).
         Per entry: 1 ex2, about 7 instructions (load, convert, max, sub, mul, ex2, add) plus the block
         reductions."""
         offsets = tl.arange(0, BLOCK_V)
@@ -204,11 +205,12 @@ if TRITON_AVAILABLE:
     def _loss_sweep(student_row, teacher_row, V, max_s, log2_sum_s, max_t, log2_sum_t, scale, alpha,
                     REVERSE: tl.constexpr, DETACH: tl.constexpr, BLOCK_V: tl.constexpr):
         """Sweep 2: (loss, C) of one row from its statistics (log2-sums, scale = log2(e)/T)."""
-        ACC_V: tl.constexpr = BLOCK_V // 2 if BLOCK_V > 1 else 1
+        # SRKL's accumulators hold adjacent pairs of entries summed (in-thread: half the registers, which keeps
+        # ptxas from spilling its SRKL loops); SKL's hold every entry (its loops spill with the pairs)
+        ACC_V: tl.constexpr = BLOCK_V // 2 if REVERSE and BLOCK_V > 1 else BLOCK_V
         log2_alpha = tl.log2(alpha)
         log2_one_minus_alpha = tl.log2(1.0 - alpha)
         offsets = tl.arange(0, BLOCK_V)
-        # the accumulators hold adjacent pairs of entries summed (in-thread: half the registers)
         loss_acc = tl.zeros([ACC_V], dtype=tl.float32)
         c_acc = tl.zeros([ACC_V], dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
