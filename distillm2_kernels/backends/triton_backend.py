@@ -360,7 +360,7 @@ if TRITON_AVAILABLE:
         HAS_LABELS: tl.constexpr,  # whether labels_ptr is given
         ALPHA_PER_ROW: tl.constexpr,  # whether alpha_ptr is given
     ):
-        """Sweep 2: the loss and the row constant C. Per entry: SKL 4 SFU ops (ex2 ×2, lg2, rcp) and 33.0 PTX
+        """Sweep 2: the loss and the row constant C. Per entry: SKL 4 SFU ops (ex2 ×2, lg2, rcp) and 33.2 PTX
         instructions, SRKL 4 and 31.0, detached SRKL 3 (no rcp) and 25.5; reads 2 units, writes none."""
         program = tl.program_id(0)
         row = program.to(tl.int64)
@@ -451,7 +451,7 @@ if TRITON_AVAILABLE:
     ):
         """Sweeps 1, 2 and 3 of one row back to back, for the scalar reductions: the loss, the statistics and
         the gradient scaled by row_grad_scale / T. The same per-entry work as the three kernels above (their
-        sum: SKL 9.1 SFU ops and 78.2 PTX instructions per entry, SRKL 10.1 and 87.1, detached 8.1 and 77.6);
+        sum: SKL 9.1 SFU ops and 78.4 PTX instructions per entry, SRKL 10.1 and 87.1, detached 8.1 and 77.6);
         the second and third reads of a row follow the first within one program, so that they hit L2 while the
         rows in flight fit there: then 2 units read and 1 written from HBM, else 6 read and 1 written
         (docs/design.md §7)."""
