@@ -27,12 +27,17 @@ launcher calls) turns the value into the type and attribute, as at launch. The m
   the incoming gradient's stride (1, or 0 when broadcast);
 - by default a covering subset of that product, `--full` the whole of it (see `specializations`).
 
-Instructions per vocabulary entry (the budget of docs/design.md section 7; reported, not enforced): in the PTX
-(sm_80 and sm_90), the static count of the instructions in each loop that loads from global memory (the sweeps
-over the logits; the ignored rows' zero-fill loop loads nothing), divided by the entries one thread handles per
-iteration, BLOCK_V / (32·num_warps); likewise the special-function instructions (ex2, lg2, rcp, sqrt, rsqrt,
-sin, cos, tanh: their `.approx` forms). Branches taken rarely (logf's slow path) count as if always taken.
-Note that `tl.log` lowers to libdevice's `logf`, a polynomial on the FMA pipes, not to `lg2.approx`.
+Instructions per vocabulary entry (the budget of docs/design.md section 7.1): in the PTX (sm_80 and sm_90), the
+static count of the instructions in each loop that loads from global memory (the sweeps over the logits; the
+ignored rows' zero-fill loop loads nothing), divided by the entries one thread handles per iteration,
+BLOCK_V / (32·num_warps); likewise the special-function instructions (ex2, lg2, rcp, sqrt, rsqrt, sin, cos, tanh:
+their `.approx` forms). Branches taken rarely count as if always taken. Software equivalents of SFU ops are added
+to the SFU column ("SFU eq"): each PTX `div`, and each op of `SOFTWARE_TRANSCENDENTALS` (libdevice's logf and the
+like, a polynomial on the FMA pipes) on a block tensor inside a loop that loads, counted in the TTGIR, where such
+an op acts once per entry. The tables are printed for bf16 and fp32 logits at the largest launch configuration,
+per kernel and summed per op (fwd = statistics + loss kernels, fwd+bwd adds the backward kernel, and the fused
+`_skew_forward_and_grad_kernel`), with the model's HBM traffic (`TRAFFIC`) and what the sums miss of `BUDGET`.
+tests/test_aot_compile.py asserts the instructions within the budget and the SFU ops no higher than when written.
 """
 
 from __future__ import annotations
@@ -89,18 +94,37 @@ POINTERS = {
     "labels_ptr": ("int64", True),
     "alpha_ptr": ("float32", True),
     "grad_loss_ptr": ("float32", True),
+    "row_grad_scale_ptr": ("float32", True),
     "loss_ptr": ("float32", False),
     "stats_ptr": ("float32", False),
 }
 SCALARS = {"alpha": 0.1, "inv_temperature": 1.0, "ignore_index": -100}  # fp32, fp32, i32 at launch
 HEADLINE = {"arch": 90, "dtypes": ("bfloat16", "bfloat16"), "aligned": True}  # the instruction table's case
-OPS = OrderedDict([  # op -> the flags of its loss and backward kernels (statistics: no flags but HAS_LABELS)
+HEADLINE_DTYPES = (("bfloat16", "bfloat16"), ("float32", "float32"))  # the tables' logits dtypes (bf16 first)
+OPS = OrderedDict([  # op -> the flags of its loss, backward and fused kernels (statistics: no flags but HAS_LABELS)
     ("SKL", {"REVERSE": False, "DETACH": False}),
     ("SRKL", {"REVERSE": True, "DETACH": False}),
     ("SRKL detached", {"REVERSE": True, "DETACH": True}),
 ])
 DEFAULT_CACHE = os.path.join(tempfile.gettempdir(), f"distillm2_kernels_aot_{os.getuid() if hasattr(os, 'getuid') else 0}")
 SFU_OPCODES = ("ex2", "lg2", "rcp", "sqrt", "rsqrt", "sin", "cos", "tanh")
+# TTGIR ops that lower to a software sequence (libdevice) rather than one SFU instruction: each is counted as
+# one special-function equivalent per entry. (math.exp and math.exp2 lower to ex2.approx, counted in the PTX.)
+SOFTWARE_TRANSCENDENTALS = ("math.log", "math.log2", "math.log10", "math.log1p", "math.expm1", "math.erf",
+                            "math.sin", "math.cos", "math.tan", "math.tanh", "math.pow", "math.sqrt",
+                            "math.rsqrt", "tt.extern_elementwise", "tt.precise_divf", "tt.precise_sqrt")
+H200 = {"multiprocessors": 132, "registers_per_sm": 65536, "l2_bytes": 50e6}  # for the model's L2 fit
+COUNT_VERSION = 2  # part of the cache key: bump when a compile's result gains or changes a field
+# The budget of docs/design.md section 7 for fwd+bwd of a scalar reduction, per vocabulary entry.
+BUDGET = {"instructions": 90, "sfu": 4, "traffic": 5}
+# The model's traffic per entry, in units of one [N, V] input: (read from HBM, written to HBM, re-read that
+# may hit L2). The fused kernel re-reads each row twice right after its first read (docs/design.md section 7).
+TRAFFIC = {
+    "_row_statistics_kernel": (2, 0, 0),
+    "_skew_loss_kernel": (2, 0, 0),
+    "_skew_backward_kernel": (2, 1, 0),
+    "_skew_forward_and_grad_kernel": (2, 1, 4),
+}
 
 
 class UnknownArgument(KeyError):
@@ -252,15 +276,18 @@ def specializations(arches=ARCHES, dtype_pairs=DTYPE_PAIRS, max_vocab: int = MAX
                                         "student": student, "teacher": teacher}
                                 specs.append(_one(fn, kernel_name, arch, block, warps, dict(loop_flags, **extra),
                                                   case, specialize))
-                # the instruction table's case (prologue flags off), whatever the turns gave
+                # the instruction tables' cases (prologue flags off), whatever the turns gave
                 block, warps = max(every_pair)
                 v = next(v for v_class, v in configs[(block, warps)].items() if v_class[1] == "D")
-                headline = {"V": v, "aligned": True, "grad_loss_stride": prologue[0].get("grad_loss_stride"),
-                            "student": HEADLINE["dtypes"][0], "teacher": HEADLINE["dtypes"][1]}
-                flags = dict(loop_flags, **{k: x for k, x in prologue[0].items() if k != "grad_loss_stride"})
-                spec = _one(fn, kernel_name, arch, block, warps, flags, headline, specialize)
-                if all(_key(spec) != _key(other) for other in specs[-40:]):
-                    specs.append(spec)
+                for student, teacher in HEADLINE_DTYPES:
+                    if (student, teacher) not in dtype_pairs:
+                        continue
+                    headline = {"V": v, "aligned": True, "grad_loss_stride": prologue[0].get("grad_loss_stride"),
+                                "student": student, "teacher": teacher}
+                    flags = dict(loop_flags, **{k: x for k, x in prologue[0].items() if k != "grad_loss_stride"})
+                    spec = _one(fn, kernel_name, arch, block, warps, flags, headline, specialize)
+                    if all(_key(spec) != _key(other) for other in specs[-80:]):
+                        specs.append(spec)
     return specs
 
 
@@ -316,7 +343,7 @@ def compile_one(spec: dict, cache_dir: Optional[str] = None) -> dict:
             env_vars = get_cache_invalidating_env_vars()
         except ImportError:  # pragma: no cover - older triton
             env_vars = {k: v for k, v in os.environ.items() if k.startswith("TRITON_")}
-        key = hashlib.sha256(json.dumps([source.hash(), spec["arch"], spec["num_warps"], triton.__version__,
+        key = hashlib.sha256(json.dumps([COUNT_VERSION, source.hash(), spec["arch"], spec["num_warps"], triton.__version__,
                                          ptxas.path, ptxas.version, env_vars],
                                         sort_keys=True, default=str).encode()).hexdigest()
         cached = Path(cache_dir) / f"{key}.json"
@@ -360,7 +387,8 @@ def _compile(source, spec: dict) -> dict:
         return result
     result.update(registers=int(registers.group(1)), stack_bytes=int(spills.group(1)),
                   spill_stores=int(spills.group(2)), spill_loads=int(spills.group(3)),
-                  shared_bytes=int(compiled.metadata.shared), loops=ptx_loops(compiled.asm["ptx"]))
+                  shared_bytes=int(compiled.metadata.shared), loops=ptx_loops(compiled.asm["ptx"]),
+                  software_transcendentals=ttgir_software_transcendentals(compiled.asm["ttgir"]))
     return result
 
 
@@ -417,6 +445,37 @@ def ptx_loops(ptx: str) -> list:
         if base == "div":
             loop["div"] += 1
     return [dict(loop, header=name) for name, loop in loops.items()]
+
+
+def ttgir_software_transcendentals(ttgir: str) -> dict:
+    """op -> how many per vocabulary entry: the `SOFTWARE_TRANSCENDENTALS` on tensors inside the `scf.for`
+    loops that load (`tt.load`), one per entry each (a tensor op acts on every entry of the block once)."""
+    counts: dict = {}
+    depth, loop_depths, body, loads = 0, [], [], []
+    for line in ttgir.splitlines():
+        code = line.strip()
+        if re.search(r"\bscf\.for\b", code) and code.endswith("{"):
+            loop_depths.append(depth)
+            body.append({})
+            loads.append(False)
+        if loop_depths:
+            if "tt.load" in code:
+                loads[-1] = True
+            op = re.search(r"=\s*([\w.]+)\s", code)
+            if op and op.group(1) in SOFTWARE_TRANSCENDENTALS and ": tensor<" in code:
+                body[-1][op.group(1)] = body[-1].get(op.group(1), 0) + 1
+        depth += code.count("{") - code.count("}")
+        if loop_depths and depth <= loop_depths[-1]:
+            loop_depths.pop()
+            ops, loaded = body.pop(), loads.pop()
+            if loop_depths:  # a nested loop's ops belong to its parent's body too
+                for name, count in ops.items():
+                    body[-1][name] = body[-1].get(name, 0) + count
+                loads[-1] = loads[-1] or loaded
+            elif loaded:
+                for name, count in ops.items():
+                    counts[name] = counts.get(name, 0) + count
+    return counts
 
 
 # --- the run ----------------------------------------------------------------------------------------------------
@@ -492,25 +551,30 @@ def register_table(results: list) -> str:
 
 
 def per_entry(r: dict) -> dict:
-    """Instructions and special-function ops per vocabulary entry over the loops that read the logits."""
+    """Instructions and special-function ops per vocabulary entry over the loops that read the logits.
+    `sfu` counts the SFU instructions (ex2, lg2, rcp, ... `.approx`); `sfu_equivalents` adds a divide
+    (`div` in the PTX: a reciprocal and its refinement) and each software transcendental of the TTGIR
+    (libdevice's logf and the like, a polynomial on the FMA pipes standing in for one SFU op)."""
     entries_per_thread = r["BLOCK_V"] / (32 * r["num_warps"])
     sweeps = [loop for loop in r["loops"] if loop["loads_global"]]
     sfu: dict = {}
     for loop in sweeps:
         for op, count in loop["sfu"].items():
             sfu[op] = sfu.get(op, 0) + count
+    by_op = {op: count / entries_per_thread for op, count in sorted(sfu.items())}
+    div = sum(loop["div"] for loop in sweeps) / entries_per_thread
+    software = dict(sorted(r.get("software_transcendentals", {}).items()))
     return {"sweeps": len(sweeps), "entries_per_thread": entries_per_thread,
             "instructions": sum(loop["instructions"] for loop in sweeps) / entries_per_thread,
-            "sfu": sum(sfu.values()) / entries_per_thread,
-            "by_op": {op: count / entries_per_thread for op, count in sorted(sfu.items())},
-            "div": sum(loop["div"] for loop in sweeps) / entries_per_thread}
+            "sfu": sum(by_op.values()), "by_op": by_op, "div": div, "software": software,
+            "sfu_equivalents": sum(by_op.values()) + div + sum(software.values())}
 
 
-def headline_results(results: list, arch: int = HEADLINE["arch"]) -> dict:
-    """kernel -> {flags key: result} at the largest launch configuration, bf16, aligned, HAS_LABELS and
-    ALPHA_PER_ROW off (they change only code outside the loops)."""
+def headline_results(results: list, arch: int = HEADLINE["arch"], dtypes: tuple = HEADLINE["dtypes"]) -> dict:
+    """kernel -> {flags key: result} at the largest launch configuration, `dtypes` logits, aligned,
+    HAS_LABELS and ALPHA_PER_ROW off (they change only code outside the loops)."""
     ok = [r for r in results if "error" not in r and r["arch"] == arch and r["case"]["aligned"]
-          and (r["case"]["student"], r["case"]["teacher"]) == HEADLINE["dtypes"]]
+          and (r["case"]["student"], r["case"]["teacher"]) == tuple(dtypes)]
     if not ok:
         return {}
     block = max(r["BLOCK_V"] for r in ok)
@@ -522,34 +586,51 @@ def headline_results(results: list, arch: int = HEADLINE["arch"]) -> dict:
     return chosen
 
 
-def instruction_table(results: list, arch: int = HEADLINE["arch"]) -> str:
-    chosen = headline_results(results, arch)
+def instruction_table(results: list, arch: int = HEADLINE["arch"], dtypes: tuple = HEADLINE["dtypes"]) -> str:
+    chosen = headline_results(results, arch, dtypes)
+    name = "bf16" if dtypes == ("bfloat16", "bfloat16") else "/".join(dtypes)
     if not chosen:
-        return f"(no sm_{arch} bf16 results)"
+        return f"(no sm_{arch} {name} results)"
     any_result = next(iter(next(iter(chosen.values())).values()))
     lines = [f"sm_{arch} PTX, BLOCK_V={any_result['BLOCK_V']}, num_warps={any_result['num_warps']} "
              f"({any_result['BLOCK_V'] // (32 * any_result['num_warps'])} entries per thread per iteration), "
-             f"bf16 logits, per vocabulary entry (static count of the loops that read the logits):",
-             f"{'kernel':<24} {'flags':<22} {'sweeps':>6} {'instr/entry':>11} {'SFU/entry':>9}  SFU ops"]
+             f"{name} logits, per vocabulary entry (static count of the loops that read the logits):",
+             f"{'kernel':<30} {'flags':<19} {'sweeps':>6} {'instr/entry':>11} {'SFU':>5} {'SFU eq':>6}  SFU ops"]
     for kernel, by_flags in chosen.items():
         for key, r in sorted(by_flags.items()):
             e = per_entry(r)
             flags = ",".join(f"{k}={int(v)}" for k, v in key) or "-"
             ops = " ".join(f"{op} {count:g}" for op, count in e["by_op"].items()) + (
-                f" div {e['div']:g}" if e["div"] else "")
-            lines.append(f"{kernel:<24} {flags:<22} {e['sweeps']:>6} {e['instructions']:>11.1f} {e['sfu']:>9.2f}  {ops}")
+                f" div {e['div']:g}" if e["div"] else "") + "".join(
+                f" {op} {count:g} (software)" for op, count in e["software"].items())
+            lines.append(f"{kernel:<30} {flags:<19} {e['sweeps']:>6} {e['instructions']:>11.1f} {e['sfu']:>5.2f} "
+                         f"{e['sfu_equivalents']:>6.2f}  {ops}")
     lines.append("")
-    lines.append(f"{'op':<16} {'fwd instr':>9} {'fwd SFU':>7} {'fwd+bwd instr':>13} {'fwd+bwd SFU':>11}"
-                 "   (fwd = statistics + loss kernels; fwd+bwd adds the backward kernel)")
+    lines.append(f"{'op':<14} {'fwd instr':>9} {'fwd SFU':>7} {'fwd+bwd instr':>13} {'fwd+bwd SFU':>11} "
+                 f"{'HBM units':>9} {'fused instr':>11} {'fused SFU':>9} {'fused HBM':>9}")
     for op, sums in op_sums(chosen).items():
-        lines.append(f"{op:<16} {sums['fwd_instructions']:>9.1f} {sums['fwd_sfu']:>7.2f} "
-                     f"{sums['fwd_bwd_instructions']:>13.1f} {sums['fwd_bwd_sfu']:>11.2f}")
-    lines.append("budget (docs/design.md section 7): at most 90 instructions and 4 SFU ops per entry for fwd+bwd")
+        fused = (f"{sums['fused_instructions']:>11.1f} {sums['fused_sfu']:>9.2f} "
+                 f"{sums['fused_traffic']:>4g} ({sums['fused_traffic'] + sums['fused_l2_reads']:g})  "
+                 f"L2 fit for V <= {sums['fused_l2_max_vocab']}"
+                 if "fused_instructions" in sums else "")
+        lines.append(f"{op:<14} {sums['fwd_instructions']:>9.1f} {sums['fwd_sfu']:>7.2f} "
+                     f"{sums['fwd_bwd_instructions']:>13.1f} {sums['fwd_bwd_sfu']:>11.2f} {sums['fwd_bwd_traffic']:>9g} "
+                     f"{fused}")
+    lines.append("(fwd = statistics + loss kernels; fwd+bwd adds the backward kernel; fused = "
+                 "_skew_forward_and_grad_kernel, the scalar reductions' fwd+bwd in one kernel. SFU = special-function "
+                 "ops and their software equivalents per entry. HBM units: the model's traffic in units of one "
+                 "[N, V] input; fused: when the rows in flight fit L2 (on an H200, by the kernel's registers: up to the V "
+                 "shown), else the value in brackets)")
+    gaps = budget_gaps(chosen)
+    lines.append(f"budget (docs/design.md section 7), fwd+bwd per entry: at most {BUDGET['instructions']} instructions, "
+                 f"{BUDGET['sfu']} SFU ops, {BUDGET['traffic']} HBM units: "
+                 + ("met" if not gaps else "NOT met: " + "; ".join(gaps)))
     return "\n".join(lines)
 
 
 def op_sums(chosen: dict) -> dict:
-    """op -> per-entry instructions and SFU ops of fwd (statistics + loss) and fwd+bwd (+ backward)."""
+    """op -> per-entry instructions, SFU ops (with software equivalents) and the model's HBM units of fwd
+    (statistics + loss), fwd+bwd (+ backward) and, where compiled, the fused kernel."""
     sums = OrderedDict()
     for op, flags in OPS.items():
         key = tuple(sorted(flags.items()))
@@ -560,11 +641,48 @@ def op_sums(chosen: dict) -> dict:
             continue
         e = {name: per_entry(r) for name, r in parts.items()}
         fwd_i = e["statistics"]["instructions"] + e["loss"]["instructions"]
-        fwd_s = e["statistics"]["sfu"] + e["loss"]["sfu"]
+        fwd_s = e["statistics"]["sfu_equivalents"] + e["loss"]["sfu_equivalents"]
+        traffic = sum(sum(TRAFFIC[r["kernel"]]) for r in parts.values())
         sums[op] = {"fwd_instructions": fwd_i, "fwd_sfu": fwd_s,
                     "fwd_bwd_instructions": fwd_i + e["backward"]["instructions"],
-                    "fwd_bwd_sfu": fwd_s + e["backward"]["sfu"]}
+                    "fwd_bwd_sfu": fwd_s + e["backward"]["sfu_equivalents"], "fwd_bwd_traffic": traffic}
+        fused = _pick(chosen, "_skew_forward_and_grad_kernel", key)
+        if fused is not None:
+            f = per_entry(fused)
+            read, written, l2 = TRAFFIC[fused["kernel"]]
+            sums[op].update(fused_instructions=f["instructions"], fused_sfu=f["sfu_equivalents"],
+                            fused_traffic=read + written, fused_l2_reads=l2,
+                            fused_l2_max_vocab=l2_max_vocab(fused))
     return sums
+
+
+def l2_max_vocab(r: dict, machine: dict = H200) -> int:
+    """The largest V at which the rows a kernel has in flight (programs per SM by its registers, one row each)
+    fit `machine`'s L2, both logits rows of each (the model of docs/design.md section 7.1)."""
+    import torch
+
+    per_warp = -(-r["registers"] // 8) * 8 * 32  # registers are allocated 8 a thread (256 a warp) at a time
+    programs = max(1, machine["registers_per_sm"] // (per_warp * r["num_warps"])) * machine["multiprocessors"]
+    entry_bytes = sum(torch.empty((), dtype=getattr(torch, r["case"][role])).element_size()
+                      for role in ("student", "teacher"))
+    return int(machine["l2_bytes"] // (programs * entry_bytes))
+
+
+def budget_gaps(chosen: dict) -> list:
+    """What the best fwd+bwd of each op (three kernels or the fused one, by instructions) misses of BUDGET."""
+    gaps = []
+    for op, sums in op_sums(chosen).items():
+        best_i = min(sums["fwd_bwd_instructions"], sums.get("fused_instructions", float("inf")))
+        best_s = min(sums["fwd_bwd_sfu"], sums.get("fused_sfu", float("inf")))
+        traffic = min(sums["fwd_bwd_traffic"], sums.get("fused_traffic", float("inf")))
+        for what, value, limit in (("instructions", best_i, BUDGET["instructions"]), ("SFU ops", best_s, BUDGET["sfu"]),
+                                   ("HBM units (rows in flight fitting L2)", traffic, BUDGET["traffic"])):
+            if value > limit + 1e-9:
+                gaps.append(f"{op} {what} {value:.2f} > {limit}")
+        if traffic <= BUDGET["traffic"] < sums["fwd_bwd_traffic"] and "fused_l2_max_vocab" in sums:
+            gaps.append(f"{op} HBM units {sums['fwd_bwd_traffic']:g} > {BUDGET['traffic']} for V above "
+                        f"{sums['fused_l2_max_vocab']}")
+    return gaps
 
 
 def _pick(chosen: dict, kernel: str, key: tuple) -> Optional[dict]:
@@ -621,8 +739,9 @@ def main(argv=None) -> int:
     print(register_table(results))
     print()
     for arch in arches:
-        print(instruction_table(results, arch))
-        print()
+        for dtypes in HEADLINE_DTYPES:
+            print(instruction_table(results, arch, dtypes))
+            print()
     bad = failures(results)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

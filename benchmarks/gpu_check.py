@@ -50,6 +50,13 @@ LIMITS = {"environment": 30, "wheels": 30, "tests": 180, "logits": 130, "fused_l
 IMPLS = "naive,naive_compiled,triton,liger"
 DRY_IMPLS = "naive,torch,triton,liger"
 ENVIRONMENT_PREFIX = "GPU_CHECK_ENVIRONMENT "
+# The bounds of the logits ops' rows in gpu_check.md (docs/design.md section 7): the HBM bound is the row's
+# min_traffic_GB at the copy bandwidth measured in the same run (the CSV's ceiling_copy_GBps); the SFU bound is the
+# math's need, SFU_PER_ENTRY special-function ops per vocabulary entry (p, q and the mixture's log), at
+# SFU_PER_CLOCK per SM at the nominal boost clock (H100 / H200: 1.98 GHz; a lower real clock makes it optimistic).
+SFU_PER_ENTRY = 3
+SFU_PER_CLOCK = 16
+NOMINAL_CLOCK_HZ = 1.98e9
 DRY_TESTS = ["tests/test_skew_divergence.py", "-k", "test_vocab_above_block or test_detach_changes_gradient_not_value"]
 
 
@@ -249,8 +256,9 @@ def main(argv=None) -> int:
                "device": info.get("device_name", "cpu"), "environment": info, "budget_s": args.budget,
                "total_s": round(total, 1), "steps": [step.record() for step in steps]}
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (out / "gpu_check.md").write_text(_markdown(summary))
-    print("\n" + _markdown(summary))
+    markdown = _markdown(summary) + "\n" + bounds_table(out / "results.csv", info.get("multiprocessors"))
+    (out / "gpu_check.md").write_text(markdown)
+    print("\n" + markdown)
     return 0 if all(step.status == "ok" for step in steps) else 1
 
 
@@ -259,6 +267,35 @@ def _environment_info(output: str) -> dict:
         if line.startswith(ENVIRONMENT_PREFIX):
             return json.loads(line[len(ENVIRONMENT_PREFIX):])
     return {}
+
+
+def bounds_table(csv_path: Path, multiprocessors: Optional[int]) -> str:
+    """Markdown: each CUDA row of the logits ops with its time as % of the HBM bound and of the SFU bound
+    (100 % = at the bound; see SFU_PER_ENTRY)."""
+    import csv
+
+    title = "## Logits ops against their bounds (HBM: min_traffic_GB at the measured copy GB/s; SFU: " \
+            f"{SFU_PER_ENTRY} ops per entry at {SFU_PER_CLOCK}/clock/SM, {NOMINAL_CLOCK_HZ / 1e9:.2f} GHz)\n"
+    rows = []
+    if csv_path.is_file() and multiprocessors:
+        with open(csv_path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                if row.get("suite") != "skew_divergence" or row.get("device") != "cuda" or row.get("status") != "ok":
+                    continue
+                try:
+                    ms, traffic = float(row["median_ms"]), float(row["min_traffic_GB"])
+                    copy, entries = float(row["ceiling_copy_GBps"]), float(row["N"]) * float(row["V"])
+                except (KeyError, ValueError):
+                    continue
+                hbm_ms = traffic / copy * 1e3
+                sfu_ms = entries * SFU_PER_ENTRY / (multiprocessors * SFU_PER_CLOCK * NOMINAL_CLOCK_HZ) * 1e3
+                rows.append(f"| {row['op']} | {row['impl']} | {row['mode']} | {row['dtype']} | {row['N']} | {row['V']} "
+                            f"| {ms:.3f} | {hbm_ms:.3f} | {100 * hbm_ms / ms:.0f} | {sfu_ms:.3f} | {100 * sfu_ms / ms:.0f} |")
+    if not rows:
+        return title + "\n(no CUDA rows of the logits ops)\n"
+    return title + "\n" + "\n".join(
+        ["| op | impl | mode | dtype | N | V | ms | HBM bound ms | % of HBM bound | SFU bound ms | % of SFU bound |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"] + rows) + "\n"
 
 
 def _markdown(summary: dict) -> str:

@@ -61,10 +61,38 @@ def test_every_kernel_specialization_compiles_for_sm80_and_sm90_without_spills(c
             assert all(r["registers"] > 0 for r in mine)
     # the per-entry counts come from real vocabulary loops
     for arch in aot_compile.ARCHES:
-        sums = aot_compile.op_sums(aot_compile.headline_results(results, arch))
-        assert list(sums) == list(aot_compile.OPS)
-        for op in sums.values():
-            assert op["fwd_bwd_instructions"] > op["fwd_instructions"] > 0 and op["fwd_bwd_sfu"] >= 2
+        for dtypes in aot_compile.HEADLINE_DTYPES:
+            sums = aot_compile.op_sums(aot_compile.headline_results(results, arch, dtypes))
+            assert list(sums) == list(aot_compile.OPS)
+            for op in sums.values():
+                assert op["fwd_bwd_instructions"] > op["fwd_instructions"] > 0 and op["fwd_bwd_sfu"] >= 2
+                assert op["fused_instructions"] > op["fwd_instructions"]
+    check_budget(results)
+
+
+# The fwd+bwd figures per vocabulary entry (sm_90, BLOCK_V = 4096, 8 warps) where the budget of docs/design.md
+# section 7 is not met yet: they may not grow. Measured when written (the three kernels summed; the fused kernel
+# within 1 instruction of it). Before the base-2 redesign: SKL 163.1 instructions and 11.1 SFU ops (software logf
+# included) in bf16, SRKL 162.1 / 10.1, detached SRKL 148.0 / 8.1.
+SFU_TODAY = {"SKL": 9.125, "SRKL": 10.125, "SRKL detached": 8.125}
+
+
+def check_budget(results):
+    """Instructions: the budget (met). SFU ops: no more than today's (the budget of 4 is not met: the gap is
+    printed). HBM units by the model: the budget with the fused kernel while the rows in flight fit L2."""
+    budget = aot_compile.BUDGET
+    gaps = []
+    for dtypes in aot_compile.HEADLINE_DTYPES:
+        sums = aot_compile.op_sums(aot_compile.headline_results(results, 90, dtypes))
+        for op, figures in sums.items():
+            for kind in ("fwd_bwd", "fused"):
+                assert figures[f"{kind}_instructions"] <= budget["instructions"], (dtypes, op, kind, figures)
+                assert figures[f"{kind}_sfu"] <= SFU_TODAY[op] + 1e-6, (dtypes, op, kind, figures)
+                if figures[f"{kind}_sfu"] > budget["sfu"]:
+                    gaps.append(f"{dtypes[0]} {op} {kind}: {figures[f'{kind}_sfu']:.2f} SFU ops per entry, "
+                                f"budget {budget['sfu']}")
+            assert figures["fused_traffic"] <= budget["traffic"] < figures["fwd_bwd_traffic"]
+    print("\n# budget gap (docs/design.md section 7), asserted not to grow:\n# " + "\n# ".join(gaps))
 
 
 def test_an_unknown_argument_name_fails_loudly():
@@ -132,6 +160,32 @@ $L__BB0_6:                              // =>This Inner Loop Header: Depth=1
 """
 
 
+TTGIR = """
+    %a = math.log %alpha : f32 loc(#loc1)
+    %c:2 = scf.for %start = %c0 to %V step %c4096 iter_args(%x = %cst) -> (tensor<4096xf32, #blocked>)  : i32 {
+      %z = tt.load %ptrs, %mask : tensor<4096x!tt.ptr<bf16>, #blocked> loc(#loc2)
+      %l = math.log %z : tensor<4096xf32, #blocked> loc(#loc3)
+      %e = math.exp %l : tensor<4096xf32, #blocked> loc(#loc4)
+      %w = scf.if %flag -> (tensor<4096xf32, #blocked>) {
+        %m = math.log1p %e : tensor<4096xf32, #blocked> loc(#loc5)
+        scf.yield %m : tensor<4096xf32, #blocked> loc(#loc6)
+      } else {
+        scf.yield %e : tensor<4096xf32, #blocked> loc(#loc7)
+      } loc(#loc8)
+      scf.yield %w : tensor<4096xf32, #blocked> loc(#loc9)
+    } loc(#loc10)
+    scf.for %start = %c0 to %V step %c4096  : i32 {
+      %l2 = math.log %cst : tensor<4096xf32, #blocked> loc(#loc11)
+      tt.store %out, %l2 : tensor<4096x!tt.ptr<f32>, #blocked> loc(#loc12)
+    } loc(#loc13)
+"""
+
+
+def test_ttgir_software_transcendentals_counts_the_loops_that_load():
+    # the scalar log before the loop and the loop that only stores are left out; math.exp is an SFU ex2
+    assert aot_compile.ttgir_software_transcendentals(TTGIR) == {"math.log": 1, "math.log1p": 1}
+
+
 def test_ptx_loops_counts_the_instructions_of_each_loop():
     loops = aot_compile.ptx_loops(PTX)
     assert [loop["header"] for loop in loops] == ["BB0_2", "BB0_6"]
@@ -142,3 +196,14 @@ def test_ptx_loops_counts_the_instructions_of_each_loop():
     result = {"BLOCK_V": 512, "num_warps": 4, "loops": loops}  # 4 entries per thread per iteration
     entry = aot_compile.per_entry(result)
     assert entry["sweeps"] == 1 and entry["instructions"] == 7 / 4 and entry["sfu"] == 1.0
+    assert entry["sfu_equivalents"] == 1.0
+    entry = aot_compile.per_entry(dict(result, software_transcendentals={"math.log": 1}))
+    assert entry["sfu"] == 1.0 and entry["sfu_equivalents"] == 2.0
+
+
+def test_l2_fit_of_the_rows_in_flight():
+    # 78 registers -> 80 a thread, 20480 a program of 8 warps: 3 programs an SM, 396 rows on 132 SMs; bf16 rows:
+    # 4 bytes an entry for the two, 50 MB / (396 x 4) entries
+    r = {"registers": 78, "num_warps": 8, "case": {"student": "bfloat16", "teacher": "bfloat16"}}
+    assert aot_compile.l2_max_vocab(r) == 31565
+    assert aot_compile.l2_max_vocab(dict(r, case={"student": "float32", "teacher": "float32"})) == 31565 // 2

@@ -118,3 +118,17 @@ def test_dry_run_runs_every_step_and_writes_the_results(tmp_path):
     assert {row["mode"] for row in rows} == {"fwd", "fwd+bwd"} and {row["dtype"] for row in rows} == {"bfloat16"}
     assert "python -m benchmarks" in (out / "results.md").read_text()
     assert list(out.glob("*.png")) and (out / "logs" / "tests.log").exists()
+
+
+def test_bounds_table_gives_percent_of_the_hbm_and_sfu_bounds(tmp_path):
+    from benchmarks import gpu_check
+
+    path = tmp_path / "results.csv"
+    header = "suite,device,status,op,impl,mode,dtype,N,V,median_ms,min_traffic_GB,ceiling_copy_GBps\n"
+    path.write_text(header + "skew_divergence,cuda,ok,fused_skl,triton,fwd+bwd,bfloat16,8192,151936,3.48,7.4682,4300\n"
+                    + "skew_divergence,cpu,ok,fused_skl,torch,fwd,bfloat16,64,1000,1.0,0.001,30\n")
+    table = gpu_check.bounds_table(path, 132)
+    # HBM: 7.4682 GB at 4300 GB/s = 1.737 ms, 50 % of 3.48 ms; SFU: 1.245e9 entries x 3 / (132 x 16 x 1.98e9) = 0.893 ms
+    assert "| fused_skl | triton | fwd+bwd | bfloat16 | 8192 | 151936 | 3.480 | 1.737 | 50 | 0.893 | 26 |" in table
+    assert "torch" not in table  # CPU rows have no GPU bounds
+    assert "no CUDA rows" in gpu_check.bounds_table(tmp_path / "missing.csv", 132)
