@@ -42,7 +42,7 @@ from typing import Optional
 import torch
 
 from .._inputs import SkewRows, row_layout
-from ..statistics import STATS
+from ..statistics import STATS, RowStat
 
 try:
     import triton
@@ -88,6 +88,15 @@ if TRITON_AVAILABLE:
     # interpreter cannot run inline PTX, so it evaluates the same base-2 algebra with tl.exp2 / tl.log2 / a
     # division. Chosen once, at import, like the interpreter itself.
     FAST_MATH = tl.constexpr(not interpreter_enabled())
+    # the columns of the [N, STATS] row statistics, as `statistics.RowStat` (and the C++ RowStat) names them
+    N_STATS = tl.constexpr(STATS)
+    MAX_S = tl.constexpr(int(RowStat.MAX_S))
+    LOG_SUM_S = tl.constexpr(int(RowStat.LOG_SUM_S))
+    MAX_T = tl.constexpr(int(RowStat.MAX_T))
+    LOG_SUM_T = tl.constexpr(int(RowStat.LOG_SUM_T))
+    ROW_C = tl.constexpr(int(RowStat.C))
+    LABEL_LOG_Q = tl.constexpr(int(RowStat.LABEL_LOG_Q))
+    LABEL_LOG_P = tl.constexpr(int(RowStat.LABEL_LOG_P))
 
     @triton.jit
     def _exp2(x):
@@ -299,9 +308,9 @@ if TRITON_AVAILABLE:
     def _statistics(student_ptr, teacher_ptr, student_outer_stride, student_inner_stride, teacher_outer_stride,
                     teacher_inner_stride, inner_rows, labels_ptr, ignore_index, inv_temperature, stats_ptr, V, row,
                     BLOCK_V: tl.constexpr, HAS_LABELS: tl.constexpr):
-        """Sweep 1 of row `row`: writes its 7 statistics (column 4, C, as 0); returns (ignored, max_s,
+        """Sweep 1 of row `row`: writes its N_STATS statistics (column ROW_C as 0); returns (ignored, max_s,
         log2-sum_s, max_t, log2-sum_t)."""
-        out = stats_ptr + row * 7
+        out = stats_ptr + row * N_STATS
         student_row = _row_start(student_ptr, row, inner_rows, student_outer_stride, student_inner_stride)
         teacher_row = _row_start(teacher_ptr, row, inner_rows, teacher_outer_stride, teacher_inner_stride)
         scale = inv_temperature * LOG2E
@@ -314,7 +323,7 @@ if TRITON_AVAILABLE:
         log2_sum_s = 0.0
         log2_sum_t = 0.0
         if ignored:
-            for k in tl.static_range(7):
+            for k in tl.static_range(N_STATS):
                 tl.store(out + k, 0.0)
         else:
             max_s, log_sum_s = _row_log_sum(student_row, V, scale, BLOCK_V)
@@ -329,13 +338,13 @@ if TRITON_AVAILABLE:
                 z_t = tl.load(teacher_row + label, mask=in_vocab, other=float("nan")).to(tl.float32)
                 label_log_q = (z_s - max_s) * inv_temperature - log_sum_s
                 label_log_p = (z_t - max_t) * inv_temperature - log_sum_t
-            tl.store(out + 0, max_s)
-            tl.store(out + 1, log_sum_s)
-            tl.store(out + 2, max_t)
-            tl.store(out + 3, log_sum_t)
-            tl.store(out + 4, 0.0)
-            tl.store(out + 5, label_log_q)
-            tl.store(out + 6, label_log_p)
+            tl.store(out + MAX_S, max_s)
+            tl.store(out + LOG_SUM_S, log_sum_s)
+            tl.store(out + MAX_T, max_t)
+            tl.store(out + LOG_SUM_T, log_sum_t)
+            tl.store(out + ROW_C, 0.0)
+            tl.store(out + LABEL_LOG_Q, label_log_q)
+            tl.store(out + LABEL_LOG_P, label_log_p)
         return ignored, max_s, log2_sum_s, max_t, log2_sum_t
 
     @triton.jit
@@ -365,22 +374,22 @@ if TRITON_AVAILABLE:
         instructions, SRKL 4 and 31.0, detached SRKL 3 (no rcp) and 25.5; reads 2 units, writes none."""
         program = tl.program_id(0)
         row = program.to(tl.int64)
-        stats_row = stats_ptr + row * 7
+        stats_row = stats_ptr + row * N_STATS
         if HAS_LABELS:
             if tl.load(labels_ptr + row) == ignore_index:
                 tl.store(loss_ptr + row, 0.0)
-                tl.store(stats_row + 4, 0.0)
+                tl.store(stats_row + ROW_C, 0.0)
                 return
         if ALPHA_PER_ROW:
             alpha = tl.load(alpha_ptr + row)
         student_row = _row_start(student_ptr, row, inner_rows, student_outer_stride, student_inner_stride)
         teacher_row = _row_start(teacher_ptr, row, inner_rows, teacher_outer_stride, teacher_inner_stride)
-        loss, c = _loss_sweep(student_row, teacher_row, V, tl.load(stats_row + 0), tl.load(stats_row + 1) * LOG2E,
-                              tl.load(stats_row + 2), tl.load(stats_row + 3) * LOG2E, inv_temperature * LOG2E, alpha,
+        loss, c = _loss_sweep(student_row, teacher_row, V, tl.load(stats_row + MAX_S), tl.load(stats_row + LOG_SUM_S) * LOG2E,
+                              tl.load(stats_row + MAX_T), tl.load(stats_row + LOG_SUM_T) * LOG2E, inv_temperature * LOG2E, alpha,
                               REVERSE, DETACH, BLOCK_V)
         # [N] and [N, 7] outputs: 32-bit offsets (N·7 < 2^31); recomputed here, not kept across the loop
         tl.store(loss_ptr + program, loss)
-        tl.store(stats_ptr + program * 7 + 4, c)
+        tl.store(stats_ptr + program * N_STATS + ROW_C, c)
 
     @triton.jit
     def _skew_backward_kernel(
@@ -418,12 +427,12 @@ if TRITON_AVAILABLE:
         if ALPHA_PER_ROW:
             alpha = tl.load(alpha_ptr + row)
         grad_scale = tl.load(grad_loss_ptr + row * grad_loss_stride) * inv_temperature
-        stats_row = stats_ptr + row * 7
+        stats_row = stats_ptr + row * N_STATS
         student_row = _row_start(student_ptr, row, inner_rows, student_outer_stride, student_inner_stride)
         teacher_row = _row_start(teacher_ptr, row, inner_rows, teacher_outer_stride, teacher_inner_stride)
-        _gradient_sweep(grad_row, student_row, teacher_row, V, tl.load(stats_row + 0), tl.load(stats_row + 1) * LOG2E,
-                        tl.load(stats_row + 2), tl.load(stats_row + 3) * LOG2E, inv_temperature * LOG2E, alpha,
-                        tl.load(stats_row + 4), grad_scale, REVERSE, DETACH, BLOCK_V)
+        _gradient_sweep(grad_row, student_row, teacher_row, V, tl.load(stats_row + MAX_S), tl.load(stats_row + LOG_SUM_S) * LOG2E,
+                        tl.load(stats_row + MAX_T), tl.load(stats_row + LOG_SUM_T) * LOG2E, inv_temperature * LOG2E, alpha,
+                        tl.load(stats_row + ROW_C), grad_scale, REVERSE, DETACH, BLOCK_V)
 
     @triton.jit
     def _skew_forward_and_grad_kernel(
@@ -476,7 +485,7 @@ if TRITON_AVAILABLE:
             loss, c = _loss_sweep(student_row, teacher_row, V, max_s, log2_sum_s, max_t, log2_sum_t, scale, alpha,
                                   REVERSE, DETACH, BLOCK_V)
             tl.store(loss_ptr + program, loss)
-            tl.store(stats_ptr + program * 7 + 4, c)
+            tl.store(stats_ptr + program * N_STATS + ROW_C, c)
             grad_scale = tl.load(row_grad_scale_ptr + program) * inv_temperature
             _gradient_sweep(grad_student_ptr + row * V, student_row, teacher_row, V, max_s, log2_sum_s, max_t,
                             log2_sum_t, scale, alpha, c, grad_scale, REVERSE, DETACH, BLOCK_V)
