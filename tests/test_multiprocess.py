@@ -43,9 +43,13 @@ FULL_UNDER_ZERO3 = "not supported under DeepSpeed ZeRO-3"
 # The processes' all-reduced (or reduce-scattered) gradients are sums in another order than one process's
 # accumulation, so the metrics agree to float32 rounding (as in the DDP test). AdamW moves a weight by about
 # the learning rate per step whatever the gradient's size, which magnifies that rounding for the smallest
-# gradients: the weights agree to WEIGHTS_LR_FRACTION of the learning rate per step.
+# gradients: the weights agree to WEIGHTS_LR_FRACTION of the learning rate per step, but for a weight whose
+# gradient is within rounding of 0 the sign of Adam's step m/√v can differ, by up to 2·lr per step (Adam's
+# step is at most about lr). So every weight must lie within that bound, and at most WEIGHTS_LOOSE_SHARE of
+# a tensor's weights beyond the tight one (a gradient not reduced, or reduced twice, moves most of them).
 METRICS_RTOL = 1e-5
 WEIGHTS_LR_FRACTION = 1e-3
+WEIGHTS_LOOSE_SHARE = 0.01
 
 
 def _free_port() -> int:
@@ -127,8 +131,11 @@ def _check_against_one_process(output: Path, options: dict, one_process: dict, t
     assert final.keys() == expected.keys() == rank0["weights"].keys()
     for name in final:
         assert torch.equal(final[name], rank0["weights"][name]), name
-        atol = WEIGHTS_LR_FRACTION * options["lr"] * single.total_steps
-        torch.testing.assert_close(final[name], expected[name], rtol=0, atol=atol, msg=name)
+        step_bound = options["lr"] * single.total_steps
+        difference = (final[name].double() - expected[name].double()).abs()
+        assert difference.max() <= 2 * step_bound, (name, difference.max().item())
+        loose = (difference > WEIGHTS_LR_FRACTION * step_bound).double().mean().item()
+        assert loose <= WEIGHTS_LOOSE_SHARE, (name, loose, difference.max().item())
     assert not torch.equal(final["model.layers.0.self_attn.q_proj.weight"],
                            _final_weights_of(Path(options["student"]))["model.layers.0.self_attn.q_proj.weight"])
 

@@ -133,7 +133,7 @@ def write_csv(rows: Sequence[SeedRow], path: Path, settings: Dict[str, object]) 
         writer = csv.writer(handle)
         writer.writerow(["seed", "model", "steps", "seconds", *METRICS, *extra, *keys])
         for r in rows:
-            writer.writerow([r.seed, r.model, r.steps, f"{r.seconds:.1f}",
+            writer.writerow([r.seed, r.model, r.steps, f"{r.seconds:.4g}",
                              *(f"{r.metrics[m]:.6g}" if m in r.metrics else "" for m in [*METRICS, *extra]),
                              *(settings[k] for k in keys)])
     return path
