@@ -14,7 +14,7 @@ from typing import Sequence
 from ..backends import BACKENDS
 from .generation import ENGINES
 from .objectives import LOSSES
-from .training import TrainConfig
+from .training import TEACHER_TAILS, TrainConfig
 
 __all__ = [
     "TRAINING_OPTIONS",
@@ -28,6 +28,7 @@ __all__ = [
     "generation_arguments",
     "training_options",
     "train_config",
+    "json_object",
 ]
 
 # TrainConfig options of `train` and `pipeline`: field -> (argparse keyword arguments). Booleans are
@@ -63,10 +64,15 @@ TRAINING_OPTIONS = {
     "gradient_checkpointing": dict(help="recompute activations in the backward (default off)"),
     "stop_at_epoch": dict(type=int, help="end this call once this many epochs are complete"),
     "save_total_limit": dict(type=int, help="keep only the newest N checkpoints"),
+    "teacher_cache": dict(help="train on the teacher cache `distillm2 score` wrote in this folder instead of a "
+                               "teacher model (none is loaded; give --teacher-cache or --teacher)"),
+    "teacher_tail": dict(choices=list(TEACHER_TAILS),
+                         help="with --teacher-cache: renormalize = the teacher restricted to its cached tokens "
+                              "(default); uniform = the cached tail mass spread over the other tokens"),
 }
 TRAINING_PATHS = ("teacher", "student", "data", "output")  # the required options of `train`
 # What the pipeline sets for each epoch's training: the paths and these. Its `train` options may not hold them.
-SET_BY_PIPELINE = TRAINING_PATHS + ("epochs", "max_steps", "resume", "stop_at_epoch")
+SET_BY_PIPELINE = TRAINING_PATHS + ("epochs", "max_steps", "resume", "stop_at_epoch", "teacher_cache")
 # The `pipeline` command's own options that training takes too (as defaults of its `train` options).
 SHARED_WITH_PIPELINE = ("seed", "progress")
 # The TRAINING_OPTIONS that the `pipeline` command leaves out of its training group.
@@ -120,11 +126,11 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
                        help="vLLM: the fraction of the GPU it reserves, which must be free (vLLM's default 0.92)")
     group.add_argument("--tensor-parallel-size", type=int, default=None,
                        help="vLLM: GPUs one model is split over (default 1)")
-    group.add_argument("--engine-args", type=_json_object, default=None,
+    group.add_argument("--engine-args", type=json_object, default=None,
                        help="vLLM: further vllm.LLM keyword arguments as a JSON object, e.g. '{\"enforce_eager\": true}'")
 
 
-def _json_object(text: str) -> dict:
+def json_object(text: str) -> dict:
     try:
         value = json.loads(text)
     except ValueError as error:
@@ -138,7 +144,8 @@ def training_arguments(config: TrainConfig) -> list[str]:
     """The `distillm2 train` arguments that reproduce `config`."""
     argv = []
     for name in TRAINING_PATHS:
-        argv += ["--" + name, getattr(config, name)]
+        if getattr(config, name) is not None:  # the teacher is None with a teacher cache
+            argv += ["--" + name, getattr(config, name)]
     for name in TRAINING_OPTIONS:
         value = getattr(config, name)
         if isinstance(value, bool):

@@ -1,13 +1,17 @@
-"""The `distillm2` command (also `python -m distillm2_kernels.trainer`): generate, pair, train, pipeline.
+"""The `distillm2` command (also `python -m distillm2_kernels.trainer`): generate, pair, score, train, pipeline.
 
     distillm2 generate --model PATH --prompts FILE --output FILE.jsonl [--n N] [--temperature 0.8]
                        [--top-p 0.95] [--max-new-tokens 1024] [--seed 42] [--engine auto|vllm|hf]
                        [--max-prompt-tokens N] [--generation-batch-size B] [--dtype D] [--max-model-len L]
                        [--gpu-memory-utilization F] [--tensor-parallel-size T] [--engine-args JSON]
     distillm2 pair     --teacher T.jsonl --student S.jsonl --output PAIRS.jsonl [--strict]
+    distillm2 score    --teacher PATH --data PAIRS.jsonl --output CACHE/ [--top-k 32] [--batch-size 8]
+                       [--max-length 1024] [--chosen-only] [--engine auto|vllm|hf] [--dtype D] [--engine-args JSON]
     distillm2 train    --teacher PATH --student PATH --data PAIRS.jsonl --output DIR [options of TrainConfig]
+                       (or --teacher-cache CACHE/ in place of --teacher: no teacher model is loaded)
     distillm2 pipeline --prompts FILE --teacher PATH --student PATH --output DIR [--epochs 3]
                        [generation options] [training options] [--launcher "accelerate launch ..."]
+                       [--score-top-k K]
 
 `distillm2 <command> --help` lists every option. Errors in the input (a malformed data file, a missing
 folder, an impossible option or combination of options: a `ValueError` or `FileNotFoundError`) are printed
@@ -26,14 +30,16 @@ from typing import Optional, Sequence
 
 from .arguments import (
     PIPELINE_EXCLUDED,
+    json_object,
     add_generation_options,
     add_training_options,
     train_config,
     training_options,
 )
-from .generation import generate
+from .generation import ENGINES, generate
 from .pairing import pair
 from .pipeline import PipelineConfig, run_pipeline
+from .scoring import DEFAULT_PAIRS_PER_SHARD, DEFAULT_TOP_K, score
 from .training import train
 
 __all__ = ["main", "build_parser"]
@@ -60,8 +66,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="pairs file (JSON Lines)")
     p.add_argument("--strict", action="store_true", help="fail when a prompt is missing on either side")
 
+    s = commands.add_parser("score", help="store the teacher's top-K log-probabilities over every response token")
+    s.add_argument("--teacher", required=True, help="local folder of the teacher model")
+    s.add_argument("--data", required=True, help="pairs file (JSON Lines: prompt, chosen, rejected)")
+    s.add_argument("--output", required=True, help="cache folder (resumed when interrupted)")
+    s.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
+                   help=f"K: the top-K tokens and the label (K+1 entries) per position (default {DEFAULT_TOP_K})")
+    s.add_argument("--batch-size", type=int, default=8, help="pairs per teacher forward (default 8)")
+    s.add_argument("--max-length", type=int, default=1024,
+                   help="tokens per sequence, as `train --max-length` (default 1024; must be train's)")
+    s.add_argument("--chosen-only", action="store_true",
+                   help="score the teacher's responses only (enough for --loss skl / kd)")
+    s.add_argument("--pairs-per-shard", type=int, default=DEFAULT_PAIRS_PER_SHARD,
+                   help=f"pairs per shard file, the unit of resumption (default {DEFAULT_PAIRS_PER_SHARD})")
+    s.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="auto = vLLM when installed and a GPU is present, else transformers (default)")
+    s.add_argument("--dtype", default=None,
+                   help="dtype of the teacher, e.g. bfloat16 (default: bf16 on GPU, else float32; vLLM's auto)")
+    s.add_argument("--engine-args", type=json_object, default=None,
+                   help="vLLM: further vllm.LLM keyword arguments as a JSON object")
+    s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+
     t = commands.add_parser("train", help="train the student with the DistiLLM-2 objective")
-    t.add_argument("--teacher", required=True, help="local folder of the teacher model")
+    t.add_argument("--teacher", default=None, help="local folder of the teacher model (or --teacher-cache)")
     t.add_argument("--student", required=True, help="local folder of the student model")
     t.add_argument("--data", required=True, help="pairs file (JSON Lines: prompt, chosen, rejected)")
     t.add_argument("--output", required=True, help="run folder: checkpoints, metrics.csv, final/")
@@ -78,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run training under this launcher in a subprocess, e.g. \"accelerate launch "
                         "--config_file zero3.yaml\" (generation then runs in its own process too)")
     q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    q.add_argument("--score-top-k", type=int, default=None,
+                   help="score each epoch's pairs with the teacher (top-K, `distillm2 score`) into "
+                        "epoch-<e>/teacher-cache and train on the cache, with no teacher model in training")
     add_generation_options(q)
     add_training_options(q, exclude=PIPELINE_EXCLUDED)
     return parser
@@ -97,6 +127,15 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "pair":
         report = pair(args.teacher, args.student, args.output, strict=args.strict)
         print(report.summary())
+    elif args.command == "score":
+        result = score(
+            args.teacher, args.data, args.output, top_k=args.top_k, batch_size=args.batch_size,
+            max_length=args.max_length, with_rejected=not args.chosen_only, engine=args.engine, dtype=args.dtype,
+            pairs_per_shard=args.pairs_per_shard, engine_args=args.engine_args, progress=args.progress,
+        )
+        print(f"{result.num_pairs} pairs in {result.output_dir} ({result.num_scored} scored now, "
+              f"{result.num_reused} from an earlier run); {result.tokens} tokens in {result.seconds:.1f} s, "
+              f"{result.tokens_per_s:.0f} tokens/s")
     elif args.command == "train":
         result = train(train_config(args))
         from accelerate import PartialState
@@ -114,6 +153,7 @@ def _run(args: argparse.Namespace) -> None:
             gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
             engine_args=args.engine_args, train=training,
             launcher=shlex.split(args.launcher) if args.launcher else None, progress=args.progress,
+            score_top_k=args.score_top_k,
         ))
         print(f"{result.epochs_completed} epoch(s) done; model: {result.final_dir}; metrics: {result.metrics_csv}")
 

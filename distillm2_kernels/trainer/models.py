@@ -41,6 +41,7 @@ __all__ = [
     "HiddenStates",
     "LMHead",
     "lm_head_operands",
+    "student_lm_head",
     "shared_vocab_size",
     "check_engine",
     "is_deepspeed_zero3",
@@ -192,6 +193,15 @@ def lm_head_operands(student: nn.Module, teacher: nn.Module, vocab_size: int) ->
         LMHead(student_weight[cut], None if student_bias is None else student_bias[cut], student_cap),
         LMHead(teacher_weight[cut].detach(), None if teacher_bias is None else teacher_bias[cut].detach(), teacher_cap),
     )
+
+
+def student_lm_head(student: nn.Module, vocab_size: int) -> LMHead:
+    """The student's lm_head operands cut to the first `vocab_size` rows (a teacher cache: no teacher head)."""
+    weight, bias, softcap = lm_head_of(student)
+    if _rows(weight) < vocab_size:
+        raise ValueError(f"the student's lm_head has {_rows(weight)} rows, fewer than the vocabulary ({vocab_size})")
+    cut = slice(0, vocab_size)
+    return LMHead(weight[cut], None if bias is None else bias[cut], softcap)
 
 
 def _rows(weight: torch.Tensor) -> int:

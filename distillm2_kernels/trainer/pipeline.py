@@ -8,6 +8,10 @@
    epoch draws new samples); `pair` joins them with the teacher's into `<output>/epoch-<e>/pairs.jsonl`;
    `train` runs epoch e on them in `<output>/train` (`epochs=E`, `stop_at_epoch=e+1`, resuming the
    optimizer, the learning-rate schedule — which spans all E epochs — and the curriculum from epoch e−1).
+   With `score_top_k=K` (`--score-top-k K`) the teacher first scores the epoch's pairs into
+   `<output>/epoch-<e>/teacher-cache` (`scoring.score`, top-K; the teacher is loaded for scoring only and freed
+   before training, on vLLM in its own process), and the epoch trains on that cache with no teacher model
+   (`TrainConfig.teacher_cache`).
 
 Every stage skips work that is already done, so rerunning the same command continues an interrupted pipeline
 (generation resumes row by row, training from its latest checkpoint). To train further, use a new output
@@ -25,6 +29,7 @@ training starts. Do not start the pipeline itself under `accelerate launch`.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -36,6 +41,7 @@ from .arguments import SET_BY_PIPELINE, generation_arguments, training_arguments
 from .generation import generate, select_engine
 from .jsonl import check_writable_folder
 from .pairing import pair
+from .scoring import score
 from .training import TrainConfig, read_final_state, restore_final, train
 
 __all__ = ["PipelineConfig", "PipelineResult", "run_pipeline"]
@@ -64,6 +70,7 @@ class PipelineConfig:
     train: dict = field(default_factory=dict)  # further TrainConfig options: preset, loss, lr, batch_size, ...
     launcher: Optional[Sequence[str]] = None  # run training (and generation) in subprocesses, see above
     progress: bool = True
+    score_top_k: Optional[int] = None  # score each epoch's pairs (top-K) and train on the cache, see above
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -71,6 +78,10 @@ class PipelineConfig:
         reserved = set(SET_BY_PIPELINE) & set(self.train)
         if reserved:
             raise ValueError(f"train options {sorted(reserved)} are set by the pipeline itself")
+        if self.score_top_k is not None and self.score_top_k < 1:
+            raise ValueError(f"score_top_k must be >= 1, got {self.score_top_k}")
+        if self.score_top_k is None and self.train.get("teacher_tail", "renormalize") != "renormalize":
+            raise ValueError("teacher_tail applies to a teacher cache: set score_top_k (--score-top-k) too")
 
 
 @dataclass
@@ -108,6 +119,25 @@ def _generate(config: PipelineConfig, model: Path, output: Path, seed: int) -> N
                                         str(output)] + generation_arguments(options, config.progress))
 
 
+def _score(config: PipelineConfig, pairs: Path, cache: Path) -> None:
+    """Score an epoch's pairs with the teacher into `cache`, as training will tokenize them."""
+    defaults = TrainConfig(teacher="-", student="-", data="-", output="-")
+    options = dict(top_k=config.score_top_k, batch_size=config.train.get("batch_size", defaults.batch_size),
+                   max_length=config.train.get("max_length", defaults.max_length),
+                   with_rejected=config.train.get("loss", defaults.loss) in ("distillm2", "srkl"),
+                   engine=config.engine, dtype=config.dtype, engine_args=config.engine_args)
+    if config.launcher is None and select_engine(config.engine) == "hf":
+        score(config.teacher, pairs, cache, progress=config.progress, **options)
+        return
+    argv = ["--teacher", str(config.teacher), "--data", str(pairs), "--output", str(cache), "--top-k",
+            str(options["top_k"]), "--batch-size", str(options["batch_size"]), "--max-length",
+            str(options["max_length"]), "--engine", config.engine]
+    argv += [] if options["with_rejected"] else ["--chosen-only"]
+    argv += ["--dtype", config.dtype] if config.dtype else []
+    argv += ["--engine-args", json.dumps(config.engine_args)] if config.engine_args else []
+    _run(_module_command("score") + argv + ([] if config.progress else ["--no-progress"]))
+
+
 def _train(config: TrainConfig, launcher: Optional[Sequence[str]]) -> None:
     if launcher is None:
         train(config)
@@ -141,9 +171,14 @@ def run_pipeline(config: PipelineConfig) -> PipelineResult:
         if not report.complete:
             raise RuntimeError(report.summary())
         options = {"seed": config.seed, "progress": config.progress, **config.train}
+        teacher, cache = str(config.teacher), None
+        if config.score_top_k is not None:
+            teacher, cache = None, folder / "teacher-cache"
+            _score(config, folder / "pairs.jsonl", cache)
         train_config = TrainConfig(
-            teacher=str(config.teacher), student=str(config.student), data=str(folder / "pairs.jsonl"),
-            output=str(train_dir), epochs=config.epochs, resume=True, stop_at_epoch=epoch + 1, **options,
+            teacher=teacher, student=str(config.student), data=str(folder / "pairs.jsonl"),
+            output=str(train_dir), epochs=config.epochs, resume=True, stop_at_epoch=epoch + 1,
+            teacher_cache=None if cache is None else str(cache), **options,
         )
         _train(train_config, config.launcher)
 

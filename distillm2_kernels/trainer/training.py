@@ -88,8 +88,15 @@ from .models import (
     prepare_teacher,
     save_final_model,
     shared_vocab_size,
+    student_lm_head,
 )
 from .objectives import LOSSES, TrainingObjective
+from .teacher_cache import SparseTeacher, TeacherCache
+
+try:
+    from ..sparse_teacher import TEACHER_TAILS
+except ImportError:  # before the sparse-teacher ops exist
+    TEACHER_TAILS = ("renormalize", "uniform")
 
 __all__ = ["TrainConfig", "TrainResult", "train", "distillation_loss", "read_final_state"]
 
@@ -98,7 +105,7 @@ __all__ = ["TrainConfig", "TrainResult", "train", "distillation_loss", "read_fin
 class TrainConfig:
     """Every option of `distillm2 train` (the command line's `--max-steps` is `max_steps`, and so on)."""
 
-    teacher: str  # local folder of the teacher (from_pretrained)
+    teacher: Optional[str]  # local folder of the teacher (from_pretrained); None with `teacher_cache`
     student: str  # local folder of the student to start from
     data: str  # pairs file (JSON Lines, see `data`)
     output: str  # run folder: checkpoints, metrics.csv, final/
@@ -128,8 +135,17 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     stop_at_epoch: Optional[int] = None  # end this call once this many epochs are complete
     save_total_limit: Optional[int] = None  # keep only the newest checkpoints
+    teacher_cache: Optional[str] = None  # a `distillm2 score` cache folder used instead of the teacher model
+    teacher_tail: str = "renormalize"  # the cached teacher's tail: renormalize | uniform (see teacher_cache)
 
     def __post_init__(self):
+        if (self.teacher is None) == (self.teacher_cache is None):
+            raise ValueError("give the teacher model (teacher, --teacher) or a teacher cache (teacher_cache, "
+                             "--teacher-cache), one of the two")
+        if self.teacher_tail not in TEACHER_TAILS:
+            raise ValueError(f"teacher_tail must be one of {TEACHER_TAILS}, got {self.teacher_tail!r}")
+        if self.teacher_tail != "renormalize" and self.teacher_cache is None:
+            raise ValueError("teacher_tail applies to a teacher cache (--teacher-cache) only")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.preset not in PRESETS:
@@ -175,7 +191,7 @@ class TrainResult:
 def distillation_loss(
     student_forward: nn.Module,
     student: nn.Module,
-    teacher: nn.Module,
+    teacher,
     objective: TrainingObjective,
     batch: PairBatch,
     vocab_size: int,
@@ -183,11 +199,20 @@ def distillation_loss(
     autocast_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, dict]:
     """The objective of one batch: `student_forward` (the prepared `HiddenStates`, through which DDP sees the
-    forward) gives the student's hidden states, `student` (the unwrapped model) its lm_head; the teacher runs
-    under no_grad. No logits are built. With `autocast_dtype` the two forwards run under autocast; the loss
-    never does (the fused ops accumulate in float32 themselves)."""
+    forward) gives the student's hidden states, `student` (the unwrapped model) its lm_head; the teacher
+    (a model) runs under no_grad. No logits are built. `teacher` may instead be the batch's `SparseTeacher`
+    from a teacher cache (`[R, T, K+1]`, unshifted like the hidden states): then no teacher runs and the
+    objective gets it with `teacher_head=None`. With `autocast_dtype` the forwards run under autocast; the
+    loss never does (the fused ops accumulate in float32 themselves)."""
     device_type = batch.input_ids.device.type
     autocast = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    if isinstance(teacher, SparseTeacher):
+        with autocast:
+            hidden = student_forward(batch.input_ids, batch.attention_mask)
+        student_weight = lm_head_of(student)[0]
+        with gathered_parameters(accelerator, student_weight) if accelerator else contextlib.nullcontext():
+            student_head = student_lm_head(student, vocab_size)
+            return objective(hidden, teacher, batch.labels, batch.num_pairs, student_head, None)
     with autocast:
         hidden = student_forward(batch.input_ids, batch.attention_mask)
         with torch.no_grad():
@@ -203,16 +228,23 @@ def _accumulate_gradients(
     autocast_dtype,
 ) -> tuple[dict, torch.Tensor]:
     """Forward and backward of one optimizer step's micro-batches (gradients accumulated, all-reduced on the
-    last one); returns the step's mean loss and metrics on this process, and its number of tokens."""
+    last one); returns the step's mean loss and metrics on this process, and its number of tokens. `teacher`
+    is the teacher model or a `TeacherCache`, from which each batch's `SparseTeacher` is read."""
     sums: dict[str, torch.Tensor] = {}
     tokens = torch.zeros((), device=accelerator.device)
     for indices in micro_batches:
         batch = collate_pairs(
             [pairs[i] for i in indices], pad_token_id, with_rejected=objective.uses_student_responses
-        ).to(accelerator.device)
+        )
+        batch_teacher = teacher
+        if isinstance(teacher, TeacherCache):
+            cached = teacher.sparse_teacher(indices, batch)
+            batch_teacher = SparseTeacher(*(t.to(accelerator.device) for t in (
+                cached.ids, cached.logprobs, cached.tail_logprob)))
+        batch = batch.to(accelerator.device)
         with accelerator.accumulate(student_forward):
             loss, metrics = distillation_loss(
-                student_forward, student, teacher, objective, batch, vocab_size, accelerator, autocast_dtype
+                student_forward, student, batch_teacher, objective, batch, vocab_size, accelerator, autocast_dtype
             )
             accelerator.backward(loss)
         for name, value in {"loss": loss, **metrics}.items():
@@ -340,14 +372,23 @@ def train(config: TrainConfig) -> TrainResult:
     set_seed(config.seed)
 
     # data (after checking both model folders: reading and tokenising a large file takes a while)
+    cache = None
     for role in ("student", "teacher"):
-        local_model_dir(getattr(config, role), role)
+        if getattr(config, role) is not None:
+            local_model_dir(getattr(config, role), role)
     tokenizer = load_tokenizer(config.student)
-    check_same_tokenizer(tokenizer, config.teacher)
-    examples = read_pairs(config.data, need_rejected=config.loss in ("distillm2", "srkl"))
+    need_rejected = config.loss in ("distillm2", "srkl")
+    sha256 = file_sha256(config.data)
+    if config.teacher_cache is not None:  # the cache's tokenizer fingerprint stands in for the teacher's tokenizer
+        cache = TeacherCache(config.teacher_cache)
+    else:
+        check_same_tokenizer(tokenizer, config.teacher)
+    examples = read_pairs(config.data, need_rejected=need_rejected)
+    if cache is not None:
+        cache.check(pairs_sha256=sha256, tokenizer=tokenizer, max_length=config.max_length, num_pairs=len(examples),
+                    need_rejected=need_rejected)
     pairs = tokenize_pairs(examples, tokenizer, max_length=config.max_length, progress=config.progress and main)
     plan = BatchPlan(len(pairs), config.batch_size, accelerator.num_processes, config.grad_accum, config.seed)
-    sha256 = file_sha256(config.data)
     checkpoint = latest_checkpoint(output)
     if checkpoint is not None and not config.resume:
         raise ValueError(
@@ -377,14 +418,21 @@ def train(config: TrainConfig) -> TrainResult:
         state = _new_state(config, plan, accelerator.num_processes, sha256)
 
     # models
-    check_teacher_loading()
+    if cache is None:
+        check_teacher_loading()
     student = load_student(
         config.student, torch.bfloat16 if bf16 and config.use_lora else torch.float32, use_lora=config.use_lora,
         lora_r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, dora=config.dora,
         gradient_checkpointing=config.gradient_checkpointing, seed=config.seed,
     )
-    teacher = load_model(config.teacher, "teacher", torch.bfloat16 if bf16 else torch.float32)
-    vocab_size = shared_vocab_size(student, teacher, tokenizer)
+    if cache is None:
+        teacher = load_model(config.teacher, "teacher", torch.bfloat16 if bf16 else torch.float32)
+        vocab_size = shared_vocab_size(student, teacher, tokenizer)
+    else:
+        teacher, vocab_size = cache, shared_vocab_size(student, student, tokenizer)
+        if vocab_size != cache.vocab_size:
+            raise ValueError(f"the teacher cache {cache.folder} covers {cache.vocab_size} tokens, the tokenizer "
+                             f"{vocab_size}")
     student_forward = HiddenStates(student)
     optimizer = torch.optim.AdamW(
         [p for p in student_forward.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
@@ -393,12 +441,14 @@ def train(config: TrainConfig) -> TrainResult:
         optimizer, math.ceil(config.warmup_ratio * state.total_steps), state.total_steps
     )
     objective = TrainingObjective(
-        config.loss, config.preset, num_epochs=state.num_epochs, total_steps=state.total_steps, backend=config.backend
+        config.loss, config.preset, num_epochs=state.num_epochs, total_steps=state.total_steps, backend=config.backend,
+        **({"teacher_tail": config.teacher_tail} if cache is not None else {}),
     )
     student_forward, optimizer, scheduler = accelerator.prepare(student_forward, optimizer, scheduler)
     # the parameters to clip are collected from the prepared module: FSDP2 replaces them by sharded DTensors
     parameters = [p for p in student_forward.parameters() if p.requires_grad]
-    teacher = prepare_teacher(accelerator, teacher)
+    if cache is None:
+        teacher = prepare_teacher(accelerator, teacher)
     accelerator.register_for_checkpointing(objective)
     register_trainable_weight_hooks(accelerator)
     if checkpoint is not None:

@@ -19,7 +19,15 @@ one where the trainer could go wrong (read against the vLLM 0.33.0 source):
   deterministic function of the prompt's token ids and the request's seed; a prompt containing
   `[finish_reason=X]` finishes with reason X ("abort", "error", "repetition"), as vLLM reports those.
 
-Every `chat` call is recorded in `CALLS` (this process only).
+- `LLM.generate(prompts, sampling_params)` with token prompts `{"prompt_token_ids": [...]}` and
+  `SamplingParams(prompt_logprobs=n)`: `RequestOutput.prompt_logprobs` is vLLM's list, `None` for the first
+  prompt token, then per token `{token id: Logprob(logprob, rank, decoded_token)}` holding the n best tokens
+  (rank 1 = the best) and the prompt token itself with its rank (n or n + 1 entries), log-probabilities of the
+  raw logits at temperature 1 over the model's whole lm_head (padded rows included), computed by running the
+  model in float32 with transformers. As vLLM, `prompt_logprobs` above the engine's `max_logprobs` (default
+  20) is refused, and so is a prompt of `max_model_len` tokens or more.
+
+Every `chat` and `generate` call is recorded in `CALLS` (this process only).
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from typing import Any, Optional
 
 from .exceptions import VLLMValidationError
 
-__all__ = ["LLM", "SamplingParams", "EngineArgs", "RequestOutput", "CompletionOutput", "CALLS"]
+__all__ = ["LLM", "SamplingParams", "EngineArgs", "RequestOutput", "CompletionOutput", "Logprob", "CALLS"]
 
 GiB = 1 << 30
 CALLS: list[dict] = []
@@ -125,6 +133,7 @@ class EngineArgs:
     disable_log_stats: bool = False
     cpu_offload_gb: float = 0
     swap_space: float = 4
+    max_logprobs: int = 20
 
 
 LLM_ONLY_ARGUMENTS = ("chat_template", "hf_overrides", "compilation_config")
@@ -139,6 +148,13 @@ class CompletionOutput:
     logprobs: Any
     finish_reason: Optional[str] = None
     stop_reason: Any = None
+
+
+@dataclass
+class Logprob:
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
 
 
 @dataclass
@@ -242,6 +258,9 @@ class LLM:
         self.llm_engine.model_config = _ModelConfig(max_model_len or derived)
         self.llm_engine.engine_core = _EngineCoreClient(key)
         self._requests = 0
+        self._model_path = model
+        self._max_logprobs = kwargs.get("max_logprobs", 20)
+        self._model = None
 
     def get_tokenizer(self):
         return self.tokenizer
@@ -281,6 +300,60 @@ class LLM:
         for (text, ids), param, conversation in zip(rendered, params, conversations):
             outputs.append(self._complete(text, ids, param, conversation, max_model_len))
         return outputs
+
+    def generate(self, prompts, sampling_params=None, use_tqdm=True, lora_request=None):
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(
+            prompts)
+        if len(params) != len(prompts):
+            raise ValueError("The lengths of prompts and sampling_params must be the same.")
+        max_model_len = self.llm_engine.model_config.max_model_len
+        token_prompts = []
+        for prompt, param in zip(prompts, params):
+            if not isinstance(prompt, dict) or "prompt_token_ids" not in prompt:
+                raise NotImplementedError("the stand-in takes token prompts {'prompt_token_ids': [...]} only")
+            ids = list(prompt["prompt_token_ids"])
+            if len(ids) >= max_model_len:
+                raise VLLMValidationError(
+                    f"The decoder prompt (length {len(ids)}) plus the number of requested output tokens (at least "
+                    f"1) is longer than the maximum model length of {max_model_len}.")
+            if param.prompt_logprobs is not None and param.prompt_logprobs > self._max_logprobs:
+                raise VLLMValidationError(
+                    f"Requested prompt logprobs of {param.prompt_logprobs}, which is greater than max allowed: "
+                    f"{self._max_logprobs}", parameter="prompt_logprobs", value=param.prompt_logprobs)
+            token_prompts.append(ids)
+        CALLS.append(dict(prompts=prompts, params=params, use_tqdm=use_tqdm, prompt_token_ids=token_prompts))
+        outputs = []
+        for ids, param in zip(token_prompts, params):
+            prompt_logprobs = None if param.prompt_logprobs is None else self._prompt_logprobs(ids, param.prompt_logprobs)
+            completion = CompletionOutput(0, "", [self.tokenizer.eos_token_id], None, None, "stop",
+                                          self.tokenizer.eos_token_id)
+            outputs.append(RequestOutput(str(self._requests), None, ids, prompt_logprobs, [completion], True))
+            self._requests += 1
+        return outputs
+
+    def _prompt_logprobs(self, ids, count):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if self._model is None:
+            self._model = AutoModelForCausalLM.from_pretrained(self._model_path, local_files_only=True,
+                                                               dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits = self._model(torch.tensor([ids])).logits[0].double()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        result = [None]
+        for position in range(1, len(ids)):
+            row = logprobs[position - 1]
+            token = ids[position]
+            best = row.topk(count).indices.tolist()
+            entries = {t: Logprob(float(row[t]), rank, None) for rank, t in enumerate(best, start=1)}
+            if token not in entries:
+                entries[token] = Logprob(float(row[token]), 1 + int((row > row[token]).sum()), None)
+            result.append(entries)
+        return result
 
     def _complete(self, text, ids, param, conversation, max_model_len) -> RequestOutput:
         request_id = str(self._requests)
