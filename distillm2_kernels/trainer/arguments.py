@@ -14,7 +14,8 @@ from typing import Sequence
 from ..backends import BACKENDS
 from .generation import ENGINES
 from .objectives import LOSSES
-from .training import TEACHER_TAILS, TrainConfig
+from ..sparse_teacher import TEACHER_TAILS
+from .training import TrainConfig
 
 __all__ = [
     "TRAINING_OPTIONS",

@@ -143,7 +143,7 @@ def default_dtype(engine: str) -> str:
     return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
 
 
-def _check_dtype(dtype: str, engine: str) -> None:
+def check_dtype(dtype: str, engine: str) -> None:
     import torch
 
     if engine == "vllm" and dtype == "auto":
@@ -223,7 +223,7 @@ class HFEngine:
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or default_dtype("hf")
-        _check_dtype(dtype, "hf")
+        check_dtype(dtype, "hf")
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         if self.tokenizer.chat_template is None:
             raise ValueError(f"the tokenizer of {model_path} has no chat template to render the prompts with")
@@ -251,7 +251,7 @@ class HFEngine:
     def close(self) -> None:
         """Drop the model and give its memory back."""
         self.model = None
-        _free_memory()
+        free_memory()
 
     def generate(
         self, prompts: Sequence[str], indices: Sequence[int], *, temperature, top_p, max_new_tokens, seed
@@ -309,7 +309,7 @@ class VLLMEngine:
         if engine_core is not None and hasattr(engine_core, "shutdown"):
             engine_core.shutdown()
         del llm, engine_core
-        _free_memory()
+        free_memory()
 
     @property
     def tokenizer(self):
@@ -340,7 +340,7 @@ class VLLMEngine:
         return [(output.outputs[0].text, str(output.outputs[0].finish_reason)) for output in outputs]
 
 
-def _free_memory() -> None:
+def free_memory() -> None:
     import gc
 
     import torch
@@ -466,7 +466,7 @@ def generate(
         raise ValueError(f"temperature must be 0 (greedy) or in [{VLLM_MIN_TEMPERATURE}, 2] on vLLM, got "
                          f"{temperature} (vLLM refuses more than 2 and raises 0 < T < 0.01 to 0.01)")
     dtype = dtype or default_dtype(chosen_engine)
-    _check_dtype(dtype, chosen_engine)
+    check_dtype(dtype, chosen_engine)
     vllm_args = _engine_arguments(chosen_engine, gpu_memory_utilization, max_model_len, tensor_parallel_size,
                                   engine_args)
     context = context_length(model_path, chosen_engine)

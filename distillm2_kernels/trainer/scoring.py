@@ -109,20 +109,20 @@ class _HFScorer:
     name = "hf"
 
     def __init__(self, model_path: Path, dtype: Optional[str], vocab_size: int, top_k: int, memory_budget: int):
-        from .generation import _check_dtype, default_dtype
+        from .generation import check_dtype, default_dtype
         from .models import load_model
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or default_dtype("hf")
-        _check_dtype(dtype, "hf")
+        check_dtype(dtype, "hf")
         self.model = load_model(model_path, "teacher", getattr(torch, dtype)).to(self.device).eval()
         self.vocab_size, self.top_k, self.memory_budget = vocab_size, top_k, memory_budget
 
     def close(self) -> None:
-        from .generation import _free_memory
+        from .generation import free_memory
 
         self.model = None
-        _free_memory()
+        free_memory()
 
     def score_rows(self, rows: list[tuple[list[int], list[int]]], pad_token_id: int) -> list:
         from ..hf import lm_head_inputs
@@ -158,14 +158,14 @@ class _VLLMScorer:
         self.vocab_size, self.top_k = vocab_size, top_k
 
     def close(self) -> None:
-        from .generation import _free_memory
+        from .generation import free_memory
 
         llm, self.llm = self.llm, None
         engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if engine_core is not None and hasattr(engine_core, "shutdown"):
             engine_core.shutdown()
         del llm, engine_core
-        _free_memory()
+        free_memory()
 
     def score_rows(self, rows: list[tuple[list[int], list[int]]], pad_token_id: int) -> list:
         from vllm import SamplingParams

@@ -48,18 +48,11 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
-try:  # the public type of the sparse-teacher ops (distillm2_kernels.sparse_teacher)
-    from ..sparse_teacher import SparseTeacher
-except ImportError:  # before that module exists: the same fields
-    class SparseTeacher(NamedTuple):  # type: ignore[no-redef]
-        ids: torch.Tensor
-        logprobs: torch.Tensor
-        tail_logprob: Optional[torch.Tensor] = None
-
+from ..sparse_teacher import SparseTeacher
 from .data import IGNORE_INDEX, PairBatch
 
 __all__ = [

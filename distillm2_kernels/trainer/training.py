@@ -55,6 +55,7 @@ from torch import nn
 from ..backends import BACKENDS
 from ..hf import lm_head_inputs, lm_head_of
 from ..objective import PRESETS
+from ..sparse_teacher import TEACHER_TAILS, SparseTeacher
 from .batching import BatchPlan
 from .checkpoint import (
     RESUME_INVARIANTS,
@@ -91,12 +92,7 @@ from .models import (
     student_lm_head,
 )
 from .objectives import LOSSES, TrainingObjective
-from .teacher_cache import SparseTeacher, TeacherCache
-
-try:
-    from ..sparse_teacher import TEACHER_TAILS
-except ImportError:  # before the sparse-teacher ops exist
-    TEACHER_TAILS = ("renormalize", "uniform")
+from .teacher_cache import TeacherCache
 
 __all__ = ["TrainConfig", "TrainResult", "train", "distillation_loss", "read_final_state"]
 
