@@ -65,6 +65,12 @@ TRAINER_MODULES = {  # need the `train` extra
     "distillm2_kernels.trainer.training": ["TrainConfig", "TrainResult", "train", "distillation_loss",
                                            "read_final_state"],
     "distillm2_kernels.trainer.pipeline": ["PipelineConfig", "PipelineResult", "run_pipeline"],
+    "distillm2_kernels.trainer.scoring": ["score", "ScoreResult", "sparse_rows", "DEFAULT_TOP_K",
+                                          "DEFAULT_MEMORY_BUDGET"],
+    "distillm2_kernels.trainer.teacher_cache": [
+        "FORMAT_VERSION", "MANIFEST", "SIDES", "SparseTeacher", "CacheMismatch", "SideScores", "CacheWriter",
+        "TeacherCache", "tokenizer_fingerprint", "chat_template_sha256", "label_positions",
+    ],
 }
 # `python -m <module>` commands of the README and the Makefile
 COMMANDS = ["distillm2_kernels.env", "distillm2_kernels.demo", "distillm2_kernels.trainer", "distillm2_kernels.experiment"]

@@ -285,6 +285,7 @@ def run_distillm2(reader: Reader, words: list[str]) -> None:
     `train` runs as written: 8 pairs, batch size 8, so --epochs 3 is three steps."""
     command = words[1]
     tiny = {"generate": ["--max-new-tokens", "8", "--no-progress"], "pair": [], "train": ["--no-progress"],
+            "score": ["--no-progress"],
             "pipeline": ["--max-new-tokens", "8", "--no-progress"]}[command]
     _tiny_cli(reader, words[1:], tiny)
 
@@ -441,7 +442,7 @@ COMMANDS = [
     (r"make test", check_make_test, "checked, not run: it is this test suite", False),
     (r"make bench", check_make_bench, "checked, not run: ~10 min; the --quick line runs the same entry point", False),
     (r"pip install .*", check_pip_install, "checked, not run: it would change this environment", False),
-    (r"distillm2 (generate|pair) .*", run_distillm2, "runs, 8 new tokens per response", False),
+    (r"distillm2 (generate|pair|score) .*", run_distillm2, "runs, 8 new tokens per response", False),
     (r"distillm2 (train|pipeline) .*", run_distillm2, "runs as written on 8 pairs (pipeline: 8 new tokens)", True),
     (r"python -c .*", run_python_c, "runs in-process", False),
     (r"accelerate launch --config_file \S+ .*", check_accelerate_gpu, "checked, not run: an 8-GPU config", False),

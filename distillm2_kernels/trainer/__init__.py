@@ -10,6 +10,10 @@ One concept per module:
 - `batching`     the deterministic per-epoch, per-process batch plan (exact resume)
 - `models`       loading (local folders only), LoRA/DoRA, the student forward that DDP wraps, saving
 - `objectives`   the DistiLLM-2 loss, or SKL / KD alone, from hidden states through the fused-linear ops
+- `teacher_cache` the offline teacher cache (safetensors shards + manifest): resumable writer, memory-mapped
+                 reader giving each batch's `SparseTeacher`
+- `scoring`      `score(teacher, pairs, cache, top_k=...)`: the teacher's top-K + label log-probabilities and
+                 tail of every response token, on transformers (chunked, exact tail) or vLLM
 - `checkpoint`   checkpoints that resume exactly; `metrics_log` the per-step CSV
 - `training`     `TrainConfig`, `train(config) -> TrainResult`: the loop on `accelerate`
 - `pipeline`     `run_pipeline(PipelineConfig)`: the batched on-policy loop (student responses regenerated

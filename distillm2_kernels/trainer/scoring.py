@@ -12,7 +12,7 @@ log of the mass of the other tokens, `tail_logprob`.
 Temperature: the stored log-probabilities are the teacher's at temperature 1, over the tokenizer's
 vocabulary (lm_head rows a checkpoint pads beyond the tokenizer are not tokens). A training temperature
 T ≠ 1 tempers this sparse distribution: the loss uses `log_softmax(densified / T)` of the densified T = 1
-teacher (docs/design.md, "Sparse teachers"), which equals the tempered dense teacher on the stored tokens only
+teacher (docs/design.md §8), which equals the tempered dense teacher on the stored tokens only
 when the tail is negligible; the cache does not depend on T.
 
 Engines (`--engine`, as `generate`):

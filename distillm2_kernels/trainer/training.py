@@ -23,6 +23,12 @@ number of epochs E is the number the run spans. `stop_at_epoch=e` ends the call 
 (the schedule still spans the whole run): the batched on-policy pipeline trains one epoch per call, each on
 freshly generated student responses, resuming optimizer, schedule and curriculum.
 
+Teacher cache: with `teacher_cache` (a folder written by `scoring.score`, `distillm2 score`) no teacher model
+is loaded and step 1 runs no teacher forward: each batch's `SparseTeacher` (`[R, T, K+1]`, unshifted) is read
+from the memory-mapped cache and handed to the objective with `teacher_head=None` and `teacher_tail`. The
+cache must have been scored from this pairs file, with a tokenizer of the student's fingerprint and chat
+template, at this `max_length` (`TeacherCache.check`): that stands in for the teacher-tokenizer check.
+
 Checkpoints (`checkpoint`) every `save_steps` steps, at the end of every epoch and at the end of the call;
 `resume=True` continues from the latest one exactly where the uninterrupted run would be (same batches, same
 RNG streams, same optimizer, schedule and curriculum state); with no checkpoint it starts afresh. Without
