@@ -364,3 +364,25 @@ def test_the_pipeline_scores_each_epoch_and_trains_on_the_cache(tiny_models, tmp
     assert manifest["complete"] and manifest["top_k"] == K
     assert manifest["pairs_sha256"] == file_sha256(out / "epoch-0" / "pairs.jsonl")
     assert len(read_metrics(out / "train" / "metrics.csv")) == 2
+
+
+def test_the_pipeline_scores_in_a_subprocess_under_a_launcher_with_trains_settings(monkeypatch, tmp_path):
+    from distillm2_kernels.trainer import pipeline
+    from distillm2_kernels.trainer.cli import build_parser
+
+    commands = []
+    monkeypatch.setattr(pipeline, "_run", commands.append)
+    config = pipeline.PipelineConfig(prompts="p.jsonl", teacher="T/", student="S/", output=str(tmp_path), engine="hf",
+                                     launcher=["accelerate", "launch"], score_top_k=16, dtype="bfloat16",
+                                     train={"batch_size": 3, "max_length": 512, "loss": "skl"}, progress=False)
+    pipeline._score(config, Path("pairs.jsonl"), Path("cache"))
+    (command,) = commands
+    assert command[1:4] == ["-m", "distillm2_kernels.trainer", "score"]
+    args = build_parser().parse_args(command[3:])
+    assert (args.teacher, args.data, args.output, args.top_k, args.batch_size, args.max_length, args.chosen_only,
+            args.engine, args.dtype, args.progress) == ("T/", "pairs.jsonl", "cache", 16, 3, 512, True, "hf",
+                                                        "bfloat16", False)
+    with pytest.raises(ValueError, match="teacher_tail applies to a teacher cache"):
+        pipeline.PipelineConfig(prompts="p", teacher="T/", student="S/", output="o", train={"teacher_tail": "uniform"})
+    with pytest.raises(ValueError, match="set by the pipeline"):
+        pipeline.PipelineConfig(prompts="p", teacher="T/", student="S/", output="o", train={"teacher_cache": "c"})

@@ -33,7 +33,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -121,10 +121,9 @@ def _generate(config: PipelineConfig, model: Path, output: Path, seed: int) -> N
 
 def _score(config: PipelineConfig, pairs: Path, cache: Path) -> None:
     """Score an epoch's pairs with the teacher into `cache`, as training will tokenize them."""
-    defaults = TrainConfig(teacher="-", student="-", data="-", output="-")
-    options = dict(top_k=config.score_top_k, batch_size=config.train.get("batch_size", defaults.batch_size),
-                   max_length=config.train.get("max_length", defaults.max_length),
-                   with_rejected=config.train.get("loss", defaults.loss) in ("distillm2", "srkl"),
+    train = {**{f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}, **config.train}
+    options = dict(top_k=config.score_top_k, batch_size=train["batch_size"], max_length=train["max_length"],
+                   with_rejected=train["loss"] in ("distillm2", "srkl"),
                    engine=config.engine, dtype=config.dtype, engine_args=config.engine_args)
     if config.launcher is None and select_engine(config.engine) == "hf":
         score(config.teacher, pairs, cache, progress=config.progress, **options)

@@ -174,7 +174,8 @@ class CacheWriter:
         if manifest is None:
             manifest = {"format_version": FORMAT_VERSION, **header, "shards": [], "complete": False}
         else:
-            _compare(self.folder, manifest, {k: v for k, v in header.items() if k != "engine"})
+            # the pairs file may have moved: its bytes (pairs_sha256) identify it
+            _compare(self.folder, manifest, {k: v for k, v in header.items() if k not in ("engine", "pairs_file")})
             if manifest.get("engine") != header.get("engine"):
                 raise CacheMismatch(f"the teacher cache {self.folder} was scored on {manifest.get('engine')!r}; "
                                     f"resume it with --engine {manifest.get('engine')}, or use a new folder")
