@@ -420,20 +420,22 @@ def test_objective_from_hidden_equals_the_logits_objective(preset, tail):
     the densified teachers' log-probabilities as dense teacher logits, over three epochs (the paper preset's
     adaptive α from the second, read from the sparse statistics): loss, every metric, gradients."""
     halves, weight = _objective_halves(tail)
-    (h_t, teacher_t, labels_t), (h_s, teacher_s, labels_s) = halves
+    (base_t, teacher_t, labels_t), (base_s, teacher_s, labels_s) = halves
     dense_t, dense_s = densified(teacher_t, tail), densified(teacher_s, tail)
     kwargs = dict(num_epochs=3, total_steps=6, backend="torch", temperature=0.8)
     from_hidden, from_logits = DistiLLM2Loss(preset, teacher_tail=tail, **kwargs), DistiLLM2Loss(preset, **kwargs)
     for epoch in range(3):
         from_hidden.set_epoch(epoch)
         from_logits.set_epoch(epoch)
+        # the student moves between epochs, so that the adaptive α leaves α₀
+        h_t, h_s = ((h * (1 + 0.5 * epoch)).detach().requires_grad_() for h in (base_t, base_s))
         loss, metrics = from_hidden.from_hidden(
             h_t, teacher_t, labels_t, h_s, teacher_s, labels_s, student_weight=weight, teacher_weight=None,
             memory_budget_bytes=sparse_budget(3, torch.float64),
         )
-        grads = torch.autograd.grad(loss, (h_t, h_s, weight))
+        grads = torch.autograd.grad(loss, (h_t, h_s, weight), materialize_grads=True)  # β = 1: SKL weighs 0
         expected, expected_metrics = from_logits(h_t @ weight.T, dense_t, labels_t, h_s @ weight.T, dense_s, labels_s)
-        expected_grads = torch.autograd.grad(expected, (h_t, h_s, weight))
+        expected_grads = torch.autograd.grad(expected, (h_t, h_s, weight), materialize_grads=True)
         torch.testing.assert_close(loss, expected, rtol=1e-11, atol=1e-12)
         assert metrics.keys() == expected_metrics.keys()
         for name in metrics:
@@ -518,3 +520,65 @@ def test_srkl_renormalize_alpha_zero_and_dense_teacher_tail():
         dk.fused_linear_token_statistics(**dense, labels=torch.zeros(2, 3, dtype=torch.long), teacher_tail="uniform")
     with pytest.raises(ValueError, match="a sparse teacher gives log-probabilities"):
         dk.fused_linear_token_statistics(**args, labels=torch.zeros(2, 3, dtype=torch.long), softcap=(None, 2.0))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trainer's objective with a sparse teacher
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "uniform"])
+@pytest.mark.parametrize("loss_name", ["distillm2", "skl", "kd", "srkl"])
+def test_training_objective_with_a_sparse_teacher(loss_name, tail):
+    """`TrainingObjective` with a SparseTeacher `[R, T, K]` (unshifted, no teacher lm_head) equals it with a
+    dense teacher whose lm_head gives the densified teacher's log-probabilities as logits (hidden states = the
+    densified log-probabilities, lm_head = the identity; −inf as −1e4, whose probability is exactly 0 in
+    float64): loss, metrics, the student's gradients."""
+    from distillm2_kernels.trainer.models import LMHead
+    from distillm2_kernels.trainer.objectives import TrainingObjective
+
+    num_pairs, length, k = 2, 6, 7
+    rows = 2 * num_pairs
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(rows, length, H_S, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = (torch.randn(V, H_S, generator=gen, dtype=torch.float64) / math.sqrt(H_S)).requires_grad_()
+    labels = torch.randint(0, V, (rows, length), generator=gen)
+    labels[:, :2] = -100  # the prompt
+    labels[1, -1] = -100  # padding
+    teacher_log_p = torch.log_softmax(torch.randn(rows, length, V, generator=gen, dtype=torch.float64) * 2, -1)
+    ids = teacher_log_p.topk(k, -1).indices
+    # position j predicts label j + 1: the cache stores that label among the ids
+    next_labels = torch.cat([labels[:, 1:], torch.full((rows, 1), -100)], 1)
+    missing = (next_labels != -100) & ~(ids == next_labels.unsqueeze(-1)).any(-1)
+    ids[..., -1] = torch.where(missing, next_labels, ids[..., -1])
+    tail_logprob = torch.logsumexp(teacher_log_p.scatter(-1, ids, float("-inf")), -1)
+    teacher = SparseTeacher(ids, teacher_log_p.gather(-1, ids), tail_logprob)
+    dense = reference.densify_sparse_teacher(ids, teacher.logprobs, V, tail, tail_logprob).clamp(min=-1e4)
+    student_head = LMHead(weight, None, 3.0)
+
+    results = []
+    for teacher_input, teacher_head in ((teacher, None), (dense, LMHead(torch.eye(V, dtype=torch.float64), None, None))):
+        objective = TrainingObjective(loss_name, "distillm2", backend="torch", teacher_tail=tail)
+        loss, metrics = objective(hidden, teacher_input, labels, num_pairs, student_head, teacher_head)
+        grads = torch.autograd.grad(loss, (hidden, weight))
+        results.append((loss, metrics, grads))
+    (loss, metrics, grads), (expected, expected_metrics, expected_grads) = results
+    torch.testing.assert_close(loss, expected, rtol=1e-11, atol=1e-12)
+    assert metrics.keys() == expected_metrics.keys()
+    for name in metrics:
+        torch.testing.assert_close(metrics[name].double(), expected_metrics[name].double(), rtol=1e-10, atol=1e-12, msg=name)
+    for ours, theirs in zip(grads, expected_grads):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-11 * max(1.0, theirs.abs().max().item()))
+
+
+def test_training_objective_checks_the_teacher_head():
+    from distillm2_kernels.trainer.models import LMHead
+    from distillm2_kernels.trainer.objectives import TrainingObjective
+
+    hidden, labels = torch.randn(2, 4, H_S), torch.randint(0, V, (2, 4))
+    head = LMHead(torch.randn(V, H_S), None, None)
+    teacher = SparseTeacher(torch.arange(3).expand(2, 4, 3), torch.full((2, 4, 3), -2.0))
+    with pytest.raises(ValueError, match="pass teacher_head=None"):
+        TrainingObjective("skl")(hidden, teacher, labels, 1, head, head)
+    with pytest.raises(ValueError, match="pass the teacher's lm_head"):
+        TrainingObjective("skl")(hidden, torch.randn(2, 4, H_T), labels, 1, head, None)

@@ -35,8 +35,7 @@ from .._inputs import TokenOptions, compute_dtype
 from ..backends import sparse_backend_module
 from ..custom_ops import run_op
 from ..reductions import reduction_row_weights
-from ..sparse_custom_ops import student_logsumexp
-from ..sparse_teacher import sparse_skew_rows, sparse_teacher_logprobs
+from ..sparse_teacher import SparseRows, sparse_skew_rows, sparse_statistics
 from ..statistics import LABEL_LOGPROBS, STATS, RowStat
 from .checks import SparseTeacherRows, Sweep
 from .chunks import ChunkOutputs, chunk_rows, kept_rows, rows_of, scatter_rows
@@ -51,16 +50,6 @@ __all__ = [
     "sparse_statistics_pass",
     "sparse_loss_pass",
 ]
-
-
-def _label_logprobs(z_s, lse, labels, teacher: SparseTeacherRows, tail: str, inv_temperature: float, dtype):
-    """(log q(y), log p(y)) `[n, 2]` of rows whose labels all count."""
-    log_q = z_s.gather(-1, labels.unsqueeze(-1)).squeeze(-1).to(dtype) * inv_temperature - lse
-    log_p, log_c = sparse_teacher_logprobs(teacher.logprobs, teacher.tail_logprob, z_s.shape[-1], tail, inv_temperature, dtype)
-    matches = teacher.ids == labels.unsqueeze(-1)
-    at_label = log_p.gather(-1, matches.to(torch.int8).argmax(-1, keepdim=True)).squeeze(-1)
-    off_support = torch.full_like(log_q, float("-inf")) if log_c is None else log_c
-    return torch.stack([log_q, torch.where(matches.any(-1), at_label, off_support)], dim=-1)
 
 
 def run_sparse_chunks(
@@ -110,12 +99,16 @@ def run_sparse_chunks(
         chunk_teacher = SparseTeacherRows(*(rows_of(t, start, end, index) for t in teacher))
         labels = rows_of(options.labels, start, end, index) if want_labels else None
         if statistics_only:
-            lse = student_logsumexp(z_s, None, options.ignore_index, options.inv_temperature, backend)
+            rows = SparseRows(
+                student=z_s, ids=chunk_teacher.ids, logprobs=chunk_teacher.logprobs,
+                tail_logprob=chunk_teacher.tail_logprob, labels=labels, alpha_rows=z_s.new_zeros(end - start),
+                ignore_index=options.ignore_index, inv_temperature=options.inv_temperature, tail=tail,
+                leading_shape=torch.Size([end - start]),
+            )
+            lse, chunk_label_logprobs = sparse_statistics(rows, backend)
             chunk_stats = torch.zeros((end - start, STATS), dtype=cd, device=device)
             chunk_stats[:, RowStat.LOG_SUM_S] = lse
-            chunk_stats[:, LABEL_LOGPROBS] = _label_logprobs(
-                z_s, lse, labels, chunk_teacher, tail, options.inv_temperature, cd
-            )
+            chunk_stats[:, LABEL_LOGPROBS] = chunk_label_logprobs
             scatter_rows(stats, start, end, index, chunk_stats)
             continue
 
