@@ -40,6 +40,8 @@ Two forms share the α, β, reduction, weighting and metrics (`_objective`):
   the lm_head weights, through `fused_linear.fused_linear_skl_plus_srkl` (the fused-linear SKL and SRKL
   in one op); the label log-probabilities are a by-product of its sweep 1, and only the adaptive α adds
   a statistics-only pass (two GEMMs per half, see `distillm2_loss_from_hidden`).
+Either form takes sparse teachers (`SparseTeacher`, docs/design.md §8) in place of the teacher's logits or
+hidden states, with `teacher_tail`.
 """
 
 from __future__ import annotations
@@ -342,7 +344,7 @@ def distillm2_loss_from_hidden(
     labels_s: torch.Tensor,
     *,
     student_weight: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_weight: Optional[torch.Tensor] = None,
     student_bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None,
     softcap: Softcap = None,
@@ -350,6 +352,7 @@ def distillm2_loss_from_hidden(
     state: Optional[CurriculumState] = None,
     backend: str = "auto",
     memory_budget_bytes: Optional[int] = None,
+    teacher_tail: str = "renormalize",
     **overrides,
 ) -> tuple[torch.Tensor, dict]:
     """`distillm2_loss` from the models' last hidden states and lm_head weights, through the fused-linear
@@ -370,14 +373,24 @@ def distillm2_loss_from_hidden(
     and the loss op reuses its statistics: two GEMMs more per half, no extra sweep over the vocabulary.
     A constant α ("distillm2", "distillm") costs no extra pass. Until the backward the op holds the
     finished gradients: the hidden states' and one `[V, H_s]` weight gradient for both halves.
+
+    Sparse teachers (docs/design.md §8): `teacher_hidden_t` and `teacher_hidden_s` both `SparseTeacher`s
+    (or (ids, logprobs[, tail_logprob]) tuples) with ids `[B, T, k]`, `teacher_weight` and `teacher_bias`
+    None, `teacher_tail` as in `distillm2_loss` (ignored for dense teachers); softcap applies to the
+    student. Per half: the student's GEMMs, no teacher GEMM; the adaptive α reads log p(y) from the
+    sparse teacher and log q(y) from a statistics pass (one GEMM and the log-sum-exp sweep, which the loss
+    then skips).
     """
     config = resolve_config(preset, **overrides)
     state = _first_step_state() if state is None else state
+    check_teacher_tail(teacher_tail)
     _check_halves("hidden", "H", student_hidden_t, labels_t, student_hidden_s, labels_s)
     halves = {"t": (student_hidden_t, teacher_hidden_t, labels_t), "s": (student_hidden_s, teacher_hidden_s, labels_s)}
+    sparse = as_sparse_teacher(teacher_hidden_t) is not None or as_sparse_teacher(teacher_hidden_s) is not None
     common = dict(
         student_bias=student_bias, teacher_bias=teacher_bias, ignore_index=config.ignore_index,
         temperature=config.temperature, softcap=softcap, backend=backend, memory_budget_bytes=memory_budget_bytes,
+        teacher_tail=teacher_tail if sparse else "renormalize",
     )
 
     def statistics(half: str, needed: bool) -> Optional[TokenStatistics]:
@@ -480,14 +493,15 @@ class DistiLLM2Loss:
         labels_s: torch.Tensor,
         *,
         student_weight: torch.Tensor,
-        teacher_weight: torch.Tensor,
+        teacher_weight: Optional[torch.Tensor] = None,
         student_bias: Optional[torch.Tensor] = None,
         teacher_bias: Optional[torch.Tensor] = None,
         softcap: Softcap = None,
         memory_budget_bytes: Optional[int] = None,
     ) -> tuple[torch.Tensor, dict]:
         """The objective from hidden states and lm_head weights (`distillm2_loss_from_hidden`), on this
-        object's config and curriculum state, like `__call__` on logits."""
+        object's config, curriculum state and `teacher_tail`, like `__call__` on logits; sparse teachers
+        with `teacher_weight=None`."""
         return distillm2_loss_from_hidden(
             student_hidden_t,
             teacher_hidden_t,
@@ -504,6 +518,7 @@ class DistiLLM2Loss:
             state=self.state,
             backend=self.backend,
             memory_budget_bytes=memory_budget_bytes,
+            teacher_tail=self.teacher_tail,
         )
 
     def step(self) -> None:

@@ -270,21 +270,28 @@ class ErrorBounds:
     grads: dict  # per student gradient, its shape
 
 
-def error_bounds(case: Case, tensors, labels, alpha, grad_out, *, rounds_logits_gradient: bool = False) -> ErrorBounds:
+def error_bounds(
+    case: Case, tensors, labels, alpha, grad_out, *, rounds_logits_gradient: bool = False,
+    teacher: Optional[_Logits] = None,
+) -> ErrorBounds:
     """The bound on |op − float64 oracle| of every output entry (module docstring, steps 1-7).
 
     `rounds_logits_gradient`: the op rounds the logits gradient to the input dtype before the gradient
-    GEMMs (its CUDA path for float16/bfloat16 inputs)."""
+    GEMMs (its CUDA path for float16/bfloat16 inputs). `teacher`: the teacher's float64 logits `[N, V]`
+    and their error when they do not come from `tensors` (a sparse teacher: its exact, densified
+    log-probabilities, error 0, −inf allowed)."""
     cap_s, cap_t = _softcaps(case.softcap)
     student = logits_and_error_bound(tensors["student_hidden"], tensors["student_weight"], tensors["student_bias"], cap_s)
-    teacher = logits_and_error_bound(tensors["teacher_hidden"], tensors["teacher_weight"], tensors["teacher_bias"], cap_t)
+    if teacher is None:
+        teacher = logits_and_error_bound(tensors["teacher_hidden"], tensors["teacher_weight"], tensors["teacher_bias"], cap_t)
     n_rows = student.capped.shape[0]
     temperature, detach = case.temperature, case.kind == "srkl_detached"
     alpha_rows = _row_alphas(alpha, n_rows)
     kept = torch.ones(n_rows, dtype=torch.bool) if labels is None else labels.reshape(-1) != -100
     weights = _row_weights(case, labels, n_rows)
     upstream = weights * grad_out.double().expand(B, T).reshape(-1)  # ∂(Σ output · grad_out)/∂(row loss)
-    magnitude = max(student.capped.abs().max().item(), teacher.capped.abs().max().item()) / temperature
+    finite_teacher = teacher.capped[torch.isfinite(teacher.capped)]
+    magnitude = max(student.capped.abs().max().item(), finite_teacher.abs().max().item()) / temperature
 
     # step 3: the loss, to first order in the logits' errors (the loss's value is the undetached loss's)
     z_s = student.capped.clone().requires_grad_()
@@ -311,11 +318,12 @@ def error_bounds(case: Case, tensors, labels, alpha, grad_out, *, rounds_logits_
     grad = logits_gradient(student.capped, teacher.capped)
     steps = DIFFERENCE_STEP * torch.eye(V, dtype=torch.float64).unsqueeze(1)  # [V (direction), 1, V]
     jacobian_s = (logits_gradient(student.capped + steps, teacher.capped) - logits_gradient(student.capped - steps, teacher.capped))
-    jacobian_t = (logits_gradient(student.capped, teacher.capped + steps) - logits_gradient(student.capped, teacher.capped - steps))
     # [direction v, row, entry u] = ∂G[row, u] / ∂z[row, v]
-    jacobian_s, jacobian_t = jacobian_s / (2 * DIFFERENCE_STEP), jacobian_t / (2 * DIFFERENCE_STEP)
+    jacobian_s = jacobian_s / (2 * DIFFERENCE_STEP)
     grad_error = torch.einsum("vru,rv->ru", jacobian_s.abs(), student.error)
-    grad_error += torch.einsum("vru,rv->ru", jacobian_t.abs(), teacher.error)
+    if teacher.error.any():
+        jacobian_t = (logits_gradient(student.capped, teacher.capped + steps) - logits_gradient(student.capped, teacher.capped - steps))
+        grad_error += torch.einsum("vru,rv->ru", (jacobian_t / (2 * DIFFERENCE_STEP)).abs(), teacher.error)
     # step 5: the backend's own evaluation (the logits API's rule), the row weights' rounding to float32
     probabilities = torch.softmax(student.capped / temperature, -1) + torch.softmax(teacher.capped / temperature, -1)
     terms = upstream.abs().unsqueeze(-1) * probabilities / temperature

@@ -1,6 +1,7 @@
 """The fused-linear ops' own argument checks: each model's hidden states, lm_head weight and bias, the
 soft-cap and the memory budget; `prepare_term` runs every check of a call. The per-token arguments (α,
-labels, temperature), the reduction and the statistics are checked by the code the logits ops use."""
+labels, temperature), the reduction and the statistics are checked by the code the logits ops use, a sparse
+teacher by `sparse_teacher.flatten_sparse_teacher` (the logits ops' check)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from .._inputs import check_float_tensor, check_label_ids, prepare_token_options
 from ..backends import resolve_backend_name
 from ..reductions import check_reduction
+from ..sparse_teacher import SparseTeacher, as_sparse_teacher, check_teacher_tail, flatten_sparse_teacher
 from ..statistics import check_statistics
 from .chunks import default_memory_budget
 
@@ -54,6 +56,57 @@ def check_softcap(softcap: Softcap) -> tuple[Optional[float], Optional[float]]:
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"softcap must be a finite number > 0 (or None for no cap), got {value}")
     return tuple(None if v is None else float(v) for v in pair)
+
+
+def check_student_softcap(softcap: Softcap) -> Optional[float]:
+    """The student's soft-cap against a sparse teacher (log-probabilities, not logits: nothing to cap): a
+    single value caps the student; a (student, teacher) pair must have None for the teacher."""
+    student_cap, teacher_cap = check_softcap(softcap)
+    if isinstance(softcap, (tuple, list)) and teacher_cap is not None:
+        raise ValueError(
+            f"softcap={softcap!r} caps the teacher, but a sparse teacher gives log-probabilities, not logits: "
+            "pass (student_cap, None) or a single value for the student"
+        )
+    return student_cap
+
+
+def check_dense_teacher_tail(teacher_tail: str) -> None:
+    """A dense teacher has no tail: `teacher_tail` must keep its default."""
+    if teacher_tail != "renormalize":
+        raise ValueError(
+            f"teacher_tail={teacher_tail!r} applies to a sparse teacher (a SparseTeacher or an (ids, logprobs"
+            "[, tail_logprob]) tuple); this teacher is dense (hidden states and an lm_head weight)"
+        )
+
+
+def check_sparse_inputs(
+    *, student_hidden, student_weight, student_bias, teacher: SparseTeacher, teacher_weight, teacher_bias
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The student's tensors and a sparse teacher in place of the teacher's hidden states: no teacher
+    weight or bias. Returns the teacher flattened to rows (ids [N, k], logprobs [N, k], tail_logprob [N])."""
+    check_model_side("student", student_hidden, student_weight, student_bias)
+    for name, tensor in (("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias)):
+        if tensor is not None:
+            raise ValueError(
+                f"{name} must be None with a sparse teacher: it gives the log-probabilities themselves, "
+                "there is no teacher lm_head to apply"
+            )
+    device = student_hidden.device
+    for name, tensor in (("student_weight", student_weight), ("student_bias", student_bias)):
+        if tensor is not None and tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device} but student_hidden is on {device}")
+    return flatten_sparse_teacher(teacher, student_hidden.shape[:-1], student_weight.shape[0], device, "the hidden states")
+
+
+def check_sparse_alpha(alpha_rows: Optional[torch.Tensor], alpha: float, *, reverse: bool, tail: str, k: int, vocab: int) -> None:
+    """SRKL with tail "renormalize", k < V and a float α of 0 is +inf wherever the student has mass off
+    the support (a tensor α with zeros gives +inf rows, as the dense op does with −inf teacher logits)."""
+    if reverse and tail == "renormalize" and k < vocab and alpha_rows is None and alpha == 0:
+        raise ValueError(
+            "SRKL with teacher_tail='renormalize' and alpha = 0 is +inf: the renormalized teacher has probability "
+            "0 off its k tokens, so r = (1−α)p + αq is 0 there while the student's q is not; use alpha > 0 or "
+            "teacher_tail='uniform'"
+        )
 
 
 def check_inputs(
@@ -124,6 +177,15 @@ class Sweep(NamedTuple):
     backend: str  # a concrete backend name
     budget: int
     want_token_outputs: bool
+    teacher_tail: Optional[str] = None  # a sparse teacher's tail mode (`sparse_teacher.TEACHER_TAILS`); None: dense
+
+
+class SparseTeacherRows(NamedTuple):
+    """A checked sparse teacher, flattened to rows."""
+
+    ids: torch.Tensor  # [N, k] int64
+    logprobs: torch.Tensor  # [N, k], temperature 1
+    tail_logprob: Optional[torch.Tensor]  # [N], or None
 
 
 class PreparedTerm(NamedTuple):
@@ -133,6 +195,7 @@ class PreparedTerm(NamedTuple):
     alpha_rows: Optional[torch.Tensor]  # [N] float32
     statistics: Optional[torch.Tensor]  # [N, STATS]
     sweep: Sweep
+    sparse_teacher: Optional[SparseTeacherRows] = None  # a sparse teacher (then `sweep.teacher_tail` is set)
 
 
 def prepare_term(
@@ -155,13 +218,25 @@ def prepare_term(
     detach: bool,
     statistics,
     want_token_outputs: bool,
+    teacher_tail: str = "renormalize",
 ) -> PreparedTerm:
     """Every check of a fused-linear loss call, in the order the messages are documented, and the
-    flattening of its per-token arguments to rows."""
-    check_inputs(
-        student_hidden=student_hidden, student_weight=student_weight, student_bias=student_bias,
-        teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
-    )
+    flattening of its per-token arguments to rows. `teacher_hidden` may be a sparse teacher (a
+    `SparseTeacher` or an (ids, logprobs[, tail_logprob]) tuple) with `teacher_weight` None."""
+    sparse = as_sparse_teacher(teacher_hidden)
+    sparse_rows = None
+    if sparse is None:
+        check_dense_teacher_tail(teacher_tail)
+        check_inputs(
+            student_hidden=student_hidden, student_weight=student_weight, student_bias=student_bias,
+            teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
+        )
+    else:
+        check_teacher_tail(teacher_tail)
+        sparse_rows = SparseTeacherRows(*check_sparse_inputs(
+            student_hidden=student_hidden, student_weight=student_weight, student_bias=student_bias,
+            teacher=sparse, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
+        ))
     leading = student_hidden.shape[:-1]
     check_reduction(reduction, leading, "hidden states of shape [B, T, H]")
     device = student_hidden.device
@@ -169,7 +244,14 @@ def prepare_term(
     given_stats = check_statistics(
         statistics, leading, device, source="hidden states", producer="fused_linear_token_statistics"
     )
-    student_cap, teacher_cap = check_softcap(softcap)
+    if sparse_rows is None:
+        student_cap, teacher_cap = check_softcap(softcap)
+    else:
+        student_cap, teacher_cap = check_student_softcap(softcap), None
+        check_sparse_alpha(
+            options.alpha_rows, options.alpha, reverse=reverse, tail=teacher_tail, k=sparse_rows.ids.shape[-1],
+            vocab=student_weight.shape[0],
+        )
     budget = check_memory_budget(memory_budget_bytes, device)
     name = resolve_backend_name(backend, device)
     if options.labels is not None and (given_stats is None or want_token_outputs):  # as in the logits ops
@@ -187,5 +269,6 @@ def prepare_term(
         backend=name,
         budget=budget,
         want_token_outputs=want_token_outputs,
+        teacher_tail=None if sparse_rows is None else teacher_tail,
     )
-    return PreparedTerm(options.labels, options.alpha_rows, given_stats, sweep)
+    return PreparedTerm(options.labels, options.alpha_rows, given_stats, sweep, sparse_rows)

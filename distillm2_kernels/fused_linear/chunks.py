@@ -58,14 +58,14 @@ def kept_rows(options: TokenOptions) -> Optional[torch.Tensor]:
     return torch.nonzero(options.labels != options.ignore_index).squeeze(1)
 
 
-def _chunk_of(per_row: Optional[torch.Tensor], start: int, end: int, index: Optional[torch.Tensor]):
+def rows_of(per_row: Optional[torch.Tensor], start: int, end: int, index: Optional[torch.Tensor]):
     """The rows of a per-row tensor that a chunk covers (`index`: the chunk's kept rows, or None for all)."""
     if per_row is None:
         return None
     return per_row[start:end] if index is None else per_row.index_select(0, index)
 
 
-def _scatter(out: torch.Tensor, start: int, end: int, index: Optional[torch.Tensor], values: torch.Tensor) -> None:
+def scatter_rows(out: torch.Tensor, start: int, end: int, index: Optional[torch.Tensor], values: torch.Tensor) -> None:
     """out[the chunk's rows] = values."""
     if index is None:
         out[start:end] = values
@@ -152,14 +152,14 @@ def run_chunks(
         h_s = student.rows(start, end, kept)
         z_s, tanh_s = student.logits(h_s, keep_tanh=want_grad)
         z_t, _ = teacher.logits(teacher.rows(start, end, kept), keep_tanh=False)
-        labels = _chunk_of(options.labels, start, end, index) if pass_labels else None
-        alpha_rows = _chunk_of(options.alpha_rows, start, end, index)
+        labels = rows_of(options.labels, start, end, index) if pass_labels else None
+        alpha_rows = rows_of(options.alpha_rows, start, end, index)
         blocks = list(_blocks(z_s, z_t, labels, alpha_rows, options, block_rows))
         if statistics_only:
-            _scatter(stats, start, end, index, torch.cat([module.skew_statistics(b.rows) for b in blocks]).to(cd))
+            scatter_rows(stats, start, end, index, torch.cat([module.skew_statistics(b.rows) for b in blocks]).to(cd))
             continue
 
-        chunk_stats = _chunk_of(statistics, start, end, index)
+        chunk_stats = rows_of(statistics, start, end, index)
         losses, block_stats = [], []
         for block in blocks:
             given = None if chunk_stats is None else chunk_stats[block.start : block.end]
@@ -167,13 +167,13 @@ def run_chunks(
             losses.append(loss)
             block_stats.append(block_stat)
         if label_logprobs is not None:
-            _scatter(label_logprobs, start, end, index, torch.cat([s[:, LABEL_LOGPROBS] for s in block_stats]))
+            scatter_rows(label_logprobs, start, end, index, torch.cat([s[:, LABEL_LOGPROBS] for s in block_stats]))
         if row_losses is not None:
-            _scatter(row_losses, start, end, index, losses[0] if len(losses) == 1 else torch.cat(losses))
+            scatter_rows(row_losses, start, end, index, losses[0] if len(losses) == 1 else torch.cat(losses))
         if not want_grad:
             continue
 
-        weights = _chunk_of(row_weights, start, end, index)
+        weights = rows_of(row_weights, start, end, index)
         if len(blocks) == 1:
             grad_z = module.skew_backward(blocks[0].rows, reverse, detach, block_stats[0], weights)
         else:
@@ -187,7 +187,7 @@ def run_chunks(
             grad_z.mul_(tanh_s.square_().neg_().add_(1.0))  # d/dz c·tanh(z/c) = 1 − tanh²(z/c)
             del tanh_s
         if want_hidden:
-            _scatter(grad_hidden, start, end, index, student.hidden_grad(grad_z))
+            scatter_rows(grad_hidden, start, end, index, student.hidden_grad(grad_z))
         if grad_weight is not None:
             student.accumulate_weight_grad(grad_weight, grad_z, h_s)
         if grad_bias is not None:

@@ -24,7 +24,7 @@ from .checks import Sweep
 from .ops import Head, loss_pass
 
 
-def _options(labels, alpha_rows, sweep: Sweep) -> TokenOptions:
+def token_options(labels, alpha_rows, sweep: Sweep) -> TokenOptions:
     return TokenOptions(
         labels=labels,
         alpha_rows=alpha_rows,
@@ -41,18 +41,18 @@ def _heads(student_hidden, student_weight, student_bias, teacher_hidden, teacher
     return student, teacher
 
 
-def _accumulators(want_weight: bool, want_bias: bool, weight: torch.Tensor, dtype: torch.dtype):
+def gradient_accumulators(want_weight: bool, want_bias: bool, weight: torch.Tensor, dtype: torch.dtype):
     vocab = weight.shape[0]
     grad_weight = torch.zeros((vocab, weight.shape[1]), dtype=dtype, device=weight.device) if want_weight else None
     grad_bias = torch.zeros(vocab, dtype=dtype, device=weight.device) if want_bias else None
     return grad_weight, grad_bias
 
 
-def _as_dtype_of(grad: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def as_dtype_of(grad: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if grad is None else grad.to(like.dtype)
 
 
-def _reduced(row_losses: torch.Tensor, labels: Optional[torch.Tensor], sweep: Sweep) -> torch.Tensor:
+def reduced_loss(row_losses: torch.Tensor, labels: Optional[torch.Tensor], sweep: Sweep) -> torch.Tensor:
     labels = None if labels is None else labels.view(sweep.leading_shape)
     return reduce_token_losses(row_losses.view(sweep.leading_shape), labels, sweep.ignore_index, sweep.reduction)
 
@@ -83,7 +83,7 @@ class FusedLinearSkewFunction(torch.autograd.Function):
         ctx.sweep, ctx.want = sweep, (want_hidden, want_weight, want_bias)
         ctx.student_hidden_shape = student_hidden.shape
         student, teacher = _heads(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, sweep)
-        options = _options(labels, alpha_rows, sweep)
+        options = token_options(labels, alpha_rows, sweep)
         want_label_logprobs = sweep.want_token_outputs and labels is not None
         common = dict(student=student, teacher=teacher, options=options, statistics=statistics, **_sweep_args(sweep))
 
@@ -98,7 +98,7 @@ class FusedLinearSkewFunction(torch.autograd.Function):
             token_losses = loss.clone()
         else:
             cd = compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
-            grad_weight, grad_bias = _accumulators(want_weight, want_bias, student_weight, cd)
+            grad_weight, grad_bias = gradient_accumulators(want_weight, want_bias, student_weight, cd)
             row_weights = None
             if any(ctx.want):
                 row_weights = reduction_row_weights(
@@ -108,11 +108,11 @@ class FusedLinearSkewFunction(torch.autograd.Function):
                 **common, want_label_logprobs=want_label_logprobs, row_weights=row_weights, want_hidden=want_hidden,
                 grad_weight=grad_weight, grad_bias=grad_bias,
             )
-            loss = _reduced(out.row_losses, labels, sweep)
+            loss = reduced_loss(out.row_losses, labels, sweep)
             if any(ctx.want):
                 grad_hidden = None if out.grad_hidden is None else out.grad_hidden.view(student_hidden.shape)
                 ctx.save_for_backward(
-                    grad_hidden, _as_dtype_of(grad_weight, student_weight), _as_dtype_of(grad_bias, student_bias)
+                    grad_hidden, as_dtype_of(grad_weight, student_weight), as_dtype_of(grad_bias, student_bias)
                 )
             token_losses = out.row_losses.view(leading)
         if not sweep.want_token_outputs:
@@ -135,17 +135,17 @@ class FusedLinearSkewFunction(torch.autograd.Function):
          alpha_rows, statistics) = ctx.saved_tensors
         want_hidden, want_weight, want_bias = ctx.want
         cd = compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
-        grad_weight, grad_bias = _accumulators(want_weight, want_bias, student_weight, cd)
+        grad_weight, grad_bias = gradient_accumulators(want_weight, want_bias, student_weight, cd)
         student, teacher = _heads(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, sweep)
         out = loss_pass(
-            student=student, teacher=teacher, options=_options(labels, alpha_rows, sweep), statistics=statistics,
+            student=student, teacher=teacher, options=token_options(labels, alpha_rows, sweep), statistics=statistics,
             **_sweep_args(sweep), want_loss=False, row_weights=grad_loss.reshape(-1), want_hidden=want_hidden,
             grad_weight=grad_weight, grad_bias=grad_bias,
         )
         return _GRADS(
             student_hidden=None if out.grad_hidden is None else out.grad_hidden.view(ctx.student_hidden_shape),
-            student_weight=_as_dtype_of(grad_weight, student_weight),
-            student_bias=_as_dtype_of(grad_bias, student_bias),
+            student_weight=as_dtype_of(grad_weight, student_weight),
+            student_bias=as_dtype_of(grad_bias, student_bias),
         )
 
 
@@ -173,7 +173,7 @@ class FusedLinearSkewPairFunction(torch.autograd.Function):
         want_weight = ctx.needs_input_grad[_PAIR_GRADS.index("student_weight")]
         want_bias = student_bias is not None and ctx.needs_input_grad[_PAIR_GRADS.index("student_bias")]
         cd = compute_dtype(student_hidden_t, student_hidden_s, student_weight, teacher_hidden_t, teacher_hidden_s, teacher_weight)
-        grad_weight, grad_bias = _accumulators(want_weight, want_bias, student_weight, cd)
+        grad_weight, grad_bias = gradient_accumulators(want_weight, want_bias, student_weight, cd)
         halves = (
             (student_hidden_t, teacher_hidden_t, labels_t, alpha_rows_t, statistics_t, sweep_t, "student_hidden_t"),
             (student_hidden_s, teacher_hidden_s, labels_s, alpha_rows_s, statistics_s, sweep_s, "student_hidden_s"),
@@ -192,18 +192,18 @@ class FusedLinearSkewPairFunction(torch.autograd.Function):
                 )
             student, teacher = _heads(hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, sweep)
             out = loss_pass(
-                student=student, teacher=teacher, options=_options(labels, alpha_rows, sweep), statistics=statistics,
+                student=student, teacher=teacher, options=token_options(labels, alpha_rows, sweep), statistics=statistics,
                 **_sweep_args(sweep), want_label_logprobs=labels is not None, row_weights=row_weights,
                 want_hidden=gradients and want_hidden,
                 grad_weight=grad_weight if gradients else None, grad_bias=grad_bias if gradients else None,
             )
-            loss = loss + coefficient * _reduced(out.row_losses, labels, sweep)
+            loss = loss + coefficient * reduced_loss(out.row_losses, labels, sweep)
             grad_hiddens.append(None if out.grad_hidden is None else out.grad_hidden.view(hidden.shape))
             label_logprobs = hidden.new_empty(0) if out.label_logprobs is None else out.label_logprobs.view(*leading, 2)
             by_products += [out.row_losses.view(leading), label_logprobs]
 
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*grad_hiddens, _as_dtype_of(grad_weight, student_weight), _as_dtype_of(grad_bias, student_bias))
+        ctx.save_for_backward(*grad_hiddens, as_dtype_of(grad_weight, student_weight), as_dtype_of(grad_bias, student_bias))
         ctx.mark_non_differentiable(*by_products)
         return (loss, *by_products)
 

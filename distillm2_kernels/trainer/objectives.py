@@ -8,21 +8,25 @@ paper preset's adaptive α needs both halves and is not used), reduced with the 
 `loss="srkl"`: SRKL_α on the student-response rows only (α the preset's constant α, the preset's mixture
 detaching and reduction) — DistiLLM-2 without its SKL half; the batch still holds the teacher-response rows.
 
-All three go through the fused-linear ops from the last hidden states and the lm_head weights: no `[N, V]`
+All of them go through the fused-linear ops from the last hidden states and the lm_head weights: no `[N, V]`
 logits. Hidden states and labels arrive unshifted (`[R, T, ...]`, position k holds token k); the objective
-shifts them (hidden k predicts label k+1). The curriculum state (epoch, step, α anchors) is carried by a
-`DistiLLM2Loss` for every loss so that checkpoints have one format.
+shifts them (hidden k predicts label k+1). The teacher is its hidden states `[R, T, H_t]` with its lm_head, or
+a `SparseTeacher` (ids / log-probabilities `[R, T, K]`, tail log-mass `[R, T]`, from a score cache) without
+one, unshifted like the hidden states (position k's distribution predicts token k+1) and shifted the same
+way; `teacher_tail` is its tail mode (docs/design.md §8). The curriculum state (epoch, step, α anchors) is
+carried by a `DistiLLM2Loss` for every loss so that checkpoints have one format.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
 from ..fused_linear import fused_linear_skl, fused_linear_srkl
 from ..objective import DistiLLM2Loss
 from ..reductions import sequence_mean
+from ..sparse_teacher import SparseTeacher, as_sparse_teacher
 from .models import LMHead
 
 __all__ = ["LOSSES", "TrainingObjective"]
@@ -30,24 +34,41 @@ __all__ = ["LOSSES", "TrainingObjective"]
 LOSSES = ("distillm2", "skl", "kd", "srkl")
 
 
-def _softcap(student: LMHead, teacher: LMHead):
-    if student.softcap is None and teacher.softcap is None:
+def _softcap(student: LMHead, teacher: Optional[LMHead]):
+    teacher_cap = None if teacher is None else teacher.softcap
+    if student.softcap is None and teacher_cap is None:
         return None
-    return (student.softcap, teacher.softcap)
+    return (student.softcap, teacher_cap)
+
+
+Teacher = Union[torch.Tensor, SparseTeacher]
+
+
+def _select(teacher: Teacher, rows) -> Teacher:
+    """`teacher[rows]` for hidden states or each tensor of a sparse teacher (`rows` indexes the leading dims)."""
+    if not isinstance(teacher, SparseTeacher):
+        return teacher[rows]
+    tail = None if teacher.tail_logprob is None else teacher.tail_logprob[rows]
+    return SparseTeacher(teacher.ids[rows], teacher.logprobs[rows], tail)
 
 
 class TrainingObjective:
-    """`objective(student_hidden, teacher_hidden, labels, num_pairs, student_head, teacher_head)` →
-    `(loss, metrics)`; metrics are per-batch means (0-d tensors, no gradient) of `skl`, `srkl`, `alpha_t`,
-    `alpha_s`, `beta` (the latter three absent or constant where they do not apply)."""
+    """`objective(student_hidden, teacher, labels, num_pairs, student_head, teacher_head)` → `(loss, metrics)`;
+    `teacher` is the teacher's hidden states `[R, T, H_t]` with `teacher_head` its lm_head, or a `SparseTeacher`
+    `[R, T, K]` with `teacher_head` None. Metrics are per-batch means (0-d tensors, no gradient) of `skl`,
+    `srkl`, `alpha_t`, `alpha_s`, `beta` (the latter three absent or constant where they do not apply).
+    `teacher_tail`: the tail mode of a sparse teacher ("renormalize" or "uniform")."""
 
     def __init__(self, loss: str = "distillm2", preset: str = "distillm2", *, num_epochs: Optional[int] = None,
-                 total_steps: Optional[int] = None, backend: str = "auto"):
+                 total_steps: Optional[int] = None, backend: str = "auto", teacher_tail: str = "renormalize"):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.loss = loss
         self.backend = backend
-        self.curriculum = DistiLLM2Loss(preset, num_epochs=num_epochs, total_steps=total_steps, backend=backend)
+        self.curriculum = DistiLLM2Loss(
+            preset, num_epochs=num_epochs, total_steps=total_steps, backend=backend, teacher_tail=teacher_tail
+        )
+        self.teacher_tail = self.curriculum.teacher_tail
 
     @property
     def uses_student_responses(self) -> bool:
@@ -61,20 +82,30 @@ class TrainingObjective:
     def __call__(
         self,
         student_hidden: torch.Tensor,
-        teacher_hidden: torch.Tensor,
+        teacher: Teacher,
         labels: torch.Tensor,
         num_pairs: int,
         student_head: LMHead,
-        teacher_head: LMHead,
+        teacher_head: Optional[LMHead],
     ) -> tuple[torch.Tensor, dict]:
-        student_hidden, teacher_hidden, labels = student_hidden[:, :-1], teacher_hidden[:, :-1], labels[:, 1:]
-        heads = dict(student_weight=student_head.weight, teacher_weight=teacher_head.weight,
-                     student_bias=student_head.bias, teacher_bias=teacher_head.bias,
+        sparse = as_sparse_teacher(teacher)
+        if sparse is not None:
+            if teacher_head is not None:
+                raise ValueError("a sparse teacher gives log-probabilities and has no lm_head: pass teacher_head=None")
+            teacher = sparse
+        elif teacher_head is None:
+            raise ValueError("teacher_head is None, but the teacher is hidden states: pass the teacher's lm_head")
+        shift = (slice(None), slice(None, -1))
+        student_hidden, teacher, labels = student_hidden[shift], _select(teacher, shift), labels[:, 1:]
+        heads = dict(student_weight=student_head.weight, student_bias=student_head.bias,
+                     teacher_weight=None if sparse is not None else teacher_head.weight,
+                     teacher_bias=None if sparse is not None else teacher_head.bias,
                      softcap=_softcap(student_head, teacher_head))
+        tail = dict(teacher_tail=self.teacher_tail if sparse is not None else "renormalize")
         t, s = slice(0, num_pairs), slice(num_pairs, 2 * num_pairs)
         if self.loss == "distillm2":
             loss, metrics = self.curriculum.from_hidden(
-                student_hidden[t], teacher_hidden[t], labels[t], student_hidden[s], teacher_hidden[s], labels[s],
+                student_hidden[t], _select(teacher, t), labels[t], student_hidden[s], _select(teacher, s), labels[s],
                 **heads,
             )
             return loss, {
@@ -84,20 +115,20 @@ class TrainingObjective:
         config = self.curriculum.config
         if self.loss == "srkl":
             loss, outputs = fused_linear_srkl(
-                student_hidden[s], heads["student_weight"], teacher_hidden[s], heads["teacher_weight"], self.alpha,
+                student_hidden[s], heads["student_weight"], _select(teacher, s), heads["teacher_weight"], self.alpha,
                 student_bias=heads["student_bias"], teacher_bias=heads["teacher_bias"], labels=labels[s],
                 ignore_index=config.ignore_index, temperature=config.temperature, softcap=heads["softcap"],
                 reduction=config.reduction, detach_mixture=config.detach_mixture, backend=self.backend,
-                return_token_outputs=True,
+                return_token_outputs=True, **tail,
             )
             valid = (labels[s] != config.ignore_index).to(torch.float32)
             srkl = sequence_mean(outputs.losses.detach(), valid).mean()
             return loss, {"srkl": srkl, "alpha_s": torch.tensor(self.alpha)}
         loss, outputs = fused_linear_skl(
-            student_hidden[t], heads["student_weight"], teacher_hidden[t], heads["teacher_weight"], self.alpha,
+            student_hidden[t], heads["student_weight"], _select(teacher, t), heads["teacher_weight"], self.alpha,
             student_bias=heads["student_bias"], teacher_bias=heads["teacher_bias"], labels=labels[t],
             ignore_index=config.ignore_index, temperature=config.temperature, softcap=heads["softcap"],
-            reduction=config.reduction, backend=self.backend, return_token_outputs=True,
+            reduction=config.reduction, backend=self.backend, return_token_outputs=True, **tail,
         )
         valid = (labels[t] != config.ignore_index).to(torch.float32)
         skl = sequence_mean(outputs.losses.detach(), valid).mean()
