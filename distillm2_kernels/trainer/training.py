@@ -444,7 +444,7 @@ def train(config: TrainConfig) -> TrainResult:
     )
     objective = TrainingObjective(
         config.loss, config.preset, num_epochs=state.num_epochs, total_steps=state.total_steps, backend=config.backend,
-        **({"teacher_tail": config.teacher_tail} if cache is not None else {}),
+        teacher_tail=config.teacher_tail,
     )
     student_forward, optimizer, scheduler = accelerator.prepare(student_forward, optimizer, scheduler)
     # the parameters to clip are collected from the prepared module: FSDP2 replaces them by sharded DTensors
