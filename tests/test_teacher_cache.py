@@ -359,7 +359,6 @@ def test_the_pipeline_scores_each_epoch_and_trains_on_the_cache(tiny_models, tmp
 
     teacher, student = tiny_models("llama")
     _no_teacher_model(monkeypatch)
-    monkeypatch.setattr(training, "TrainingObjective", DensifyingObjective)
     out = tmp_path / "pipe"
     result = run_pipeline(PipelineConfig(
         prompts=str(write_prompts(tmp_path / "prompts.jsonl")), teacher=str(teacher), student=str(student),
@@ -370,7 +369,8 @@ def test_the_pipeline_scores_each_epoch_and_trains_on_the_cache(tiny_models, tmp
     manifest = json.loads((out / "epoch-0" / "teacher-cache" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["top_k"] == K
     assert manifest["pairs_sha256"] == file_sha256(out / "epoch-0" / "pairs.jsonl")
-    assert len(read_metrics(out / "train" / "metrics.csv")) == 2
+    rows = read_metrics(out / "train" / "metrics.csv")
+    assert len(rows) == 2 and all(float(r["skl"]) > 0 and float(r["srkl"]) > 0 for r in rows)
 
 
 def test_the_pipeline_scores_in_a_subprocess_under_a_launcher_with_trains_settings(monkeypatch, tmp_path):
