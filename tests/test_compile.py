@@ -48,6 +48,15 @@ def _objective_from_hidden(x):
     )[0]
 
 
+def _objective_from_hidden_sparse(x):
+    """The paper preset: a statistics pass for the adaptive α's anchors, then the pair op, on sparse teachers."""
+    return dk.distillm2_loss_from_hidden(
+        x["student_hidden"], x["sparse_teacher"], x["labels"], x["student_hidden_s"], x["sparse_teacher"],
+        x["labels_s"], student_weight=x["student_weight"], student_bias=x["student_bias"], softcap=(3.0, None),
+        preset="paper", teacher_tail="uniform",
+    )[0]
+
+
 def _module_from_hidden(x):
     return dk.DistiLLM2Loss().from_hidden(
         x["student_hidden"], x["teacher_hidden"], x["labels"], x["student_hidden_s"], x["teacher_hidden_s"],
@@ -121,13 +130,50 @@ OPS = {
         ["student_hidden", "student_weight"],
     ),
     "fused_linear_token_statistics": (lambda x: dk.fused_linear_token_statistics(*_linear(x), x["labels"]).stats, []),
+    "fused_linear_skl_sparse": (
+        lambda x: dk.fused_linear_skl(
+            x["student_hidden"], x["student_weight"], x["sparse_teacher"], None, x["alpha"], student_bias=x["student_bias"],
+            labels=x["labels"], softcap=3.0, reduction="seqmean",
+        ),
+        ["student_hidden", "student_weight", "student_bias"],
+    ),
+    "fused_linear_srkl_sparse_uniform": (
+        lambda x: dk.fused_linear_srkl(
+            x["student_hidden"], x["student_weight"], x["sparse_teacher"], None, 0.2, labels=x["labels"],
+            detach_mixture=True, teacher_tail="uniform", memory_budget_bytes=4 * 4 * V * 3,
+        ),
+        ["student_hidden", "student_weight"],
+    ),
+    "fused_linear_srkl_sparse_none": (
+        lambda x: dk.fused_linear_srkl(
+            x["student_hidden"], x["student_weight"], x["sparse_teacher"], None, labels=x["labels"], reduction="none",
+            teacher_tail="uniform",
+        ).sum(),
+        ["student_hidden", "student_weight"],
+    ),
+    "fused_linear_token_statistics_sparse": (
+        lambda x: dk.fused_linear_token_statistics(
+            x["student_hidden"], x["student_weight"], x["sparse_teacher"], None, x["labels"], teacher_tail="uniform"
+        ).stats,
+        [],
+    ),
     "distillm2_loss": (lambda x: dk.distillm2_loss(*_pair(x))[0], ["student_logits", "student_logits_s"]),
     "distillm2_loss_paper": (
         lambda x: dk.distillm2_loss(*_pair(x), preset="paper")[0], ["student_logits", "student_logits_s"]
     ),
     "DistiLLM2Loss": (lambda x: dk.DistiLLM2Loss("distillm")(*_pair(x))[0], ["student_logits", "student_logits_s"]),
     "distillm2_loss_from_hidden": (_objective_from_hidden, ["student_hidden", "student_hidden_s", "student_weight", "student_bias"]),
+    "distillm2_loss_from_hidden_sparse": (
+        _objective_from_hidden_sparse, ["student_hidden", "student_hidden_s", "student_weight", "student_bias"]
+    ),
     "DistiLLM2Loss.from_hidden": (_module_from_hidden, ["student_hidden", "student_hidden_s", "student_weight"]),
+    "DistiLLM2Loss.from_hidden_sparse": (
+        lambda x: dk.DistiLLM2Loss().from_hidden(
+            x["student_hidden"], x["sparse_teacher"], x["labels"], x["student_hidden_s"], x["sparse_teacher"],
+            x["labels_s"], student_weight=x["student_weight"],
+        )[0],
+        ["student_hidden", "student_hidden_s", "student_weight"],
+    ),
 }
 
 
@@ -198,3 +244,31 @@ def test_fused_linear_custom_ops_pass_opcheck(dtype):
     # no row weights: no gradient, whatever want_hidden says, and no accumulator
     args = (*models, labels, None, None, None, None, None, 0.1, -100, 1.0, False, False, "torch", 4096, True, False, True)
     torch.library.opcheck(torch.ops.distillm2.fused_linear_loss.default, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_fused_linear_sparse_custom_ops_pass_opcheck(dtype):
+    """The sparse fused-linear ops' schemas, fake implementations (shapes, dtypes) and declared mutations."""
+    x = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in _inputs(dtype).items()}
+    ids, logprobs = x["sparse_teacher"].ids.reshape(-1, K), x["sparse_teacher"].logprobs.reshape(-1, K)
+    tail_logprob = torch.full((B * T,), -3.0)
+    student = (x["student_hidden"].reshape(-1, H_S), x["student_weight"], x["student_bias"], 3.0)
+    labels = x["labels"].reshape(-1)
+    for tail in ("renormalize", "uniform"):
+        teacher = (ids, logprobs, tail_logprob if tail == "uniform" else None)
+        torch.library.opcheck(
+            torch.ops.distillm2.fused_linear_sparse_statistics.default,
+            (*student, *teacher, labels, -100, 0.5, tail, "torch", 4096),
+        )
+        stats = torch.ops.distillm2.fused_linear_sparse_statistics(*student, *teacher, labels, -100, 0.5, tail, "torch", 4096)
+        for want_loss, want_label_logprobs, want_hidden in ((True, True, True), (False, False, True), (True, False, False)):
+            accumulators = (torch.zeros(V, H_S), torch.zeros(V))
+            args = (
+                *student, *teacher, labels, torch.rand(B * T) * 0.9 + 0.1, stats, torch.rand(B * T), *accumulators,
+                0.0, -100, 0.5, True, False, tail, "torch", 4096, want_loss, want_label_logprobs, want_hidden,
+            )
+            torch.library.opcheck(torch.ops.distillm2.fused_linear_sparse_loss.default, args)
+        # no row weights: no gradient, whatever want_hidden says, and no accumulator
+        args = (*student, *teacher, labels, None, None, None, None, None, 0.1, -100, 1.0, False, False, tail, "torch", 4096,
+                True, False, True)
+        torch.library.opcheck(torch.ops.distillm2.fused_linear_sparse_loss.default, args)

@@ -10,6 +10,11 @@ then SKL_α = KL(p ‖ αp + (1−α)q) or SRKL_α = KL(q ‖ (1−α)p + αq) w
 p = softmax(z_t/T), exactly as in `functional.fused_skl` / `fused_srkl`, and the same reductions.
 The student's two hidden sizes may differ from the teacher's; the vocabularies must agree.
 
+The teacher may instead be sparse (docs/design.md §8): `teacher_hidden` a `SparseTeacher` (k token ids per
+token with their temperature-1 log-probabilities and the tail log-mass) and `teacher_weight=None`,
+`teacher_tail` "renormalize" or "uniform"; then only the student's logits are computed (no teacher GEMM, no
+`[N, V]` teacher tensor), the soft-cap applies to the student, and `sparse.py` runs the chunks.
+
 Gradients flow to the student only. With G = ∂loss/∂z_s (rows already weighted by the reduction)::
 
     G ← G ⊙ (1 − tanh²(z_raw / c))       the soft-cap derivative, when capped
@@ -22,6 +27,7 @@ Layout (one concept per file):
     ops.py        the driver as the custom ops `distillm2::fused_linear_statistics` / `fused_linear_loss`
     function.py   the autograd Functions: one term (`FusedLinearSkewFunction`), the pair
                   (`FusedLinearSkewPairFunction`)
+    sparse.py     the same against a sparse teacher: its chunk driver, custom ops and Functions
     api.py        the public functions
 
 The backends are reached as by the logits ops: a concrete name resolved at call time, then
@@ -87,6 +93,7 @@ from .api import (
 from .checks import Softcap
 from .chunks import DEFAULT_MEMORY_BUDGET_BYTES, LIVE_ROW_TENSORS, UNDECLARED_BACKEND_TEMPORARIES, chunk_rows
 from .function import FusedLinearSkewFunction, FusedLinearSkewPairFunction
+from .sparse import FusedLinearSparseSkewFunction, FusedLinearSparseSkewPairFunction
 
 __all__ = [
     "fused_linear_skl",
@@ -99,6 +106,8 @@ __all__ = [
     "FusedLinearSRKLFunction",
     "FusedLinearSkewFunction",
     "FusedLinearSkewPairFunction",
+    "FusedLinearSparseSkewFunction",
+    "FusedLinearSparseSkewPairFunction",
     "DEFAULT_MEMORY_BUDGET_BYTES",
     "LIVE_ROW_TENSORS",
     "UNDECLARED_BACKEND_TEMPORARIES",
