@@ -27,7 +27,6 @@ from distillm2_kernels import (
     fused_srkl,
     token_statistics,
 )
-from distillm2_kernels import sparse_custom_ops  # noqa: F401  (registers the custom ops for opcheck)
 from distillm2_kernels.backends import SPARSE_BACKEND_MODULES, available_backends, torch_sparse
 from distillm2_kernels.reference import densify_sparse_teacher
 from distillm2_kernels.skew_divergence import skew_divergence
