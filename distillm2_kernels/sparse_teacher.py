@@ -355,7 +355,7 @@ def sparse_grad(
         forward.row_shift, forward.log_tail, alpha_rows, reverse, detach, backend,
     )
     support = (row_scale.unsqueeze(-1) * forward.support_grad).to(grad.dtype)
-    return grad.scatter(1, rows.ids, support)
+    return grad.scatter_(1, rows.ids, support)  # in place: the gradient stays the op's only [N, V] tensor
 
 
 class SparseRowOutputs(NamedTuple):
