@@ -47,11 +47,25 @@ def test_build_key_names_torch_the_instruction_sets_python_and_the_sources(monke
 def test_x86_builds_every_instruction_set_other_machines_the_portable_one(monkeypatch):
     monkeypatch.setattr(cpu_build.platform, "machine", lambda: "x86_64")
     assert cpu_build.instruction_sets() == ["DEFAULT", "AVX2", "AVX512"]
-    assert [p.name for p in cpu_build.source_files()][-2:] == [
-        "skew_divergence_kernel_avx2.cpp", "skew_divergence_kernel_avx512.cpp"]
+    portable = ["skew_divergence.cpp", "skew_divergence_kernel.cpp", "sparse_teacher.cpp", "sparse_teacher_kernel.cpp"]
+    assert [p.name for p in cpu_build.source_files()] == portable + [
+        "skew_divergence_kernel_avx2.cpp", "skew_divergence_kernel_avx512.cpp",
+        "sparse_teacher_kernel_avx2.cpp", "sparse_teacher_kernel_avx512.cpp"]
     monkeypatch.setattr(cpu_build.platform, "machine", lambda: "aarch64")
     assert cpu_build.instruction_sets() == ["DEFAULT"]
-    assert [p.name for p in cpu_build.source_files()] == ["skew_divergence.cpp", "skew_divergence_kernel.cpp"]
+    assert [p.name for p in cpu_build.source_files()] == portable
+
+
+def test_every_source_file_is_built_and_in_the_digest():
+    """A .cpp in csrc/ that the build leaves out would be dead code; every .cpp and .h is in the cache key."""
+    cpp_files = sorted(p.name for p in cpu_build.CSRC.iterdir() if p.suffix == ".cpp")
+    built = sorted(p.name for p in cpu_build.source_files()) if cpu_build.is_x86() else None
+    if built is not None:
+        assert built == cpp_files
+    digested = [p.name for p in cpu_build.all_source_files()]
+    for name in ("sparse_teacher.cpp", "sparse_teacher.h", "sparse_teacher_kernel.h", "vector_math.h",
+                 "bindings_common.h"):
+        assert name in digested, name
 
 
 def test_missing_compiler_says_how_to_get_one(monkeypatch, tmp_path):

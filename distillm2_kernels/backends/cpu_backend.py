@@ -102,10 +102,16 @@ def kernel_isa() -> Optional[str]:
     return None if module is None else module.kernel_isa()
 
 
-def _extension(rows: SkewRows) -> ModuleType:
+def loaded_extension() -> ModuleType:
+    """The extension module (loaded, or compiled, on the first call); ValueError saying why when unavailable."""
     module, reason, _ = _extension_state()
     if module is None:
         raise ValueError(f"backend='cpu' cannot run here: {reason}")
+    return module
+
+
+def _extension(rows: SkewRows) -> ModuleType:
+    module = loaded_extension()
     if rows.student.device.type != "cpu":
         raise ValueError(f"the cpu backend runs on CPU tensors, got tensors on {rows.student.device}")
     return module

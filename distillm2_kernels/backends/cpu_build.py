@@ -42,11 +42,16 @@ def instruction_sets() -> list[str]:
     return ["DEFAULT", "AVX2", "AVX512"] if is_x86() else ["DEFAULT"]
 
 
+# The kernels of each family: the dense skew divergence and the sparse-teacher student sweeps.
+KERNEL_FAMILIES = ("skew_divergence", "sparse_teacher")
+
+
 def source_files(csrc: Path = CSRC) -> list[Path]:
-    """The dispatcher and the kernel builds, in link order (setuptools sorts them by path anyway)."""
-    sources = [csrc / "skew_divergence.cpp", csrc / "skew_divergence_kernel.cpp"]
+    """The dispatchers and the kernel builds of every family, in link order (setuptools sorts them by path
+    anyway): `<family>.cpp` and `<family>_kernel.cpp`, then on x86-64 `<family>_kernel_{avx2,avx512}.cpp`."""
+    sources = [csrc / f"{family}{suffix}.cpp" for family in KERNEL_FAMILIES for suffix in ("", "_kernel")]
     if is_x86():
-        sources += [csrc / "skew_divergence_kernel_avx2.cpp", csrc / "skew_divergence_kernel_avx512.cpp"]
+        sources += [csrc / f"{family}_kernel_{isa}.cpp" for family in KERNEL_FAMILIES for isa in ("avx2", "avx512")]
     return sources
 
 

@@ -1,6 +1,7 @@
 // Python bindings of the CPU skew-divergence kernels: argument checks and the choice of instruction set at run
 // time (ATen's own choice, `torch.backends.cpu.get_cpu_capability()`, which honours the ATEN_CPU_CAPABILITY
-// environment variable).
+// environment variable; both in bindings_common.h). The module also holds the sparse-teacher student sweeps,
+// registered by sparse_teacher.cpp.
 //
 //   skew_statistics(student, teacher, labels, ignore_index, inv_temperature, stats)
 //       sweep 1: writes stats [N, 7] float32 (C = 0; see RowStat in skew_divergence_kernel.h)
@@ -31,6 +32,7 @@
 #include <string>
 #include <utility>
 
+#include "bindings_common.h"
 #include "skew_divergence.h"
 
 namespace distillm2 {
@@ -48,64 +50,6 @@ DISTILLM2_DECLARE_KERNELS
 #endif
 
 namespace {
-
-enum class Isa { Default, Avx2, Avx512 };
-
-Isa selected_isa() {
-  static const Isa isa = [] {
-#ifdef DISTILLM2_X86_KERNELS
-    const std::string capability = at::get_cpu_capability();
-    if (capability == "AVX512") {
-      return Isa::Avx512;
-    }
-    if (capability == "AVX2") {
-      return Isa::Avx2;
-    }
-#endif
-    return Isa::Default;
-  }();
-  return isa;
-}
-
-const char* isa_name() {
-  switch (selected_isa()) {
-    case Isa::Avx512:
-      return "AVX512";
-    case Isa::Avx2:
-      return "AVX2";
-    default:
-      return "DEFAULT";
-  }
-}
-
-bool is_logits_dtype(at::ScalarType dtype) {
-  return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
-}
-
-void check_logits(const char* name, const at::Tensor& logits) {
-  TORCH_CHECK(logits.device().is_cpu(), name, " must be a CPU tensor, got one on ", logits.device());
-  TORCH_CHECK(logits.dim() == 2 || logits.dim() == 3, name, " must be [N, V] or [outer, inner, V], got ",
-              logits.sizes());
-  TORCH_CHECK(is_logits_dtype(logits.scalar_type()), name, " must be float32, bfloat16 or float16, got ",
-              logits.scalar_type());
-  TORCH_CHECK(logits.size(-1) <= 1 || logits.stride(-1) == 1, name, " must have unit column stride, got strides ",
-              logits.strides());
-}
-
-// (outer stride, inner stride) of [N, V] (one outer index) or [outer, inner, V] logits.
-std::pair<int64_t, int64_t> level_strides(const at::Tensor& logits) {
-  if (logits.dim() == 2) {
-    return {0, logits.stride(0)};
-  }
-  return {logits.stride(0), logits.stride(1)};
-}
-
-void check_row_vector(const char* name, const at::Tensor& tensor, at::ScalarType dtype, int64_t num_rows) {
-  TORCH_CHECK(tensor.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(tensor.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", tensor.scalar_type());
-  TORCH_CHECK(tensor.dim() == 1 && tensor.size(0) == num_rows, name, " must have shape [", num_rows, "], got ",
-              tensor.sizes());
-}
 
 SkewProblem make_problem(const at::Tensor& student, const at::Tensor& teacher,
                          const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& alpha_rows,
@@ -151,12 +95,6 @@ SkewProblem make_problem(const at::Tensor& student, const at::Tensor& teacher,
       reverse,
       reverse && detach,
   };
-}
-
-void check_output(const char* name, const at::Tensor& out, at::ScalarType dtype, at::IntArrayRef shape) {
-  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == dtype && out.sizes() == shape && out.is_contiguous(),
-              name, " must be a contiguous ", dtype, " CPU tensor of shape ", shape, ", got ", out.scalar_type(),
-              " ", out.sizes());
 }
 
 void skew_statistics(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
@@ -252,10 +190,13 @@ void skew_backward(const at::Tensor& student, const at::Tensor& teacher, const s
 }
 
 }  // namespace
+
+void register_sparse_teacher_ops(pybind11::module_& m);  // sparse_teacher.cpp
+
 }  // namespace distillm2
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "distillm2_kernels CPU kernels: skew KL / skew reverse KL over [N, V] logits";
+  m.doc() = "distillm2_kernels CPU kernels: skew KL / skew reverse KL over [N, V] logits, and the sparse-teacher student sweeps";
   m.def("skew_statistics", &distillm2::skew_statistics, py::call_guard<py::gil_scoped_release>(),
         "Sweep 1: writes the per-row statistics [N, num_stats] (C = 0)", py::arg("student"), py::arg("teacher"),
         py::arg("labels"), py::arg("ignore_index"), py::arg("inv_temperature"), py::arg("stats"));
@@ -276,6 +217,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("student"), py::arg("teacher"), py::arg("labels"), py::arg("alpha_rows"), py::arg("alpha"),
         py::arg("ignore_index"), py::arg("inv_temperature"), py::arg("reverse"), py::arg("detach"),
         py::arg("stats"), py::arg("grad_loss"), py::arg("grad"));
+  distillm2::register_sparse_teacher_ops(m);
   m.def("kernel_isa", &distillm2::isa_name, "The instruction set the kernels run with: AVX512, AVX2 or DEFAULT");
   m.attr("built_with_torch") = DISTILLM2_TORCH_VERSION;
 #ifdef DISTILLM2_SOURCE_DIGEST
