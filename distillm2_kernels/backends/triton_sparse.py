@@ -15,13 +15,17 @@ and the SFU's ex2 / lg2 / rcp through inline PTX when compiled (`triton_backend.
 the same algebra on tl.exp2 / tl.log2 / a division). Per entry:
 - the log-sum-exp keeps its running shift an integer k (in log2 units), so that rescaling the running sum by
   2^(k_old − k_new) is built from the float's bits: 1 ex2 per entry, none per block;
-- SKL's tail sums form log2 m in log space, `hi + lg2(1 + 2^(lo − hi))` of log2(αc) and log2((1−α)q), so that
-  f stays finite where q underflows (α = 0); ā = 2^(b − hi)/(1 + 2^(lo − hi)): ex2, lg2, rcp, and no q;
-- SKL's gradient forms m linearly (q·g = −c·ā is bounded): ex2 (q) and rcp; at α = 0, ā = 1 wherever q > 0;
-- SRKL forms r linearly, r = (1−α)c + αq ≥ 2^-125 (a smaller r only where q < 2^-125/α: a contribution below
-  that): ex2 (q), lg2 (log2 r), rcp (αq/r, not detached); at α = 0 log2 r = log2 c exactly (given), at α = 1
-  d and the non-detached g are set to exactly 0 (r = q there: the formulas would leave an SFU rounding).
-So α = 1 gives exactly f = 0 and q·g = 0 (SKL: ā = 0, m = c; SRKL: d = 0, g = 0 or, detached, g = 1).
+- the tail sums form both mixtures in log space (`_mixture_terms`): log2 m of log2(αc) and log2((1−α)q), log2 r
+  of log2(αq) and log2((1−α)c), as `hi + lg2(1 + 2^(lo − hi))`, with log2(c/m) and log2(q/r) taken without the
+  rounding of hi and lg2(1 + x) corrected for the rounding of 1 + x: f stays finite where q underflows (SKL at
+  α = 0) and accurate where it cancels (α near 1); the mixture's other share (ā, e = (1−α)c/r ∈ [0, 1]) from the
+  same x and 1/(1 + x). SKL: ex2, lg2, rcp (no q); SRKL: ex2 (q), ex2, lg2, rcp;
+- the gradient, within the sweep budget of 1 ex2 + 1 lg2 + 1 rcp, forms the mixtures linearly. SKL: q·g = −c·ā
+  with ā = (1−α)q/max(m, 2^-125) (ā = 1 wherever q > 0 at α = 0, also where q underflows): ex2 (q), rcp. SRKL:
+  r = max((1−α)c + αq, 2^-125) (smaller only where q < 2^-125/α, a contribution below that), ex2 (q), lg2 (log2 r)
+  and, not detached, rcp (e); log2 r = log2 c at α = 0 (given exactly), d = 0 set at α = 1 (r = q there, and
+  log2 q − lg2(2^y) would leave an SFU rounding).
+So α = 1 gives exactly f = 0 and q·g = 0 (SKL: ā = 0, m = c; SRKL: d = e = 0, or, detached, g = 1).
 
 Conventions (`torch_sparse`'s): q = 0 (a −inf logit) contributes exactly 0 to the sums and the gradient;
 c = 0 gives SKL's f = q·g = 0; rows whose label is `ignore_index` get lse 0, sums 0 and an exact-zero gradient,
@@ -142,24 +146,33 @@ if TRITON_AVAILABLE:
         return shift, total
 
     @triton.jit
-    def _log2_mixture(a, b):
-        """(log2(2^a + 2^b), x = 2^(lo − hi) ∈ [0, 1]) with hi = max(a, b), lo = min(a, b); −inf with x = 0 for
-        a = b = −inf; NaN when a or b is NaN. ex2 and lg2."""
+    def _mixture_terms(a, b, log2_x, minus_log2_w):
+        """For a two-term mixture M = 2^a + 2^b with a = log2(w·X): (log2(X/M), 2^b/M ∈ [0, 1]), M in log space:
+        log2 M = hi + lg2(1 + x), x = 2^(lo − hi), hi and lo the larger and smaller of a and b; log2 X − hi is
+        −log2 w (`minus_log2_w`) or log2 X − b, never log2 X minus a rounded hi (X/M ≈ 1 would cancel), and
+        lg2(1 + x) gets back what rounding 1 + x lost. ex2, lg2, rcp; NaN when a or b is NaN."""
         hi = tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
         lo = tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
         x = _exp2(lo - tl.where(hi == float("-inf"), 0.0, hi))
-        return hi + _log2(1.0 + x), x
+        u = 1.0 + x
+        inv_u = _reciprocal(u)
+        log2_one_plus_x = _log2(u) + (x - (u - 1.0)) * inv_u * LOG2E
+        log2_ratio = tl.where(b > a, log2_x - b, minus_log2_w) - log2_one_plus_x
+        share_b = tl.where(b >= a, 1.0, x) * inv_u
+        return log2_ratio, share_b
 
     @triton.jit
     def _srkl_tail_terms(y, q, c, log2_c, alpha, alpha_is_zero, alpha_is_one, DETACH: tl.constexpr):
-        """SRKL per entry: (d2 = log2 q − log2 r, g), r = (1−α)c + αq; lg2, and rcp unless DETACH."""
-        r = (1.0 - alpha) * c + alpha * q
-        r = tl.maximum(r, MIN_NORMAL_2)
+        """SRKL per entry: (d2 = log2 q − log2 r, g), r = (1−α)c + αq; g = d + 1 (DETACH) or d + e with
+        e = 1 − αq/r = (1−α)c/r ∈ [0, 1] (no cancellation; exactly 0 at α = 1). lg2, and rcp unless DETACH."""
+        one_minus_alpha = 1.0 - alpha
+        r = tl.maximum(one_minus_alpha * c + alpha * q, MIN_NORMAL_2)
         log2_r = tl.where(alpha_is_zero, log2_c, _log2(r))
         d2 = tl.where(alpha_is_one, 0.0, y - log2_r)
-        g = d2 * LN2 + 1.0
-        if not DETACH:
-            g = tl.where(alpha_is_one, 0.0, g - alpha * q * _reciprocal(r))
+        if DETACH:
+            g = d2 * LN2 + 1.0
+        else:
+            g = d2 * LN2 + one_minus_alpha * c * _reciprocal(r)
         return d2, g
 
     @triton.jit
@@ -222,10 +235,11 @@ if TRITON_AVAILABLE:
             offsets = tl.arange(0, BLOCK_V)
             f_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
             qg_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
-            log2_alpha_c = tl.log2(alpha) + log2_c  # log2(αc), SKL
+            log2_alpha = tl.log2(alpha)
+            minus_log2_alpha = -log2_alpha
+            log2_alpha_c = log2_alpha + log2_c  # log2(αc), SKL
             log2_one_minus_alpha = tl.log2(1.0 - alpha)
-            alpha_is_zero = alpha == 0.0
-            alpha_is_one = alpha == 1.0
+            log2_one_minus_alpha_c = log2_one_minus_alpha + log2_c  # log2((1−α)c), SRKL
             no_tail = (c == 0.0) and not REVERSE
             for start in range(0, V, BLOCK_V):
                 cols = start + offsets
@@ -233,15 +247,19 @@ if TRITON_AVAILABLE:
                 z = tl.load(student_row + cols, mask=in_row, other=float("-inf")).to(tl.float32)
                 y = z * scale - log2_sum
                 if REVERSE:
+                    # r = (1−α)c + αq in log space: d2 = log2(q/r), e = (1−α)c/r (exactly 0 at α = 1)
                     q = _exp2(y)
-                    d2, g = _srkl_tail_terms(y, q, c, log2_c, alpha, alpha_is_zero, alpha_is_one, DETACH)
+                    d2, e = _mixture_terms(log2_alpha + y, log2_one_minus_alpha_c, y, minus_log2_alpha)
+                    g = d2 * LN2 + 1.0
+                    if not DETACH:
+                        g = d2 * LN2 + e
                     f_acc += tl.where(q == 0.0, 0.0, q * d2)
                     qg_acc += tl.where(q == 0.0, 0.0, q * g)
                 else:
-                    b = log2_one_minus_alpha + y  # log2((1−α)q)
-                    log2_m, x = _log2_mixture(log2_alpha_c, b)
-                    a_bar = tl.where(b >= log2_alpha_c, 1.0, x) * _reciprocal(1.0 + x)  # 2^b / (2^hi (1 + x))
-                    f_acc += tl.where(in_row, c * (log2_c - log2_m), 0.0)  # c·log(c/m) is not 0 off the row
+                    # m = αc + (1−α)q in log space: log2(c/m), ā = (1−α)q/m; no q
+                    log2_ratio, a_bar = _mixture_terms(log2_alpha_c, log2_one_minus_alpha + y, log2_c,
+                                                       minus_log2_alpha)
+                    f_acc += tl.where(in_row, c * log2_ratio, 0.0)  # c·log(c/m) is not 0 off the row
                     qg_acc += tl.where(y == float("-inf"), 0.0, -c * a_bar)
             poison = tl.where(lse == lse, 0.0, float("nan"))  # a NaN lse (NaN or +inf logits): NaN sums
             f_sum = tl.where(no_tail, 0.0, tl.sum(f_acc, 0) * LN2) + poison  # SKL, c = 0: f = 0 (0·log 0 is NaN)
