@@ -25,7 +25,7 @@ from types import ModuleType
 import torch
 
 from .._inputs import SkewRows, prepare_rows
-from . import cpu_backend, cpu_sparse, torch_backend, torch_sparse, triton_backend
+from . import cpu_backend, cpu_sparse, torch_backend, torch_sparse, triton_backend, triton_sparse
 from .protocol import STATS, RowStat, SkewBackend
 
 __all__ = [
@@ -46,9 +46,8 @@ __all__ = [
 
 BACKENDS = ("auto", "triton", "cpu", "torch")
 BACKEND_MODULES: dict[str, SkewBackend] = {"triton": triton_backend, "cpu": cpu_backend, "torch": torch_backend}
-
-# The sparse-teacher sweeps (`torch_sparse` is their spec); "triton" runs the torch sweeps until its module lands.
-SPARSE_BACKEND_MODULES: dict[str, ModuleType] = {"triton": torch_sparse, "cpu": cpu_sparse, "torch": torch_sparse}
+# The sparse-teacher sweeps, by backend name (`torch_sparse` is their spec).
+SPARSE_BACKEND_MODULES: dict[str, ModuleType] = {"triton": triton_sparse, "cpu": cpu_sparse, "torch": torch_sparse}
 
 _warned_cpu_fallback = False
 
