@@ -227,7 +227,10 @@ def sparse_teacher_logprobs(
     scaled = logprobs.to(dtype) * inv_temperature
     if tail != "uniform" or k == vocab_size:
         return scaled - torch.logsumexp(scaled, dim=-1, keepdim=True), None
-    tail_lp = _log_remainder(logprobs.to(dtype)) if tail_logprob is None else tail_logprob.to(dtype)
+    if tail_logprob is None:  # 1 − Σ p_i cancels: in float64 (k entries a row), exact for float32 log-probabilities
+        tail_lp = _log_remainder(logprobs.double()).to(dtype)
+    else:
+        tail_lp = tail_logprob.to(dtype)
     log_others = math.log(vocab_size - k)
     u = (tail_lp - log_others) * inv_temperature
     log_z = torch.logaddexp(torch.logsumexp(scaled, dim=-1), log_others + u)
@@ -325,7 +328,9 @@ def sparse_forward(
         shift = shift + torch.where(no_mass, 0.0, g_tail * tail_q)
     if reverse and detach:
         shift = loss + 1.0  # Σ q g = L + Σ q, and Σ q = 1
-    support_grad = qg - torch.where(log_q == float("-inf"), 0.0, log_q.exp() * shift.unsqueeze(-1))
+    poison = lse * 0.0  # NaN for a row holding NaN or +inf (NaN or infinite lse), else 0
+    loss, shift = loss + poison, shift + poison
+    support_grad = qg - torch.where(log_q == float("-inf"), 0.0, log_q.exp() * shift.unsqueeze(-1)) + poison.unsqueeze(-1)
     row_shift = shift if g_tail is None else shift - g_tail
 
     label_logprobs = _label_logprobs(rows, lse, log_p, log_c)
@@ -350,7 +355,7 @@ def sparse_grad(
         forward.row_shift, forward.log_tail, alpha_rows, reverse, detach, backend,
     )
     support = (row_scale.unsqueeze(-1) * forward.support_grad).to(grad.dtype)
-    return grad.scatter(1, rows.ids, support)
+    return grad.scatter_(1, rows.ids, support)  # in place: the gradient stays the op's only [N, V] tensor
 
 
 class SparseRowOutputs(NamedTuple):
