@@ -226,14 +226,21 @@ def test_every_token_ignored(reduction, tail):
 
 
 @pytest.mark.parametrize("reduction", ["none", "seqmean"])
-def test_chunking_does_not_change_the_result(reduction):
-    """One row per chunk, three, or all of them: the same loss and gradients (float64, to rounding)."""
+def test_chunking_does_not_change_the_result(reduction, monkeypatch):
+    """One row per chunk, three, or all of them, and a backend with per-row temporaries of its own (called on
+    sub-blocks of a chunk): the same loss and gradients (float64, to rounding)."""
+    from distillm2_kernels.backends import torch_sparse
+
     case = SparseCase("skl", reduction, torch.float64, alpha="per_token", softcap=4.0, bias=True, tail="uniform")
     tensors, teacher, labels, alpha, grad_out = case_inputs(case)
     results = [
         fused_result(dataclasses.replace(case, chunk_rows=rows), tensors, teacher, labels, alpha, grad_out)
         for rows in (1, 3, 64)
     ]
+    monkeypatch.setattr(torch_sparse, "ROW_TEMPORARIES", 6, raising=False)
+    element = 8
+    assert chunk_rows(V, sparse_budget(4, torch.float64), element, 6) == (2, 1)  # chunks of 2, blocks of 1
+    results.append(fused_result(dataclasses.replace(case, chunk_rows=4), tensors, teacher, labels, alpha, grad_out))
     for loss, grads in results[1:]:
         torch.testing.assert_close(loss, results[0][0], rtol=1e-13, atol=1e-14)
         for name, grad in grads.items():
