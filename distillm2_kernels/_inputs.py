@@ -107,6 +107,11 @@ def _as_rows_pair(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.T
     return student.view(shape), teacher.view(shape)
 
 
+def as_rows(logits: torch.Tensor) -> torch.Tensor:
+    """`[..., V]` logits as row logits `[N, V]` or `[outer, inner, V]`, read in place where `_as_rows_pair` would."""
+    return _as_rows_pair(logits, logits)[0]
+
+
 def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
     """The dtype the arithmetic runs in: float64 when any of `tensors` is float64, else float32."""
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
@@ -126,7 +131,7 @@ def check_float_tensor(name: str, tensor: object) -> torch.Tensor:
     return tensor
 
 
-def _check_logits(name: str, logits: object) -> torch.Tensor:
+def check_logits(name: str, logits: object) -> torch.Tensor:
     logits = check_float_tensor(name, logits)
     if logits.dim() == 0:
         raise ValueError(f"{name} must have shape [..., V], got a 0-d tensor")
@@ -240,8 +245,8 @@ def prepare_rows(
     temperature: float,
 ) -> SkewRows:
     """Check the arguments of a skew divergence (student first) and flatten them to rows."""
-    student = _check_logits("student_logits", student)
-    teacher = _check_logits("teacher_logits", teacher)
+    student = check_logits("student_logits", student)
+    teacher = check_logits("teacher_logits", teacher)
     if student.shape[-1] != teacher.shape[-1]:
         small = min(student.shape[-1], teacher.shape[-1])
         raise ValueError(

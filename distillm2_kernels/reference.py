@@ -12,6 +12,7 @@ baseline) and builds several `[N, V]` tensors: this is not a user path. Gradient
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -23,6 +24,7 @@ __all__ = [
     "skew_reverse_kl_rows",
     "naive_skl",
     "naive_srkl",
+    "densify_sparse_teacher",
 ]
 
 
@@ -132,6 +134,29 @@ def srkl_reference(
     """SRKL with the options and reductions of `fused_srkl`, computed naively in the input dtype."""
     per_token = skew_reverse_kl_rows(student_logits, teacher_logits, alpha, temperature, detach_mixture)
     return _reduce(per_token, labels, ignore_index, reduction)
+
+
+def densify_sparse_teacher(
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    vocab_size: int,
+    tail: str,
+    tail_logprob: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The dense float64 T = 1 log-probabilities `[..., V]` of a sparse teacher (docs/design.md §8): `logprobs`
+    at `ids`; elsewhere −inf ("renormalize"), or the tail mass τ spread evenly, log(τ / (V − k)) ("uniform"),
+    τ = exp(tail_logprob), or 1 − Σ exp(logprobs) clamped at 0 when `tail_logprob` is None. Tempering these
+    by T (`log_softmax(dense / T)`, as the dense ops do with logits) gives the sparse teacher at T."""
+    k = ids.shape[-1]
+    logprobs = logprobs.double()
+    dense = torch.full((*ids.shape[:-1], vocab_size), float("-inf"), dtype=torch.float64, device=ids.device)
+    if tail == "uniform" and k < vocab_size:
+        if tail_logprob is None:
+            tail_logprob = torch.log((1.0 - logprobs.exp().sum(-1)).clamp(min=0.0))
+        dense = (tail_logprob.double() - math.log(vocab_size - k)).unsqueeze(-1).expand_as(dense).clone()
+    elif tail not in ("renormalize", "uniform"):
+        raise ValueError(f"unknown tail {tail!r}")
+    return dense.scatter(-1, ids.long(), logprobs)
 
 
 def _naive_log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:

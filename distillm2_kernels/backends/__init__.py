@@ -25,7 +25,7 @@ from types import ModuleType
 import torch
 
 from .._inputs import SkewRows, prepare_rows
-from . import cpu_backend, torch_backend, triton_backend
+from . import cpu_backend, torch_backend, torch_sparse, triton_backend
 from .protocol import STATS, RowStat, SkewBackend
 
 __all__ = [
@@ -40,10 +40,16 @@ __all__ = [
     "resolve_backend_name",
     "resolve_backend",
     "backend_module",
+    "SPARSE_BACKEND_MODULES",
+    "sparse_backend_module",
 ]
 
 BACKENDS = ("auto", "triton", "cpu", "torch")
 BACKEND_MODULES: dict[str, SkewBackend] = {"triton": triton_backend, "cpu": cpu_backend, "torch": torch_backend}
+
+# The sparse-teacher sweeps (`torch_sparse` is their spec): the cpu and triton modules join this map as
+# they land; until then those names run the torch sweeps.
+SPARSE_BACKEND_MODULES: dict[str, ModuleType] = {"triton": torch_sparse, "cpu": torch_sparse, "torch": torch_sparse}
 
 _warned_cpu_fallback = False
 
@@ -118,3 +124,11 @@ def backend_module(name: str, dtype: torch.dtype) -> SkewBackend:
     if name == "cpu" and dtype == torch.float64:
         return torch_backend
     return BACKEND_MODULES[name]
+
+
+def sparse_backend_module(name: str, dtype: torch.dtype) -> ModuleType:
+    """The module of the sparse-teacher sweeps (`torch_sparse`'s three functions) for the concrete backend
+    `name` and rows of compute dtype `dtype`: float64 rows run on `torch_sparse` whatever the name."""
+    if dtype == torch.float64:
+        return torch_sparse
+    return SPARSE_BACKEND_MODULES[name]
