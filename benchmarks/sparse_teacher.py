@@ -15,7 +15,7 @@ The dense side is always the float64 oracle (`reference.skew_kl_rows` / `skew_re
 detached). The sparse side (`--impl`) is either the library's public API in float64 (`fused_skl` /
 `fused_srkl` with a `SparseTeacher` and `teacher_tail`, per token, gradients by autograd) or the reference math
 (the sparse teacher densified, `log_softmax(densified / T)`, and the same oracle): by construction the two
-agree to rounding (docs/design.md, "Sparse teachers"), so the figures measure the approximation, not rounding.
+agree to rounding (docs/design.md §8), so the figures measure the approximation, not rounding.
 
 The synthetic distributions (per token, independent, seeded by (seed, row)): teacher logits
 `s·spread·(−log rank) + 0.5·ε`, a Zipf law over a random permutation of the vocabulary with a per-token exponent
@@ -130,18 +130,6 @@ def top_k_teacher(teacher: torch.Tensor, k: int) -> tuple:
     return ids, logprobs, torch.logsumexp(rest, dim=-1)
 
 
-def densify(ids: torch.Tensor, logprobs: torch.Tensor, vocab: int, tail: str, tail_logprob: torch.Tensor):
-    """The dense [B, V] T = 1 log-probabilities of a sparse teacher (docs/design.md, "Sparse teachers")."""
-    if hasattr(reference, "densify_sparse_teacher"):
-        return reference.densify_sparse_teacher(ids, logprobs, vocab, tail, tail_logprob=tail_logprob)
-    k = ids.shape[-1]
-    fill = float("-inf")
-    dense = torch.full(ids.shape[:-1] + (vocab,), fill, dtype=torch.float64)
-    if tail == "uniform" and k < vocab:
-        dense = (tail_logprob.to(torch.float64) - math.log(vocab - k)).unsqueeze(-1).expand_as(dense).clone()
-    return dense.scatter(-1, ids, logprobs.to(torch.float64))
-
-
 def dense_rows(loss: str, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     if loss == "skl":
         return reference.skew_kl_rows(student, teacher, ALPHA, temperature)
@@ -162,7 +150,8 @@ def sparse_rows(impl: str, loss: str, student: torch.Tensor, sparse: tuple, voca
                 temperature: float) -> torch.Tensor:
     ids, logprobs, tail_logprob = sparse
     if impl == "reference":
-        return dense_rows(loss, student, densify(ids, logprobs, vocab, tail, tail_logprob), temperature)
+        return dense_rows(loss, student, reference.densify_sparse_teacher(ids, logprobs, vocab, tail, tail_logprob),
+                          temperature)
     from distillm2_kernels import SparseTeacher, fused_skl, fused_srkl
 
     op = fused_skl if loss == "skl" else fused_srkl
