@@ -20,9 +20,10 @@ agree to rounding (docs/design.md §8), so the figures measure the approximation
 The synthetic distributions (per token, independent, seeded by (seed, row)): teacher logits
 `s·spread·(−log rank) + 0.5·ε`, a Zipf law over a random permutation of the vocabulary with a per-token exponent
 (`spread` = exp(0.3·ε): some tokens near-deterministic, some flat) plus a Gaussian bulk, the scale s calibrated
-on the first rows so that the mean teacher entropy at T = 1 is `--entropy` nats (default 2.0; the top-1 mass
+over the N rows so that the mean teacher entropy at T = 1 is `--entropy` nats (default 2.0; the top-1 mass
 follows, ~0.55); student logits `log p + σ·ε`, σ calibrated so that the mean KL(p ‖ q) at T = 1 is `--kl`
-nats (default 0.5). Rows are computed in blocks of `--block` tokens to bound memory. Writes `results.csv` and
+nats (default 0.5). The pairs are held as three float64 [N, V] tensors (0.9 GiB at N = 256, V = 151936); the
+losses and gradients are computed in blocks of `--block` tokens to bound the rest. Writes `results.csv` and
 `results.md` (device, commit, command, date, the synthetic statistics and the table) to `--out`.
 """
 
@@ -49,7 +50,6 @@ TAILS = ("renormalize", "uniform")
 ALPHA = 0.1
 SPREAD = 0.3  # log-normal spread of the per-token Zipf exponent
 BULK = 0.5  # standard deviation of the Gaussian bulk of the teacher's logits
-CALIBRATION_ROWS = 64
 
 CONTEXT_COLUMNS = ["date", "commit", "device_name", "torch", "library", "impl", "seed"]
 STAT_COLUMNS = ["V", "N", "teacher_entropy_mean", "teacher_top1_mean", "kl_pq_mean", "teacher_scale", "student_sigma"]
@@ -110,14 +110,23 @@ def _bisect(value_of, target: float, low: float, high: float, decreasing: bool, 
     return math.sqrt(low * high)
 
 
-def calibrate(seed: int, vocab: int, target_entropy: float, target_kl: float, rows: int) -> tuple:
-    """(teacher scale, student σ) giving the target mean entropy and mean KL(p ‖ q) on the first rows."""
-    parts = synthetic_parts(seed, range(rows), vocab)
-    scale = _bisect(lambda s: entropy(teacher_logits(parts, s)).mean().item(), target_entropy, 0.05, 50.0,
-                    decreasing=True)
-    teacher = teacher_logits(parts, scale)
-    sigma = _bisect(lambda g: kl(teacher, student_logits(teacher, parts, g)).mean().item(), target_kl, 1e-3, 20.0,
-                    decreasing=False)
+def calibrate(blocks: list, target_entropy: float, target_kl: float) -> tuple:
+    """(teacher scale, student σ) giving the target mean entropy and mean KL(p ‖ q) over all the rows (the
+    blocks of `synthetic_parts`, evaluated block by block)."""
+    count = sum(parts[0].shape[0] for parts in blocks)
+
+    def mean_entropy(scale):
+        return sum(entropy(teacher_logits(parts, scale)).sum().item() for parts in blocks) / count
+
+    def mean_kl(scale, sigma):
+        total = 0.0
+        for parts in blocks:
+            teacher = teacher_logits(parts, scale)
+            total += kl(teacher, student_logits(teacher, parts, sigma)).sum().item()
+        return total / count
+
+    scale = _bisect(mean_entropy, target_entropy, 0.05, 50.0, decreasing=True)
+    sigma = _bisect(lambda g: mean_kl(scale, g), target_kl, 1e-3, 20.0, decreasing=False)
     return scale, sigma
 
 
@@ -168,18 +177,19 @@ def _loss_and_grad(rows_of, student: torch.Tensor) -> tuple:
 
 
 def evaluate(vocab: int, num_rows: int, ks: list, temperatures: list, impl: str, seed: int, block: int,
-             target_entropy: float, target_kl: float, progress=None) -> tuple:
+             target_entropy: float, target_kl: float) -> tuple:
     """(statistics of the synthetic pairs, {(loss, T, tail, k): per-token arrays})."""
     ks = sorted({min(k, vocab) for k in ks})
-    scale, sigma = calibrate(seed, vocab, target_entropy, target_kl, min(num_rows, CALIBRATION_ROWS))
+    blocks = [synthetic_parts(seed, range(start, min(start + block, num_rows)), vocab)
+              for start in range(0, num_rows, block)]
+    scale, sigma = calibrate(blocks, target_entropy, target_kl)
     per_token, stats = {}, {"entropy": [], "top1": [], "kl": []}
 
     def keep(key, **values):
         for name, value in values.items():
             per_token.setdefault(key, {}).setdefault(name, []).append(value)
 
-    for start in range(0, num_rows, block):
-        parts = synthetic_parts(seed, range(start, min(start + block, num_rows)), vocab)
+    for parts in blocks:
         teacher = teacher_logits(parts, scale)
         student = student_logits(teacher, parts, sigma)
         stats["entropy"].append(entropy(teacher))
