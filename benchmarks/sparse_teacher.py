@@ -255,6 +255,26 @@ def table_lines(rows: list, markdown: bool) -> list:
         "  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells]
 
 
+def _percent(value: float) -> str:
+    if abs(value) >= 1:
+        return f"{100 * value:+.0f} %"
+    return f"{100 * value:+.2g} %" if abs(value) >= 5e-5 else "0 %"
+
+
+def summary_lines(rows: list, temperature: float) -> list:
+    """The markdown summary at one temperature: per (V, k), the top-k mass and, per loss and tail, the relative
+    error of the mean loss and the mean gradient cosine."""
+    columns = [(loss, tail) for loss in LOSSES for tail in TAILS]
+    lines = ["| V | k | top-k mass | " + " | ".join(f"{loss.upper()} {tail}" for loss, tail in columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]
+    by_case = {(r["V"], r["k"], r["loss"], r["tail"]): r for r in rows if r["temperature"] == temperature}
+    for vocab, k in sorted({(v, k) for v, k, _, _ in by_case}):
+        cells = [by_case[vocab, k, loss, tail] for loss, tail in columns]
+        lines.append(f"| {vocab} | {k} | {cells[0]['coverage_mean']:.3f} | " + " | ".join(
+            f"{_percent(c['loss_rel_err_of_mean'])} / {c['grad_cos_mean']:.3f}" for c in cells) + " |")
+    return lines
+
+
 def write_markdown(rows: list, summaries: list, path: Path, context: dict, command: str, elapsed_s: float) -> Path:
     impl_text = ("the library's public API: `fused_skl` / `fused_srkl` (float64 student, torch backend) with a "
                  "`SparseTeacher` and `teacher_tail`" if context["impl"] == "library" else
@@ -281,7 +301,13 @@ def write_markdown(rows: list, summaries: list, path: Path, context: dict, comma
     lines += ["", "Teacher logits: a Zipf law over a random permutation of the vocabulary, a per-token exponent "
               "(log-normal spread 0.3), plus a Gaussian bulk (σ = 0.5), scaled to the target mean entropy; "
               "student logits: the teacher's log-probabilities plus Gaussian noise scaled to the target mean "
-              "KL(p ‖ q), both at T = 1.", "", "## Sparse against dense", ""]
+              "KL(p ‖ q), both at T = 1.", ""]
+    for temperature in sorted({r["temperature"] for r in rows}):
+        lines += [f"## Summary at T = {format_number(temperature)}", "",
+                  "Per cell: the relative error of the mean loss (sparse − dense, signed) / the mean cosine between "
+                  "the sparse and the dense loss's gradients with respect to the student's logits.", ""]
+        lines += summary_lines(rows, temperature) + [""]
+    lines += ["## Sparse against dense", ""]
     lines += table_lines(rows, markdown=True)
     lines += [
         "",
