@@ -12,6 +12,7 @@ from .fused_linear import (
 from .modules import SkewKLLoss, SkewReverseKLLoss
 from .objective import DistiLLM2Loss, distillm2_loss, distillm2_loss_from_hidden
 from .skew_divergence import FusedSKLFunction, FusedSRKLFunction, TokenStatistics, token_statistics
+from .sparse_teacher import SparseTeacher
 
 __version__ = "0.1.0"
 
@@ -33,5 +34,6 @@ __all__ = [
     "DistiLLM2Loss",
     "token_statistics",
     "TokenStatistics",
+    "SparseTeacher",
     "__version__",
 ]

@@ -36,8 +36,15 @@ def fused_skl(
     temperature: float = 1.0,
     reduction: str = "mean",
     backend: str = "auto",
+    teacher_tail: str = "renormalize",
 ) -> torch.Tensor:
     """Skew KL, KL(p ‖ αp + (1−α)q), of student logits against teacher logits `[..., V]`.
+
+    The teacher may instead be sparse (docs/design.md §8): a `SparseTeacher(ids, logprobs, tail_logprob=None)`
+    or an `(ids, logprobs[, tail_logprob])` tuple, ids `[..., k]` distinct token ids with their temperature-1
+    log-probabilities, the leading shape the student's. `teacher_tail`: "renormalize" restricts the teacher
+    to its k tokens, "uniform" spreads the remaining mass evenly over the other V − k (a non-default value
+    with dense teacher logits is a ValueError). Then the loss is float32 (float64 for float64 logits).
 
     alpha: a float in [0, 1], or a tensor broadcastable to the leading shape (`[B]` or `[B, 1]` per
     sequence, `[B, T]` per token). α is applied in float32 like the rest of the arithmetic (float64 on the
@@ -58,7 +65,7 @@ def fused_skl(
     check_reduction_name(reduction)
     return reduced_skew_divergence(
         student_logits, teacher_logits, alpha, labels, reverse=False, ignore_index=ignore_index,
-        temperature=temperature, reduction=reduction, backend=backend,
+        temperature=temperature, reduction=reduction, backend=backend, teacher_tail=teacher_tail,
     )
 
 
@@ -73,14 +80,18 @@ def fused_srkl(
     reduction: str = "mean",
     detach_mixture: bool = False,
     backend: str = "auto",
+    teacher_tail: str = "renormalize",
 ) -> torch.Tensor:
     """Skew reverse KL, KL(q ‖ (1−α)p + αq), of student logits against teacher logits `[..., V]`.
 
     detach_mixture=True treats the q inside r as a constant in the backward, as the released DistiLLM-2
-    code does; the forward value is the same. Other arguments as in `fused_skl`.
+    code does; the forward value is the same. Other arguments as in `fused_skl`. With a sparse teacher,
+    teacher_tail="renormalize" and a float α = 0 raise ValueError: the teacher is 0 off its k tokens, so
+    the loss is +inf (a tensor α's zero entries give +inf tokens).
     """
     check_reduction_name(reduction)
     return reduced_skew_divergence(
         student_logits, teacher_logits, alpha, labels, reverse=True, detach_mixture=detach_mixture,
         ignore_index=ignore_index, temperature=temperature, reduction=reduction, backend=backend,
+        teacher_tail=teacher_tail,
     )

@@ -53,6 +53,7 @@ from ._inputs import Alpha
 from .fused_linear import Softcap, fused_linear_skl_plus_srkl, fused_linear_token_statistics
 from .reductions import reduce_token_losses, sequence_mean
 from .skew_divergence import TokenStatistics, skew_divergence, token_statistics
+from .sparse_teacher import as_sparse_teacher, check_teacher_tail
 from .statistics import LabelLogprob
 
 __all__ = [
@@ -281,6 +282,7 @@ def distillm2_loss(
     preset: Union[str, ObjectiveConfig] = "distillm2",
     state: Optional[CurriculumState] = None,
     backend: str = "auto",
+    teacher_tail: str = "renormalize",
     **overrides,
 ) -> tuple[torch.Tensor, dict]:
     """The DistiLLM-2 loss of one batch of B pairs, and its per-sequence metrics.
@@ -295,17 +297,25 @@ def distillm2_loss(
     `student_logprob_t`, `teacher_logprob_s`, `student_logprob_s`, the α of each row `alpha_t`,
     `alpha_s`, and the scalar `beta`.
 
+    Either teacher may be sparse (`SparseTeacher` or an (ids, logprobs[, tail_logprob]) tuple, ids
+    `[B, T, k]`, docs/design.md §8); `teacher_tail` ("renormalize" or "uniform") applies to the sparse halves
+    and is ignored for a dense one. A sparse half's label log p(y) is read from its ids.
+
     Sweep 1 (`token_statistics`) runs on both halves first, whatever the preset: its label
     log-probabilities give the adaptive α and the metrics, and the loss sweep reuses it.
     """
     config = resolve_config(preset, **overrides)
     state = _first_step_state() if state is None else state
+    check_teacher_tail(teacher_tail)
     _check_halves("logits", "V", student_logits_t, labels_t, student_logits_s, labels_s)
     halves = {"t": (student_logits_t, teacher_logits_t, labels_t), "s": (student_logits_s, teacher_logits_s, labels_s)}
+    tails = {half: teacher_tail if as_sparse_teacher(teacher) is not None else "renormalize"
+             for half, (_, teacher, _) in halves.items()}
     common = dict(ignore_index=config.ignore_index, temperature=config.temperature, backend=backend)
 
     def statistics(half: str, needed: bool) -> TokenStatistics:
-        return token_statistics(*halves[half], **common)  # needed or not: the loss sweep reuses it
+        # needed or not: the loss sweep reuses it
+        return token_statistics(*halves[half], teacher_tail=tails[half], **common)
 
     def terms(alpha_t, alpha_s, stats_t, stats_s, coefficients):
         loss, outputs = 0.0, []
@@ -314,7 +324,7 @@ def distillm2_loss(
             reverse = half == "s"
             token_losses = skew_divergence(
                 student, teacher, alpha, labels, reverse=reverse, detach_mixture=reverse and config.detach_mixture,
-                statistics=stats, **common,
+                statistics=stats, teacher_tail=tails[half], **common,
             )
             loss = loss + coefficient * reduce_token_losses(token_losses, labels, config.ignore_index, config.reduction)
             outputs.append(_HalfOutputs(token_losses.detach(), stats.label_logprobs))
@@ -390,6 +400,7 @@ def distillm2_loss_from_hidden(
 class DistiLLM2Loss:
     """The objective with its curriculum state, for a trainer to hold.
 
+    `teacher_tail`: the tail mode of sparse teachers (`distillm2_loss`), for every call.
     `num_epochs` (E) and `total_steps` (T, optimizer steps of the whole run) are the run's length; the β
     schedule ("paper") needs both and a missing one raises ValueError. `step()` after every optimizer step
     advances τ; `set_epoch(e)` at the start of every epoch sets e, which the β schedule and the adaptive α
@@ -436,12 +447,14 @@ class DistiLLM2Loss:
         num_epochs: Optional[int] = None,
         total_steps: Optional[int] = None,
         backend: str = "auto",
+        teacher_tail: str = "renormalize",
         **overrides,
     ):
         self.config = resolve_config(preset, **overrides)
         _check_run_length(self.config, num_epochs, total_steps)
         self.state = CurriculumState(num_epochs=num_epochs, total_steps=total_steps)
         self.backend = backend
+        self.teacher_tail = check_teacher_tail(teacher_tail)
 
     def __call__(self, student_logits_t, teacher_logits_t, labels_t, student_logits_s, teacher_logits_s, labels_s):
         return distillm2_loss(
@@ -454,6 +467,7 @@ class DistiLLM2Loss:
             preset=self.config,
             state=self.state,
             backend=self.backend,
+            teacher_tail=self.teacher_tail,
         )
 
     def from_hidden(

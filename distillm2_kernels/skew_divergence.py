@@ -32,6 +32,8 @@ from ._inputs import Alpha, SkewRows, check_label_ids, compute_dtype, flat_rows,
 from .backends import backend_module, resolve_backend_name
 from .backends.protocol import forward_and_grad_of
 from .reductions import SCALAR_REDUCTIONS, reduce_token_losses, reduction_row_weights
+from .sparse_skew_divergence import sparse_skew_divergence, sparse_token_statistics
+from .sparse_teacher import as_sparse_teacher, check_teacher_tail
 from .statistics import TokenStatistics, check_statistics
 
 __all__ = [
@@ -41,7 +43,17 @@ __all__ = [
     "token_statistics",
     "skew_divergence",
     "reduced_skew_divergence",
+    "check_dense_teacher_tail",
 ]
+
+
+def check_dense_teacher_tail(teacher_tail: str) -> None:
+    """A dense teacher has no tail: `teacher_tail` must keep its default."""
+    if check_teacher_tail(teacher_tail) != "renormalize":
+        raise ValueError(
+            f"teacher_tail={teacher_tail!r} applies to a sparse teacher (SparseTeacher or (ids, logprobs[, tail])); "
+            "the teacher here is dense logits, which have no tail"
+        )
 
 
 def token_statistics(
@@ -52,12 +64,22 @@ def token_statistics(
     ignore_index: int = -100,
     temperature: float = 1.0,
     backend: str = "auto",
+    teacher_tail: str = "renormalize",
 ) -> TokenStatistics:
     """Sweep 1 over `[..., V]` logits (student first): the label tokens' log-probabilities under student
     and teacher, at temperature T, and the statistics that let `fused_skl` / `fused_srkl` skip sweep 1.
-    No gradient flows through them."""
+    No gradient flows through them. `teacher_logits` may be a sparse teacher (`SparseTeacher` or an
+    (ids, logprobs[, tail_logprob]) tuple, docs/design.md §8) with its `teacher_tail`: then one log-sum-exp
+    sweep over the student, and log p(y) of a label outside the ids is log c ("uniform") or −inf."""
     if labels is None:
         raise ValueError("token_statistics needs labels: the label tokens' log-probabilities are its output")
+    sparse = as_sparse_teacher(teacher_logits)
+    if sparse is not None:
+        return sparse_token_statistics(
+            student_logits, sparse, labels, ignore_index=ignore_index, temperature=temperature, backend=backend,
+            teacher_tail=teacher_tail,
+        )
+    check_dense_teacher_tail(teacher_tail)
     rows = prepare_rows(student_logits, teacher_logits, 0.0, labels, ignore_index, temperature)
     check_label_ids(rows.labels, rows.vocab_size, rows.ignore_index)
     name = resolve_backend_name(backend, rows.student.device)
@@ -183,8 +205,18 @@ def skew_divergence(
     temperature: float = 1.0,
     backend: str = "auto",
     statistics: Optional[TokenStatistics] = None,
+    teacher_tail: str = "renormalize",
 ) -> torch.Tensor:
-    """Per-token SKL (`reverse=False`) or SRKL (`reverse=True`), reusing `statistics` when given."""
+    """Per-token SKL (`reverse=False`) or SRKL (`reverse=True`), reusing `statistics` when given; the
+    teacher dense logits or a sparse teacher (with `teacher_tail`)."""
+    sparse = as_sparse_teacher(teacher_logits)
+    if sparse is not None:
+        return sparse_skew_divergence(
+            student_logits, sparse, alpha, labels, reverse=reverse, detach_mixture=detach_mixture,
+            ignore_index=ignore_index, temperature=temperature, backend=backend, teacher_tail=teacher_tail,
+            statistics=statistics,
+        )
+    check_dense_teacher_tail(teacher_tail)
     if reverse:
         return FusedSRKLFunction.apply(
             student_logits, teacher_logits, alpha, labels, ignore_index, temperature, backend, detach_mixture, statistics
@@ -260,10 +292,13 @@ def reduced_skew_divergence(
     temperature: float = 1.0,
     reduction: str,
     backend: str = "auto",
+    teacher_tail: str = "renormalize",
 ) -> torch.Tensor:
     """SKL or SRKL reduced by `reduction` (`reductions`): in one Function with the gradient computed in the
     forward when the reduction is a scalar and the backend implements `skew_forward_and_grad`, else the
-    per-token Function followed by the reduction."""
+    per-token Function followed by the reduction (always so for a sparse teacher)."""
+    if teacher_tail != "renormalize" and as_sparse_teacher(teacher_logits) is None:
+        check_dense_teacher_tail(teacher_tail)
     if reduction in SCALAR_REDUCTIONS and _has_forward_and_grad(backend, student_logits, teacher_logits):
         return _ReducedSkewFunction.apply(
             student_logits, teacher_logits, alpha, labels, ignore_index, temperature, backend, reverse,
@@ -271,6 +306,6 @@ def reduced_skew_divergence(
         )
     per_token = skew_divergence(
         student_logits, teacher_logits, alpha, labels, reverse=reverse, detach_mixture=detach_mixture,
-        ignore_index=ignore_index, temperature=temperature, backend=backend,
+        ignore_index=ignore_index, temperature=temperature, backend=backend, teacher_tail=teacher_tail,
     )
     return reduce_token_losses(per_token, labels, ignore_index, reduction)

@@ -61,6 +61,7 @@ __all__ = [
     "prepare_sparse_rows",
     "SparseForward",
     "SparseRowOutputs",
+    "sparse_statistics",
     "sparse_forward",
     "sparse_grad",
     "sparse_skew_rows",
@@ -226,7 +227,10 @@ def sparse_teacher_logprobs(
     scaled = logprobs.to(dtype) * inv_temperature
     if tail != "uniform" or k == vocab_size:
         return scaled - torch.logsumexp(scaled, dim=-1, keepdim=True), None
-    tail_lp = _log_remainder(logprobs.to(dtype)) if tail_logprob is None else tail_logprob.to(dtype)
+    if tail_logprob is None:  # 1 − Σ p_i cancels: in float64 (k entries a row), exact for float32 log-probabilities
+        tail_lp = _log_remainder(logprobs.double()).to(dtype)
+    else:
+        tail_lp = tail_logprob.to(dtype)
     log_others = math.log(vocab_size - k)
     u = (tail_lp - log_others) * inv_temperature
     log_z = torch.logaddexp(torch.logsumexp(scaled, dim=-1), log_others + u)
@@ -253,6 +257,32 @@ def _entry_terms(log_q, log_p, alpha, reverse: bool, detach: bool) -> tuple[torc
         g = g - torch.where(log_r == float("-inf"), 0.0, (weighted_q - log_r).exp())
     zero_q = log_q == float("-inf")
     return torch.where(zero_q, 0.0, q * d), torch.where(zero_q, 0.0, q * g)
+
+
+def _label_logprobs(rows: SparseRows, lse: torch.Tensor, log_p: torch.Tensor, log_c: Optional[torch.Tensor]):
+    """[N, 2] (log q(y), log p(y)), 0 at ignored rows; log p(y) off the support is log c, or −inf without a
+    tail. None without labels."""
+    if rows.labels is None:
+        return None
+    kept = rows.labels != rows.ignore_index
+    safe_labels = torch.where(kept, rows.labels, 0).unsqueeze(-1)
+    label_log_q = _gather_rows(rows.student, safe_labels).squeeze(-1).to(lse.dtype) * rows.inv_temperature - lse
+    matches = rows.ids == safe_labels
+    position = matches.to(torch.int8).argmax(-1, keepdim=True)
+    off_support = torch.full_like(label_log_q, float("-inf")) if log_c is None else log_c
+    label_log_p = torch.where(matches.any(-1), log_p.gather(-1, position).squeeze(-1), off_support)
+    return torch.where(kept.unsqueeze(-1), torch.stack([label_log_q, label_log_p], dim=-1), 0.0)
+
+
+def sparse_statistics(rows: SparseRows, backend: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The student's log-sum-exp `[N]` (one sweep) and the label log-probabilities `[N, 2]` (or None)."""
+    dtype = compute_dtype(rows.student)
+    lse = sparse_custom_ops.student_logsumexp(rows.student, rows.labels, rows.ignore_index, rows.inv_temperature, backend)
+    lse = lse.to(dtype)
+    log_p, log_c = sparse_teacher_logprobs(
+        rows.logprobs, rows.tail_logprob, rows.student.shape[-1], rows.tail, rows.inv_temperature, dtype
+    )
+    return lse, _label_logprobs(rows, lse, log_p, log_c)
 
 
 class SparseForward(NamedTuple):
@@ -298,19 +328,14 @@ def sparse_forward(
         shift = shift + torch.where(no_mass, 0.0, g_tail * tail_q)
     if reverse and detach:
         shift = loss + 1.0  # Σ q g = L + Σ q, and Σ q = 1
-    support_grad = qg - torch.where(log_q == float("-inf"), 0.0, log_q.exp() * shift.unsqueeze(-1))
+    poison = lse * 0.0  # NaN for a row holding NaN or +inf (NaN or infinite lse), else 0
+    loss, shift = loss + poison, shift + poison
+    support_grad = qg - torch.where(log_q == float("-inf"), 0.0, log_q.exp() * shift.unsqueeze(-1)) + poison.unsqueeze(-1)
     row_shift = shift if g_tail is None else shift - g_tail
 
-    label_logprobs = None
+    label_logprobs = _label_logprobs(rows, lse, log_p, log_c)
     if labels is not None:
         kept = labels != ignore_index
-        safe_labels = torch.where(kept, labels, 0).unsqueeze(-1)
-        label_log_q = _gather_rows(student, safe_labels).squeeze(-1).to(dtype) * inv_t - lse
-        matches = rows.ids == safe_labels
-        position = matches.to(torch.int8).argmax(-1, keepdim=True)
-        off_support = torch.full_like(label_log_q, float("-inf")) if log_c is None else log_c
-        label_log_p = torch.where(matches.any(-1), log_p.gather(-1, position).squeeze(-1), off_support)
-        label_logprobs = torch.where(kept.unsqueeze(-1), torch.stack([label_log_q, label_log_p], dim=-1), 0.0)
         loss = torch.where(kept, loss, 0.0)
         row_shift = torch.where(kept, row_shift, 0.0)
         support_grad = torch.where(kept.unsqueeze(-1), support_grad, 0.0)

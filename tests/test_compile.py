@@ -15,6 +15,7 @@ import torch
 import distillm2_kernels as dk
 
 B, T, H_S, H_T, V = 2, 4, 8, 6, 13
+K = 4  # the sparse teacher's ids per token
 
 
 def _inputs(dtype: torch.dtype, seed: int = 0) -> dict:
@@ -27,7 +28,9 @@ def _inputs(dtype: torch.dtype, seed: int = 0) -> dict:
     labels[0, :2] = -100
     labels_s = torch.randint(0, V, (B, T), generator=gen)
     labels_s[1, 0] = -100
+    top = torch.log_softmax(torch.randn(B, T, V, generator=gen), dim=-1).topk(K, dim=-1)
     return dict(
+        sparse_teacher=dk.SparseTeacher(top.indices, top.values),
         student_logits=randn(B, T, V, grad=True), teacher_logits=randn(B, T, V),
         student_logits_s=randn(B, T, V, grad=True), teacher_logits_s=randn(B, T, V),
         student_hidden=randn(B, T, H_S, grad=True), teacher_hidden=randn(B, T, H_T),
@@ -74,6 +77,27 @@ OPS = {
     "FusedSKLFunction": (lambda x: dk.FusedSKLFunction.apply(*_logits(x), 0.1, x["labels"], -100, 1.0, "auto").sum(), ["student_logits"]),
     "FusedSRKLFunction": (lambda x: dk.FusedSRKLFunction.apply(*_logits(x), 0.1, x["labels"], -100, 1.0, "auto", True).sum(), ["student_logits"]),
     "token_statistics": (lambda x: dk.token_statistics(*_logits(x), x["labels"]).stats, []),
+    "fused_skl_sparse": (
+        lambda x: dk.fused_skl(x["student_logits"], x["sparse_teacher"], x["alpha"], labels=x["labels"], reduction="seqmean"),
+        ["student_logits"],
+    ),
+    "fused_srkl_sparse_uniform": (
+        lambda x: dk.fused_srkl(
+            x["student_logits"], x["sparse_teacher"], 0.2, labels=x["labels"], temperature=2.0, teacher_tail="uniform"
+        ),
+        ["student_logits"],
+    ),
+    "token_statistics_sparse": (
+        lambda x: dk.token_statistics(x["student_logits"], x["sparse_teacher"], x["labels"], teacher_tail="uniform").stats,
+        [],
+    ),
+    "distillm2_loss_sparse": (
+        lambda x: dk.distillm2_loss(
+            x["student_logits"], x["sparse_teacher"], x["labels"], x["student_logits_s"], x["sparse_teacher"],
+            x["labels_s"], preset="paper", teacher_tail="uniform",
+        )[0],
+        ["student_logits", "student_logits_s"],
+    ),
     "fused_linear_skl": (
         lambda x: dk.fused_linear_skl(*_linear(x), x["alpha"], student_bias=x["student_bias"], labels=x["labels"], softcap=3.0, reduction="seqmean"),
         ["student_hidden", "student_weight", "student_bias"],
@@ -110,7 +134,7 @@ OPS = {
 def test_every_public_op_is_covered():
     """Each public callable of the package has a case here (the dataclasses and NamedTuples are not ops)."""
     ops = {name for name in dk.__all__ if callable(getattr(dk, name)) and name not in (
-        "FusedLinearTokenOutputs", "TokenStatistics")}
+        "FusedLinearTokenOutputs", "TokenStatistics", "SparseTeacher")}
     covered = {name.split(".")[0] for name in OPS}
     assert ops - covered == set()
 

@@ -30,6 +30,7 @@ TOP_LEVEL = [  # sorted: the order of `__all__` is not part of the API
     "FusedSRKLFunction",
     "SkewKLLoss",
     "SkewReverseKLLoss",
+    "SparseTeacher",
     "TokenStatistics",
     "__version__",
     "distillm2_loss",
@@ -47,6 +48,7 @@ DOCUMENTED_MODULES = {
     "distillm2_kernels.hf": ["LMHeadInputs", "lm_head_inputs", "lm_head_of", "unwrap_peft"],
     "distillm2_kernels.reference": [
         "skl_reference", "srkl_reference", "skew_kl_rows", "skew_reverse_kl_rows", "naive_skl", "naive_srkl",
+        "densify_sparse_teacher",
     ],
     "distillm2_kernels.env": ["report", "main"],
     "distillm2_kernels.measure": [

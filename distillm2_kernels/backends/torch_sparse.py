@@ -61,22 +61,23 @@ def _tail_terms(log_q, log_c, alpha, reverse: bool, detach: bool):
     """(f, q·g, g) of every entry of a block, with the zero conventions of the module docstring."""
     q = log_q.exp()
     c = log_c.exp()
+    # the guards test for an exact zero, which a NaN fails, so that a NaN propagates (docs/design.md §2.2)
     if not reverse:
         m = alpha * c + (1 - alpha) * q
-        c_positive = c > 0
-        f = torch.where(c_positive, c * (log_c - torch.where(c_positive, m, 1.0).log()), 0.0)
-        g = torch.where(c_positive, -(1 - alpha) * c / torch.where(c_positive, m, 1.0), 0.0)
+        c_zero = c == 0
+        f = torch.where(c_zero, 0.0, c * (log_c - torch.where(c_zero, 1.0, m).log()))
+        g = torch.where(c_zero, 0.0, -(1 - alpha) * c / torch.where(c_zero, 1.0, m))
     else:
         r = (1 - alpha) * c + alpha * q
-        q_positive = q > 0
-        safe_r = torch.where(q_positive, r, 1.0)
+        q_zero = q == 0
+        safe_r = torch.where(q_zero, 1.0, r)
         log_r = safe_r.log()
-        f = torch.where(q_positive, q * (log_q - log_r), 0.0)
+        f = torch.where(q_zero, 0.0, q * (log_q - log_r))
         g = log_q + 1 - log_r
         if not detach:
             g = g - alpha * q / safe_r
-        g = torch.where(q_positive, g, 0.0)
-    return f, torch.where(q > 0, q * g, 0.0), g
+        g = torch.where(q_zero, 0.0, g)
+    return f, torch.where(q == 0, 0.0, q * g), g
 
 
 def student_logsumexp(
@@ -147,7 +148,7 @@ def student_grad(
             g = _tail_terms(log_q, log_c, alpha, reverse, detach)[2]
         scale = row_scale[start:end].to(dtype).unsqueeze(-1)
         shift = row_shift[start:end].to(dtype).unsqueeze(-1)
-        values = torch.where(q > 0, scale * q * (g - shift), 0.0)
+        values = torch.where(q == 0, 0.0, scale * q * (g - shift))
         kept = _kept(labels, ignore_index, start, end)
         if kept is not None:
             values = torch.where(kept, values, 0.0)
