@@ -256,7 +256,7 @@ def table_lines(rows: list, markdown: bool) -> list:
 
 
 def _percent(value: float) -> str:
-    if abs(value) >= 1:
+    if abs(value) >= 0.995:
         return f"{100 * value:+.0f} %"
     return f"{100 * value:+.2g} %" if abs(value) >= 5e-5 else "0 %"
 
