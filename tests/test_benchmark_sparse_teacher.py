@@ -1,10 +1,11 @@
 """Smoke test of `python -m benchmarks.sparse_teacher` at tiny sizes: its CSV and markdown, its synthetic pairs
 hit their calibration targets, and a top-k teacher with k = V is the dense teacher (relative error 0, cosine 1)
-while a small k is not."""
+while a small k is not; and the README quotes the committed results."""
 
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,3 +64,14 @@ def test_top_k_tail_is_the_mass_left_out():
     uniform = reference.densify_sparse_teacher(ids, logprobs, VOCAB, "uniform", tail)
     assert torch.allclose(uniform.gather(-1, ids), logprobs)
     assert torch.allclose(uniform[~support].view(3, -1), (tail - torch.log(torch.tensor(VOCAB - 5.0))).unsqueeze(-1))
+
+
+def test_readme_quotes_the_committed_results():
+    """The README's sparse-teacher table is the committed run's (benchmarks/results/sparse_teacher/results.md)."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Sparse teachers: how much k is enough", 1)[1].split("\n#", 1)[0]
+    quoted = [line for line in section.splitlines() if line.startswith("|")]
+    committed = (sparse_teacher.DEFAULT_OUT / "results.md").read_text(encoding="utf-8").splitlines()
+    assert len(quoted) > 2 and not [line for line in quoted if line not in committed]
+    assert "benchmarks/results/sparse_teacher/results.md" in section
