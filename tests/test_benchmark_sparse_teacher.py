@@ -75,3 +75,23 @@ def test_readme_quotes_the_committed_results():
     committed = (sparse_teacher.DEFAULT_OUT / "results.md").read_text(encoding="utf-8").splitlines()
     assert len(quoted) > 2 and not [line for line in quoted if line not in committed]
     assert "benchmarks/results/sparse_teacher/results.md" in section
+
+
+@pytest.mark.slow
+def test_experiment_with_a_cached_teacher_runs_at_toy_sizes(tmp_path):
+    """`python -m benchmarks.sparse_teacher_experiment --quick`: the dense-teacher arm and one cache arm per
+    tail, each trained the same number of steps. Needs `trainer.scoring` (`distillm2 score`)."""
+    pytest.importorskip("distillm2_kernels.trainer.scoring", reason="needs distillm2 score (wt/score-train)")
+    from benchmarks import sparse_teacher_experiment
+
+    out = tmp_path / "out"
+    assert sparse_teacher_experiment.main(["--quick", "--no-progress", "--k", "2", "--work", str(tmp_path / "work"),
+                                           "--out", str(out)]) == 0
+    with open(out / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["arm"] for r in rows] == ["dense teacher", "cache K=2 renormalize", "cache K=2 uniform"]
+    assert len({r["steps"] for r in rows}) == 1 and int(rows[0]["steps"]) > 0
+    for row in rows:
+        for metric in sparse_teacher_experiment.METRICS:
+            assert row[metric] != "" and float(row[metric]) == float(row[metric])  # set, not NaN
+    assert "| cache K=2 uniform |" in (out / "results.md").read_text()
