@@ -16,7 +16,8 @@ int's i32 / i64 (1 becomes a constant, a multiple of 16 gets divisibility), a fl
 runtime value is derived from its NAME by a rule table (`argument_value`; an unknown name stops the run, so
 that a new kernel argument gets a rule instead of a guess), and triton's own specializer (the function the
 launcher calls) turns the value into the type and attribute, as at launch. The matrix:
-- kernels: every `*_kernel` JIT function of `distillm2_kernels.backends.triton_backend`;
+- kernels: every `*_kernel` JIT function of `distillm2_kernels.backends.triton_backend` and of
+  `triton_sparse` (the sparse-teacher sweeps, which read the student only: one dtype per student dtype);
 - launch configurations: every (BLOCK_V, num_warps) that `launch_config(V)` returns for V in 1..262144, each
   with the specializations of V it meets there (V = 1 a constant; V % 16 == 0 with divisibility; other V),
   the row strides equal to V (contiguous rows); a V that is not a multiple of 16 is compiled with the input
@@ -37,7 +38,9 @@ like, a polynomial on the FMA pipes) on a block tensor inside a loop that loads,
 an op acts once per entry. The tables are printed for bf16 and fp32 logits at the largest launch configuration,
 per kernel and summed per op (fwd = statistics + loss kernels, fwd+bwd adds the backward kernel, and the fused
 `_skew_forward_and_grad_kernel`), with the model's HBM traffic (`TRAFFIC`) and what the sums miss of `BUDGET`.
-tests/test_aot_compile.py asserts the instructions within the budget and the SFU ops no higher than when written.
+The sparse-teacher sweeps get a table of their own (`sparse_table`), each kernel with its SFU budget
+(`sparse_budget`). tests/test_aot_compile.py asserts the instructions within the budget and the SFU ops no
+higher than when written, and the sparse sweeps within their SFU budgets.
 """
 
 from __future__ import annotations
@@ -63,6 +66,10 @@ from pathlib import Path
 from typing import Optional
 
 ARCHES = (80, 90)
+# The modules whose kernels are compiled: the dense SKL / SRKL kernels and the sparse-teacher sweeps (student only)
+KERNEL_MODULES = ("triton_backend", "triton_sparse")
+# The sparse-teacher sweeps (`triton_sparse`), printed with their SFU budgets by `sparse_table`
+SPARSE_KERNELS = ("_student_logsumexp_kernel", "_tail_sums_kernel", "_student_grad_kernel")
 MAX_VOCAB = 262144
 # (student, teacher) logits dtypes. The kernels load each row in its own dtype and compute in float32, so the
 # dtype changes only the loads' width and conversions and the gradient store: the same-dtype pairs cover each
@@ -81,6 +88,7 @@ ALL_DTYPES = ("float16", "bfloat16", "float32")
 CONSTEXPR_VALUES = {
     "REVERSE": ((False, True), "loop"),  # SKL / SRKL
     "DETACH": ((False, True), "loop"),  # SRKL's detached mixture
+    "HAS_TAIL": ((False, True), "loop"),  # sparse teacher: the gradient with the tail's g, or g = 0
     "HAS_LABELS": ((False, True), "prologue"),
     "ALPHA_PER_ROW": ((False, True), "prologue"),
 }
@@ -97,6 +105,12 @@ POINTERS = {
     "row_grad_scale_ptr": ("float32", True),
     "loss_ptr": ("float32", False),
     "stats_ptr": ("float32", False),
+    "lse_ptr": ("float32", True),  # the sparse sweeps' per-row inputs
+    "log_tail_ptr": ("float32", True),
+    "row_scale_ptr": ("float32", True),
+    "row_shift_ptr": ("float32", True),
+    "lse_out_ptr": ("float32", False),
+    "sums_ptr": ("float32", False),
 }
 SCALARS = {"alpha": 0.1, "inv_temperature": 1.0, "ignore_index": -100}  # fp32, fp32, i32 at launch
 HEADLINE = {"arch": 90, "dtypes": ("bfloat16", "bfloat16"), "aligned": True}  # the instruction table's case
@@ -137,15 +151,24 @@ class UnknownArgument(KeyError):
 # --- the matrix -------------------------------------------------------------------------------------------------
 
 def kernels() -> dict:
-    """name -> JIT function, every `*_kernel` of the Triton backend."""
+    """name -> JIT function, every `*_kernel` of the Triton backends (`KERNEL_MODULES`)."""
+    found = {}
+    for module in KERNEL_MODULES:
+        found.update(module_kernels(module))
+    return found
+
+
+def module_kernels(module_name: str) -> dict:
+    """name -> JIT function, every `*_kernel` of `distillm2_kernels.backends.<module_name>`."""
+    import importlib
+
     from triton.runtime.jit import JITFunction
 
-    from distillm2_kernels.backends import triton_backend
-
-    found = {name: fn for name, fn in vars(triton_backend).items()
+    module = importlib.import_module(f"distillm2_kernels.backends.{module_name}")
+    found = {name: fn for name, fn in vars(module).items()
              if name.endswith("_kernel") and isinstance(fn, JITFunction)}
     if not found:
-        raise RuntimeError("no *_kernel JIT functions in distillm2_kernels.backends.triton_backend "
+        raise RuntimeError(f"no *_kernel JIT functions in distillm2_kernels.backends.{module_name} "
                            "(is TRITON_INTERPRET set? then they are interpreter functions)")
     return found
 
@@ -229,6 +252,8 @@ def _flag_combinations(kernel: str, constexprs: list, kind: str) -> list:
         combo = dict(zip(flags, values))
         if combo.get("DETACH") and not combo.get("REVERSE", False):
             continue  # the launchers pass detach only with reverse (SKL has no mixture to detach)
+        if combo.get("HAS_TAIL") is False and combo.get("REVERSE"):
+            continue  # without a tail g = 0: the launcher passes reverse = detach = False
         combos.append(combo)
     return combos
 
@@ -256,6 +281,7 @@ def specializations(arches=ARCHES, dtype_pairs=DTYPE_PAIRS, max_vocab: int = MAX
         specialize = _specializer(arch)
         for kernel_name, fn in found.items():
             constexpr_names = [p.name for p in fn.params if p.is_constexpr]
+            kernel_pairs = kernel_dtype_pairs(fn, dtype_pairs)
             prologue = [dict(flags, grad_loss_stride=stride)
                         for flags in _flag_combinations(kernel_name, constexpr_names, "prologue")
                         for stride in (GRAD_LOSS_STRIDES if "grad_loss_stride" in fn.arg_names else (None,))]
@@ -266,9 +292,9 @@ def specializations(arches=ARCHES, dtype_pairs=DTYPE_PAIRS, max_vocab: int = MAX
                     for v_class, v in v_classes.items():
                         aligned = v_class[0] == "constexpr" or v_class[1] == "D"
                         if full or (block, warps) in every_pair:
-                            pairs = dtype_pairs
+                            pairs = kernel_pairs
                         else:
-                            pairs = [dtype_pairs[next(pair_turn) % len(dtype_pairs)]]
+                            pairs = [kernel_pairs[next(pair_turn) % len(kernel_pairs)]]
                         for student, teacher in pairs:
                             for extra in prologue if full else [prologue[next(turn) % len(prologue)]]:
                                 extra = dict(extra)
@@ -280,7 +306,7 @@ def specializations(arches=ARCHES, dtype_pairs=DTYPE_PAIRS, max_vocab: int = MAX
                 block, warps = max(every_pair)
                 v = next(v for v_class, v in configs[(block, warps)].items() if v_class[1] == "D")
                 for student, teacher in HEADLINE_DTYPES:
-                    if (student, teacher) not in dtype_pairs:
+                    if (student, teacher) not in kernel_pairs:
                         continue
                     headline = {"V": v, "aligned": True, "grad_loss_stride": prologue[0].get("grad_loss_stride"),
                                 "student": student, "teacher": teacher}
@@ -289,6 +315,15 @@ def specializations(arches=ARCHES, dtype_pairs=DTYPE_PAIRS, max_vocab: int = MAX
                     if all(_key(spec) != _key(other) for other in specs[-80:]):
                         specs.append(spec)
     return specs
+
+
+def kernel_dtype_pairs(fn, dtype_pairs) -> list:
+    """The (student, teacher) logits dtypes a kernel is compiled for: `dtype_pairs`, or for a kernel that reads
+    no teacher (the sparse sweeps) one pair per student dtype, (s, s)."""
+    if "teacher_ptr" in fn.arg_names:
+        return list(dtype_pairs)
+    students = list(OrderedDict.fromkeys(student for student, _ in dtype_pairs))
+    return [(student, student) for student in students]
 
 
 def _key(spec: dict) -> str:
@@ -581,7 +616,7 @@ def headline_results(results: list, arch: int = HEADLINE["arch"], dtypes: tuple 
     chosen: dict = {}
     for r in ok:
         if r["BLOCK_V"] == block and not r["flags"].get("HAS_LABELS") and not r["flags"].get("ALPHA_PER_ROW"):
-            key = tuple(sorted((k, v) for k, v in r["flags"].items() if k in ("REVERSE", "DETACH")))
+            key = tuple(sorted((k, v) for k, v in r["flags"].items() if k in ("REVERSE", "DETACH", "HAS_TAIL")))
             chosen.setdefault(r["kernel"], {})[key] = r
     return chosen
 
@@ -597,14 +632,10 @@ def instruction_table(results: list, arch: int = HEADLINE["arch"], dtypes: tuple
              f"{name} logits, per vocabulary entry (static count of the loops that read the logits):",
              f"{'kernel':<30} {'flags':<19} {'sweeps':>6} {'instr/entry':>11} {'SFU':>5} {'SFU eq':>6}  SFU ops"]
     for kernel, by_flags in chosen.items():
+        if kernel in SPARSE_KERNELS:
+            continue  # `sparse_table`
         for key, r in sorted(by_flags.items()):
-            e = per_entry(r)
-            flags = ",".join(f"{k}={int(v)}" for k, v in key) or "-"
-            ops = " ".join(f"{op} {count:g}" for op, count in e["by_op"].items()) + (
-                f" div {e['div']:g}" if e["div"] else "") + "".join(
-                f" {op} {count:g} (software)" for op, count in e["software"].items())
-            lines.append(f"{kernel:<30} {flags:<19} {e['sweeps']:>6} {e['instructions']:>11.1f} {e['sfu']:>5.2f} "
-                         f"{e['sfu_equivalents']:>6.2f}  {ops}")
+            lines.append(_kernel_row(kernel, key, r))
     lines.append("")
     lines.append(f"{'op':<14} {'fwd instr':>9} {'fwd SFU':>7} {'fwd+bwd instr':>13} {'fwd+bwd SFU':>11} "
                  f"{'HBM units':>9} {'fused instr':>11} {'fused SFU':>9} {'fused HBM':>9}")
@@ -625,6 +656,70 @@ def instruction_table(results: list, arch: int = HEADLINE["arch"], dtypes: tuple
     lines.append(f"budget (docs/design.md section 7), fwd+bwd per entry: at most {BUDGET['instructions']} instructions, "
                  f"{BUDGET['sfu']} SFU ops, {BUDGET['traffic']} HBM units: "
                  + ("met" if not gaps else "NOT met: " + "; ".join(gaps)))
+    return "\n".join(lines)
+
+
+def _kernel_row(kernel: str, key: tuple, r: dict) -> str:
+    e = per_entry(r)
+    flags = ",".join(f"{k}={int(v)}" for k, v in key) or "-"
+    return (f"{kernel:<30} {flags:<19} {e['sweeps']:>6} {e['instructions']:>11.1f} {e['sfu']:>5.2f} "
+            f"{e['sfu_equivalents']:>6.2f}  {_sfu_ops(e)}")
+
+
+def _sfu_ops(e: dict) -> str:
+    return " ".join(f"{op} {count:g}" for op, count in e["by_op"].items()) + (
+        f" div {e['div']:g}" if e["div"] else "") + "".join(
+        f" {op} {count:g} (software)" for op, count in e["software"].items())
+
+
+def sparse_budget(kernel: str, flags: dict) -> dict:
+    """SFU op -> the most per entry for a sparse-teacher sweep (`SPARSE_KERNELS`) with `flags` (docs/design.md
+    section 7.1): the log-sum-exp 1 ex2; the gradient 1 ex2 without a tail, at most 1 ex2 + 1 lg2 + 1 rcp with
+    one; the tail sums (no budget set) their count by design, SKL ex2 + lg2 + rcp, SRKL one more ex2 (for q).
+    No divide and no software transcendental in any of them."""
+    if kernel == "_student_logsumexp_kernel":
+        return {"ex2": 1}
+    if kernel == "_student_grad_kernel":
+        return {"ex2": 1, "lg2": 1, "rcp": 1} if flags.get("HAS_TAIL") else {"ex2": 1}
+    if kernel == "_tail_sums_kernel":
+        return {"ex2": 2 if flags.get("REVERSE") else 1, "lg2": 1, "rcp": 1}
+    raise UnknownArgument(f"{kernel}: no SFU budget in benchmarks/aot_compile.py (sparse_budget)")
+
+
+def sparse_budget_gaps(chosen: dict) -> list:
+    """What each sparse sweep's per-entry SFU ops miss of `sparse_budget` (divides and software ops count)."""
+    gaps = []
+    for kernel in SPARSE_KERNELS:
+        for key, r in sorted(chosen.get(kernel, {}).items()):
+            e = per_entry(r)
+            budget = sparse_budget(kernel, dict(key))
+            over = [f"{op} {count:g} > {budget.get(op, 0)}" for op, count in e["by_op"].items()
+                    if count > budget.get(op, 0) + 1e-9]
+            if e["div"] or e["software"]:
+                over.append(f"divides / software ops {e['sfu_equivalents'] - e['sfu']:g}")
+            if over:
+                flags = ",".join(f"{k}={int(v)}" for k, v in key) or "-"
+                gaps.append(f"{kernel} {flags}: " + ", ".join(over))
+    return gaps
+
+
+def sparse_table(results: list, arch: int = HEADLINE["arch"], dtypes: tuple = HEADLINE["dtypes"]) -> str:
+    """The sparse-teacher sweeps per vocabulary entry (as `instruction_table`), each with its SFU budget."""
+    chosen = headline_results(results, arch, dtypes)
+    name = "bf16" if dtypes == ("bfloat16", "bfloat16") else "/".join(dtypes)
+    found = [(kernel, key, r) for kernel in SPARSE_KERNELS for key, r in sorted(chosen.get(kernel, {}).items())]
+    if not found:
+        return f"(no sm_{arch} {name} sparse-teacher results)"
+    r0 = found[0][2]
+    lines = [f"sparse-teacher sweeps, sm_{arch} PTX, BLOCK_V={r0['BLOCK_V']}, num_warps={r0['num_warps']}, {name} "
+             f"student logits, per vocabulary entry:",
+             f"{'kernel':<30} {'flags':<19} {'sweeps':>6} {'instr/entry':>11} {'SFU':>5} {'SFU eq':>6}  SFU ops"
+             f"  | budget"]
+    for kernel, key, r in found:
+        budget = " ".join(f"{op} {count}" for op, count in sparse_budget(kernel, dict(key)).items())
+        lines.append(f"{_kernel_row(kernel, key, r)}  | {budget}")
+    gaps = sparse_budget_gaps(chosen)
+    lines.append("sparse SFU budget (docs/design.md section 7.1): " + ("met" if not gaps else "NOT met: " + "; ".join(gaps)))
     return "\n".join(lines)
 
 
@@ -741,6 +836,8 @@ def main(argv=None) -> int:
     for arch in arches:
         for dtypes in HEADLINE_DTYPES:
             print(instruction_table(results, arch, dtypes))
+            print()
+            print(sparse_table(results, arch, dtypes))
             print()
     bad = failures(results)
     if args.json:

@@ -42,9 +42,12 @@ def test_every_kernel_specialization_compiles_for_sm80_and_sm90_without_spills(c
     results = report["results"]
     assert all("error" not in r and r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in results)
     # the matrix is what the module documents: every kernel, target, launch configuration and flag value
-    from distillm2_kernels.backends import triton_backend
+    from distillm2_kernels.backends import triton_backend, triton_sparse
 
-    kernel_names = {name for name in vars(triton_backend) if name.endswith("_kernel")}
+    kernel_names = {name for module in (triton_backend, triton_sparse) for name in vars(module)
+                    if name.endswith("_kernel")}
+    sparse_names = {name for name in vars(triton_sparse) if name.endswith("_kernel")}
+    assert set(aot_compile.SPARSE_KERNELS) == sparse_names
     assert {r["kernel"] for r in results} == kernel_names
     assert {r["arch"] for r in results} == set(aot_compile.ARCHES)
     blocks = {(b, w) for b, w in [(1, 1), (2, 1), (4, 1), (8, 1), (16, 1), (32, 1), (64, 1), (128, 1), (256, 1),
@@ -53,7 +56,11 @@ def test_every_kernel_specialization_compiles_for_sm80_and_sm90_without_spills(c
         for kernel in kernel_names:
             mine = [r for r in results if r["arch"] == arch and r["kernel"] == kernel]
             assert {(r["BLOCK_V"], r["num_warps"]) for r in mine} == blocks, (arch, kernel)
-            assert {(r["case"]["student"], r["case"]["teacher"]) for r in mine} == set(aot_compile.DTYPE_PAIRS)
+            if kernel in sparse_names:  # the student only: every student dtype once
+                students = {student for student, _ in aot_compile.DTYPE_PAIRS}
+                assert {(r["case"]["student"], r["case"]["teacher"]) for r in mine} == {(d, d) for d in students}
+            else:
+                assert {(r["case"]["student"], r["case"]["teacher"]) for r in mine} == set(aot_compile.DTYPE_PAIRS)
             assert {r["case"]["aligned"] for r in mine} == {True, False}
             flags = {name for r in mine for name in r["flags"]}
             for name in flags:
@@ -68,6 +75,23 @@ def test_every_kernel_specialization_compiles_for_sm80_and_sm90_without_spills(c
                 assert op["fwd_bwd_instructions"] > op["fwd_instructions"] > 0 and op["fwd_bwd_sfu"] >= 2
                 assert op["fused_instructions"] > op["fwd_instructions"]
     check_budget(results)
+    check_sparse_budget(results)
+
+
+def check_sparse_budget(results):
+    """The sparse-teacher sweeps: one vocabulary loop each, every variant compiled, within `sparse_budget`
+    (docs/design.md section 7.1: the log-sum-exp 1 ex2, the gradient 1 ex2 without a tail and at most
+    1 ex2 + 1 lg2 + 1 rcp with one) at both targets, bf16 and fp32."""
+    variants = {"_student_logsumexp_kernel": 1, "_tail_sums_kernel": 3, "_student_grad_kernel": 4}
+    for arch in aot_compile.ARCHES:
+        for dtypes in aot_compile.HEADLINE_DTYPES:
+            chosen = aot_compile.headline_results(results, arch, dtypes)
+            for kernel, count in variants.items():
+                assert len(chosen[kernel]) == count, (arch, dtypes, kernel, sorted(chosen[kernel]))
+                for r in chosen[kernel].values():
+                    e = aot_compile.per_entry(r)
+                    assert e["sweeps"] == 1 and e["by_op"].get("ex2", 0) >= 1 and e["instructions"] > 0
+            assert aot_compile.sparse_budget_gaps(chosen) == [], (arch, dtypes)
 
 
 # The fwd+bwd figures per vocabulary entry (sm_90, BLOCK_V = 4096, 8 warps) where the budget of docs/design.md
@@ -114,6 +138,9 @@ def test_argument_rules_give_the_launchers_values():
     assert value("k", "grad_student_ptr", case).dtype == torch.bfloat16  # the gradient has the student's dtype
     assert value("k", "labels_ptr", case).dtype == torch.int64
     assert value("k", "stats_ptr", case).dtype == torch.float32
+    for name in ("lse_ptr", "log_tail_ptr", "row_scale_ptr", "row_shift_ptr", "lse_out_ptr", "sums_ptr"):
+        assert value("k", name, case).dtype == torch.float32  # the sparse sweeps' per-row values
+    assert value("k", "log_tail_ptr", case).data_ptr() % 16 != 0 and value("k", "sums_ptr", case).data_ptr() == 0
     assert value("k", "student_ptr", case).data_ptr() % 16 != 0  # an input view at an unaligned address
     assert value("k", "grad_student_ptr", case).data_ptr() % 16 == 0  # outputs are fresh allocations
     assert value("k", "student_row_stride", case) == 50257 and value("k", "student_batch_stride", case) == 50257
@@ -121,6 +148,13 @@ def test_argument_rules_give_the_launchers_values():
     combos = aot_compile._flag_combinations("k", ["BLOCK_V", "REVERSE", "DETACH", "HAS_LABELS"], "loop")
     assert combos == [{"REVERSE": False, "DETACH": False}, {"REVERSE": True, "DETACH": False},
                       {"REVERSE": True, "DETACH": True}]
+    combos = aot_compile._flag_combinations("k", ["BLOCK_V", "HAS_TAIL", "REVERSE", "DETACH"], "loop")
+    assert combos == [{"HAS_TAIL": False, "REVERSE": False, "DETACH": False},  # no tail: g = 0, one variant
+                      {"HAS_TAIL": True, "REVERSE": False, "DETACH": False},
+                      {"HAS_TAIL": True, "REVERSE": True, "DETACH": False},
+                      {"HAS_TAIL": True, "REVERSE": True, "DETACH": True}]
+    with pytest.raises(aot_compile.UnknownArgument, match="sparse_budget"):
+        aot_compile.sparse_budget("_some_kernel", {})
 
 
 def test_a_missing_ptxas_is_an_error(monkeypatch):

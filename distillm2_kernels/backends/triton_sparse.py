@@ -27,8 +27,8 @@ the same algebra on tl.exp2 / tl.log2 / a division). Per entry:
   log2 q − lg2(2^y) would leave an SFU rounding).
 So α = 1 gives exactly f = 0 and q·g = 0 (SKL: ā = 0, m = c; SRKL: d = e = 0, or, detached, g = 1).
 
-Conventions (`torch_sparse`'s): q = 0 (a −inf logit) contributes exactly 0 to the sums and the gradient;
-c = 0 gives SKL's f = q·g = 0; rows whose label is `ignore_index` get lse 0, sums 0 and an exact-zero gradient,
+Conventions (`torch_sparse`'s): q = 0 (a −inf logit) gives exactly q·g = 0, SRKL's f = 0 and a zero gradient
+entry; c = 0 gives SKL's f = q·g = 0; rows whose label is `ignore_index` get lse 0, sums 0 and an exact-zero gradient,
 with no vocabulary work. A row holding NaN or +inf gets lse NaN (as the dense kernels' statistics), and NaN
 sums and a NaN gradient row (the q = 0 guards test `q == 0`, which NaN fails; the sums add NaN where lse is
 NaN). Student rows are `[N, V]` (any row stride) or `[outer, inner, V]` (`_inputs.row_layout`), float16 /
@@ -163,7 +163,7 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _srkl_tail_terms(y, q, c, log2_c, alpha, alpha_is_zero, alpha_is_one, DETACH: tl.constexpr):
-        """SRKL per entry: (d2 = log2 q − log2 r, g), r = (1−α)c + αq; g = d + 1 (DETACH) or d + e with
+        """SRKL per entry of the gradient, r linear: (d2 = log2 q − log2 r, g), r = (1−α)c + αq; g = d + 1 (DETACH) or d + e with
         e = 1 − αq/r = (1−α)c/r ∈ [0, 1] (no cancellation; exactly 0 at α = 1). lg2, and rcp unless DETACH."""
         one_minus_alpha = 1.0 - alpha
         r = tl.maximum(one_minus_alpha * c + alpha * q, MIN_NORMAL_2)
@@ -218,8 +218,8 @@ if TRITON_AVAILABLE:
         REVERSE: tl.constexpr,  # False: SKL, True: SRKL
         DETACH: tl.constexpr,  # SRKL only: q inside r is a constant
     ):
-        """The tail sums of one row. Per entry: SKL ex2, lg2, rcp (log-space mixture, no q); SRKL ex2, lg2 and,
-        not detached, rcp; reads 1 unit."""
+        """The tail sums of one row, the mixtures in log space. Per entry: SKL ex2, lg2, rcp (no q); SRKL 2 ex2
+        (q and the mixture's ratio), lg2, rcp; reads 1 unit."""
         program = tl.program_id(0)
         row = program.to(tl.int64)
         f_sum = 0.0
