@@ -61,9 +61,9 @@ def _cache_arm(state, teacher_dir: Path, student_dir: Path, pairs: Path, out: Pa
 
 def run_seed(config, seed: int, ks: list, out: Path) -> list:
     from distillm2_kernels.experiment.distil import distil
-    from distillm2_kernels.experiment.run import _metrics, _Seed
+    from distillm2_kernels.experiment.run import SeedRun, outcome_metrics
 
-    state = _Seed(config, seed)
+    state = SeedRun(config, seed)
     teacher = state.pretrain("teacher")
     student = state.pretrain("student")
     paths = state.distillation_data(teacher.folder, student.folder)
@@ -74,7 +74,7 @@ def run_seed(config, seed: int, ks: list, out: Path) -> list:
                     output_dir=state.folder / "runs" / "distillm2", settings=state.settings("distillm2"),
                     progress=config.progress)
     rows.append({"seed": seed, "arm": "dense teacher", "k": "", "tail": "", "steps": result.steps,
-                 "train_s": round(result.seconds, 1), "score_s": "", **_metrics(evaluate(result.final_dir))})
+                 "train_s": round(result.seconds, 1), "score_s": "", **outcome_metrics(evaluate(result.final_dir))})
     print(f"[seed {seed}] dense teacher: " + ", ".join(f"{m} {rows[-1][m]:.3f}" for m in METRICS), flush=True)
     for k in ks:
         for tail in TAILS:
@@ -83,7 +83,7 @@ def run_seed(config, seed: int, ks: list, out: Path) -> list:
                                                             config.progress)
             rows.append({"seed": seed, "arm": f"cache K={k} {tail}", "k": k, "tail": tail, "steps": steps,
                          "train_s": round(train_s, 1), "score_s": round(score_s, 1),
-                         **_metrics(evaluate(final_dir))})
+                         **outcome_metrics(evaluate(final_dir))})
             print(f"[seed {seed}] {rows[-1]['arm']}: " + ", ".join(f"{m} {rows[-1][m]:.3f}" for m in METRICS),
                   flush=True)
     return rows

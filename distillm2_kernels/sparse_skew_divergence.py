@@ -63,7 +63,7 @@ def sparse_token_statistics(
         zeros = lse.new_zeros((lse.shape[0], 1))
         columns = {RowStat.LOG_SUM_S: lse.unsqueeze(-1), RowStat.LABEL_LOG_Q: label_logprobs}
         stats = torch.cat([columns.get(stat, zeros) for stat in RowStat if stat != RowStat.LABEL_LOG_P], dim=-1)
-    return TokenStatistics(stats, rows.leading_shape)
+    return TokenStatistics(stats, rows.leading_shape, sparse_teacher=True)
 
 
 class FusedSparseSkewFunction(torch.autograd.Function):
@@ -94,7 +94,8 @@ class FusedSparseSkewFunction(torch.autograd.Function):
         teacher = SparseTeacher(ids, logprobs, tail_logprob)
         rows = prepare_sparse_rows(student_logits, teacher, alpha, labels, ignore_index, temperature, teacher_tail, reverse)
         given = check_statistics(
-            statistics, rows.leading_shape, rows.student.device, source="logits", producer="token_statistics"
+            statistics, rows.leading_shape, rows.student.device, source="logits", producer="token_statistics",
+            sparse_teacher=True,
         )
         if given is None:
             check_sparse_labels(rows)

@@ -317,7 +317,9 @@ def sparse_forward(
             student, labels, ignore_index, inv_t, lse, log_c, rows.alpha_rows, reverse, detach, backend
         ).to(dtype)
         f_c, qg_c = _entry_terms(log_q, log_c.unsqueeze(-1), alpha, reverse, detach)
-        loss = sums[:, 0] - f_c.sum(-1) + loss
+        # an infinite tail (SRKL at α = 0 where the tail mass is 0) stays +inf rather than inf − inf
+        tail_loss = sums[:, 0]
+        loss = torch.where(tail_loss == float("inf"), tail_loss, tail_loss - f_c.sum(-1) + loss)
         shift = sums[:, 1] - qg_c.sum(-1) + shift
     elif reverse and k < vocab:  # off the support r = αq: f = −q log α, g = −log α (+ 1 detached)
         tail_q = _log_remainder(log_q).exp()

@@ -45,10 +45,12 @@ class LabelLogprob(enum.IntEnum):
 class TokenStatistics(NamedTuple):
     """Sweep 1's row statistics for one pair of logits `[..., V]` (`token_statistics`, or
     `fused_linear_token_statistics` for the logits a fused-linear op builds): `stats` is `[N, STATS]`
-    (columns `RowStat`)."""
+    (columns `RowStat`). `sparse_teacher`: computed against a sparse teacher (docs/design.md §8), which fills
+    only the student's log-sum-exp and the label columns: such statistics serve sparse-teacher ops only."""
 
     stats: torch.Tensor
     leading_shape: torch.Size
+    sparse_teacher: bool = False
 
     @property
     def student_label_logprobs(self) -> torch.Tensor:
@@ -67,14 +69,23 @@ class TokenStatistics(NamedTuple):
 
 
 def check_statistics(
-    statistics: Optional[TokenStatistics], leading_shape: torch.Size, device: torch.device, *, source: str, producer: str
+    statistics: Optional[TokenStatistics], leading_shape: torch.Size, device: torch.device, *, source: str, producer: str,
+    sparse_teacher: bool = False,
 ) -> Optional[torch.Tensor]:
     """The `[N, STATS]` tensor of `statistics`, checked against inputs of token shape `leading_shape` on
-    `device` (`source`: "logits" or "hidden states"; `producer`: the function that computes them), or None."""
+    `device` (`source`: "logits" or "hidden states"; `producer`: the function that computes them), or None.
+    `sparse_teacher`: the op's teacher is sparse (it reads only the student's columns, so statistics of either
+    kind serve it; a dense-teacher op refuses statistics computed against a sparse teacher)."""
     if statistics is None:
         return None
     if not isinstance(statistics, TokenStatistics):
         raise TypeError(f"statistics must come from {producer}(), got {type(statistics).__name__}")
+    if statistics.sparse_teacher and not sparse_teacher:
+        raise ValueError(
+            "these statistics were computed against a sparse teacher: they hold the student's log-sum-exp and the "
+            "label log-probabilities only, not the dense teacher's columns this op reads; compute them with the "
+            "dense teacher"
+        )
     if statistics.leading_shape != leading_shape or statistics.stats.shape != (math.prod(leading_shape), STATS):
         raise ValueError(
             f"statistics were computed for {source} of leading shape {tuple(statistics.leading_shape)}, "

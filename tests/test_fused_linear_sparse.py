@@ -529,6 +529,20 @@ def test_srkl_renormalize_alpha_zero_and_dense_teacher_tail():
         dk.fused_linear_token_statistics(**args, labels=torch.zeros(2, 3, dtype=torch.long), softcap=(None, 2.0))
 
 
+def test_sparse_statistics_are_refused_by_the_dense_op():
+    """fused_linear_token_statistics of a sparse teacher fill the student's columns only: the dense op refuses
+    them rather than read zeros as the teacher's statistics."""
+    args = _valid_args()
+    labels = torch.zeros(2, 3, dtype=torch.long)
+    stats = dk.fused_linear_token_statistics(**args, labels=labels)
+    assert stats.sparse_teacher
+    dense = dict(args, teacher_hidden=torch.randn(2, 3, 6), teacher_weight=torch.randn(11, 6))
+    with pytest.raises(ValueError, match="computed against a sparse teacher"):
+        dk.fused_linear_skl(**dense, labels=labels, statistics=stats)
+    torch.testing.assert_close(dk.fused_linear_skl(**args, labels=labels, statistics=stats),
+                               dk.fused_linear_skl(**args, labels=labels), rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The trainer's objective with a sparse teacher
 # ----------------------------------------------------------------------------------------------------

@@ -267,6 +267,36 @@ def test_tensor_alpha_zero_renormalized_srkl_is_infinite(backend):
     torch.testing.assert_close(loss[1:], dense[1:], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uniform_tail_of_zero_mass_at_alpha_zero_is_infinite(backend):
+    """SRKL at α = 0 with the uniform tail and no tail mass (a cache whose k tokens hold all of it) is +inf where
+    the student has mass off the support, as on the densified teacher: not inf − inf = NaN."""
+    student, teacher = make_case((3, 20), 4, seed=23)
+    no_tail = SparseTeacher(teacher.ids, teacher.logprobs.log_softmax(-1), torch.full((3,), -math.inf, device=DEVICE))
+    loss = fused_srkl(student, no_tail, 0.0, reduction="none", teacher_tail="uniform", backend=backend)
+    dense = fused_srkl(student, densified(student, no_tail, "uniform").float(), 0.0, reduction="none")
+    assert (dense == math.inf).all()
+    assert (loss == math.inf).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_statistics_are_refused_by_dense_ops(backend):
+    """Statistics of a sparse-teacher call hold the student's columns only: a dense-teacher op refuses them
+    (they would give a wrong loss), a sparse one takes them and gives the same result as without them."""
+    student, teacher = make_case((2, 3, 20), 4, seed=29)
+    labels = labels_for((2, 3), 20)
+    stats = token_statistics(student, teacher, labels, backend=backend)
+    assert stats.sparse_teacher
+    with pytest.raises(ValueError, match="computed against a sparse teacher"):
+        skew_divergence(student, torch.randn_like(student), 0.1, labels, reverse=False, statistics=stats,
+                        backend=backend)
+    with_stats = skew_divergence(student, teacher, 0.1, labels, reverse=True, statistics=stats, backend=backend)
+    without = skew_divergence(student, teacher, 0.1, labels, reverse=True, backend=backend)
+    torch.testing.assert_close(with_stats, without, rtol=0, atol=0)
+    dense_stats = token_statistics(student, torch.randn_like(student), labels, backend=backend)
+    assert not dense_stats.sparse_teacher
+
+
 # --- properties ----------------------------------------------------------------------------------------------
 
 

@@ -436,3 +436,26 @@ def test_two_gloo_processes_under_accelerate_launch_train_as_one_process_on_both
                 assert ddp_row[key] == pytest.approx(single_row[key], rel=1e-5), (name, key)
     lora0, lora1 = (torch.load(tmp_path / "ddp-lora" / f"rank{r}.pt")["anchors"] for r in (0, 1))
     assert lora0[0] is not None and lora0 == lora1
+
+
+def test_resume_refuses_another_teacher_source_or_tail(tmp_path):
+    """The teacher's source (model or cache) and the cached teacher's tail change the loss: a resumed run must
+    keep them; a checkpoint written before they were recorded ran with the teacher model, renormalized."""
+    from distillm2_kernels.trainer.checkpoint import RESUME_INVARIANTS, TrainerState
+
+    def config(**changes):
+        base = dict(teacher="T", student="S", data="pairs.jsonl", output=str(tmp_path))
+        return TrainConfig(**{**base, **changes})
+
+    run = config().run_invariants()
+    assert {"teacher_source", "teacher_tail"} <= set(RESUME_INVARIANTS) and run["teacher_source"] == "model"
+    state = TrainerState(total_steps=4, num_epochs=2, run=run)
+    resume = dict(folder=tmp_path, world_size=1, data_file="pairs.jsonl", data_sha256="", num_examples=None)
+    state.check_resumable(run=run, **resume)
+    cached = config(teacher=None, teacher_cache=str(tmp_path / "cache"), teacher_tail="uniform").run_invariants()
+    with pytest.raises(ValueError, match=r"teacher_source: 'model' -> 'cache', teacher_tail: 'renormalize' -> 'uniform'"):
+        state.check_resumable(run=cached, **resume)
+    older = TrainerState(total_steps=4, num_epochs=2, run={k: v for k, v in run.items() if not k.startswith("teacher_")})
+    older.check_resumable(run=run, **resume)
+    with pytest.raises(ValueError, match=r"teacher_source: 'model' -> 'cache'"):
+        older.check_resumable(run=cached, **resume)

@@ -65,7 +65,7 @@ from .models import STUDENT, TEACHER, ModelSize
 from .task import ArrangeTask
 
 __all__ = ["ExperimentConfig", "QUICK", "DEFAULT_LRS", "LR_GRID", "TUNE_SEED", "ExperimentResult",
-           "run_experiment", "tune_learning_rates"]
+           "run_experiment", "tune_learning_rates", "SeedRun", "outcome_metrics"]
 
 # The per-arm learning rates picked by `--tune-lr` (the sweep of `tune_learning_rates` on TUNE_SEED), as the
 # committed run chose them (results/experiment/lr_sweep.md): 1e-2, the top of the grid, for all arms but srkl.
@@ -177,7 +177,7 @@ class _Pretrained:
         return next((step for step, value in self.curve if value >= self.threshold), None)
 
 
-class _Seed:
+class SeedRun:
     """One seed's teacher, student, distillation data and evaluation, in `<output>/seed-<seed>/`."""
 
     def __init__(self, config: ExperimentConfig, seed: int):
@@ -280,7 +280,8 @@ class _Seed:
                               max_new_tokens=config.max_length + 2, max_length=2 * config.max_length + 8)
 
 
-def _metrics(evaluation) -> Dict[str, float]:
+def outcome_metrics(evaluation) -> Dict[str, float]:
+    """The outcome columns of one evaluated model: the task metrics and the two error rates."""
     return {**evaluation.metrics(), "letters_error": evaluation.letters_error,
             "adjacent_error": evaluation.adjacent_error}
 
@@ -296,7 +297,7 @@ def _run_seed(config: ExperimentConfig, seed: int) -> Tuple[list, List[str]]:
         if saved["key"] == config.seed_key():
             _say(f"[seed {seed}] reusing {cache}")
             return [SeedRow(**row) for row in saved["rows"]], saved["notes"]
-    state = _Seed(config, seed)
+    state = SeedRun(config, seed)
     teacher = state.pretrain("teacher")
     student = state.pretrain("student")
     paths = state.distillation_data(teacher.folder, student.folder)
@@ -304,7 +305,7 @@ def _run_seed(config: ExperimentConfig, seed: int) -> Tuple[list, List[str]]:
     rows = []
     for name, model in (("teacher", teacher), ("student (before)", student)):
         tick = time.perf_counter()
-        metrics = _metrics(evaluate(model.folder))
+        metrics = outcome_metrics(evaluate(model.folder))
         metrics.update(threshold_step=float(model.crossed_at or -1), validation_valid=model.curve[-1][1])
         rows.append(SeedRow(seed, name, model.steps, model.seconds, metrics))
         _say(f"[seed {seed}] {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
@@ -317,7 +318,7 @@ def _run_seed(config: ExperimentConfig, seed: int) -> Tuple[list, List[str]]:
                         output_dir=state.folder / "runs" / arm, settings=state.settings(arm),
                         progress=config.progress)
         tick = time.perf_counter()
-        metrics = _metrics(evaluate(result.final_dir))
+        metrics = outcome_metrics(evaluate(result.final_dir))
         rows.append(SeedRow(seed, arm, result.steps, result.seconds, metrics))
         _say(f"[seed {seed}] {arm} (lr {config.lr(arm):g}): {result.steps} steps in {result.seconds:.0f} s; "
              + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" ({time.perf_counter() - tick:.0f} s)")
@@ -340,7 +341,7 @@ def tune_learning_rates(config: ExperimentConfig, grid: Sequence[float] = LR_GRI
         best = json.loads(cache.read_text())["lrs"]
         _say(f"[lr sweep] reusing {cache}: " + ", ".join(f"{arm} {lr:g}" for arm, lr in best.items()))
         return best
-    state = _Seed(replace(config, output=output / "lr-sweep"), seed)
+    state = SeedRun(replace(config, output=output / "lr-sweep"), seed)
     teacher = state.pretrain("teacher")
     student = state.pretrain("student")
     paths = state.distillation_data(teacher.folder, student.folder)

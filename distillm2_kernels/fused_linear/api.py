@@ -301,7 +301,7 @@ def fused_linear_token_statistics(
             stats = sparse_statistics_pass(
                 student=student, teacher=sparse, options=options, tail=teacher_tail, backend=name, budget=budget
             )
-    return TokenStatistics(stats, leading)
+    return TokenStatistics(stats, leading, sparse_teacher=sparse is not None)
 
 
 def fused_linear_skl_plus_srkl(

@@ -242,7 +242,8 @@ def prepare_term(
     device = student_hidden.device
     options = prepare_token_options(leading, device, alpha, labels, ignore_index, temperature, "the hidden states")
     given_stats = check_statistics(
-        statistics, leading, device, source="hidden states", producer="fused_linear_token_statistics"
+        statistics, leading, device, source="hidden states", producer="fused_linear_token_statistics",
+        sparse_teacher=sparse_rows is not None,
     )
     if sparse_rows is None:
         student_cap, teacher_cap = check_softcap(softcap)

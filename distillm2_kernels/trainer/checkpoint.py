@@ -41,8 +41,10 @@ FULL_DISK_BYTES = 1 << 20  # a write that failed with less than this free on its
 # fields of the run that a resumed run must share (a different value would change the data order or the math)
 RESUME_INVARIANTS = (
     "epochs", "max_steps", "loss", "preset", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "dora", "batch_size", "grad_accum",
-    "seed", "max_length", "lr", "warmup_ratio", "weight_decay", "max_grad_norm",
+    "seed", "max_length", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "teacher_source", "teacher_tail",
 )
+# what a checkpoint written before an invariant existed ran with (so that it still resumes when that is unchanged)
+INVARIANT_DEFAULTS = {"teacher_source": "model", "teacher_tail": "renormalize"}
 
 
 @dataclass
@@ -72,7 +74,8 @@ class TrainerState:
     ) -> None:
         """ValueError naming what differs between the checkpoint's run and this one. Another data file is
         accepted at an epoch boundary only, and only with as many pairs (the schedule's steps per epoch)."""
-        changed = {k: (self.run.get(k), v) for k, v in run.items() if self.run.get(k) != v}
+        saved = {**INVARIANT_DEFAULTS, **self.run}
+        changed = {k: (saved.get(k), v) for k, v in run.items() if saved.get(k) != v}
         if world_size != self.world_size:
             changed["number of processes"] = (self.world_size, world_size)
         if self.num_examples is not None and num_examples != self.num_examples:

@@ -168,6 +168,11 @@ class TrainConfig:
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")
 
+    @property
+    def teacher_source(self) -> str:
+        """"model" or "cache": a resumed run may score a new cache (each on-policy epoch does), not switch source."""
+        return "model" if self.teacher_cache is None else "cache"
+
     def run_invariants(self) -> dict:
         return {name: getattr(self, name) for name in RESUME_INVARIANTS}
 
