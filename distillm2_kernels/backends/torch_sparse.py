@@ -65,13 +65,14 @@ def _tail_terms(log_q, log_c, alpha, reverse: bool, detach: bool):
     if not reverse:
         m = alpha * c + (1 - alpha) * q
         c_zero = c == 0
-        f = torch.where(c_zero, 0.0, c * (log_c - torch.where(c_zero, 1.0, m).log()))
+        log_m = torch.where(alpha == 1, log_c, torch.where(c_zero, 1.0, m).log())  # α = 1: m = c, f = 0 exactly
+        f = torch.where(c_zero, 0.0, c * (log_c - log_m))
         g = torch.where(c_zero, 0.0, -(1 - alpha) * c / torch.where(c_zero, 1.0, m))
     else:
         r = (1 - alpha) * c + alpha * q
         q_zero = q == 0
         safe_r = torch.where(q_zero, 1.0, r)
-        log_r = safe_r.log()
+        log_r = torch.where(alpha == 1, log_q, safe_r.log())  # α = 1: r = q, f = 0 exactly
         f = torch.where(q_zero, 0.0, q * (log_q - log_r))
         g = log_q + 1 - log_r
         if not detach:
