@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -81,9 +81,6 @@ class SparseTeacher:
     ids: torch.Tensor
     logprobs: torch.Tensor
     tail_logprob: Optional[torch.Tensor] = None
-
-
-SparseTeacherLike = Union[SparseTeacher, tuple]
 
 
 def as_sparse_teacher(obj: object) -> Optional[SparseTeacher]:

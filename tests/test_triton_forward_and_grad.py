@@ -1,6 +1,6 @@
 """The Triton backend's optional `skew_forward_and_grad` (one kernel: sweeps 1-3 of a row back to back) equals
-`skew_forward` followed by `skew_backward` with the row scales as the incoming gradient (INTERFACE of the
-backends: the gradient of a scalar reduction computed in the forward). Under the interpreter (tests/conftest.py)
+`skew_forward` followed by `skew_backward` with the row scales as the incoming gradient (`backends/protocol.py`, `SkewForwardAndGrad`:
+the gradient of a scalar reduction computed in the forward). Under the interpreter (tests/conftest.py)
 both run the same jitted sweeps, so the results agree exactly; the oracle tests of test_skew_divergence.py check
 those sweeps against float64."""
 
