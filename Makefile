@@ -38,7 +38,8 @@ kernel-demo: install
 # The fast numerical subset, run a second time by `make test` under an ATen instruction set that is not
 # this machine's own (AVX2 on an AVX-512 CPU, else the portable build), so no result holds on one vector path
 # only. pytest -m "not slow" tests is the quick loop of the whole suite.
-NUMERICAL_TESTS ?= tests/test_reference.py tests/test_skew_divergence.py tests/test_fused_linear.py tests/test_cpu_backend.py
+NUMERICAL_TESTS ?= tests/test_reference.py tests/test_skew_divergence.py tests/test_fused_linear.py tests/test_cpu_backend.py \
+	tests/test_sparse_teacher.py tests/test_sparse_cpu_backend.py tests/test_fused_linear_sparse.py
 
 test: install
 	$(PY) -m pytest -q tests
