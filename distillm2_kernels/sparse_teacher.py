@@ -66,6 +66,7 @@ __all__ = [
     "sparse_grad",
     "sparse_skew_rows",
     "sparse_teacher_logprobs",
+    "log_remaining_mass",
 ]
 
 TEACHER_TAILS = ("renormalize", "uniform")
@@ -210,7 +211,7 @@ def _gather_rows(student: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return student.gather(-1, index.view(*student.shape[:-1], index.shape[-1])).reshape(index.shape)
 
 
-def _log_remainder(log_values: torch.Tensor) -> torch.Tensor:
+def log_remaining_mass(log_values: torch.Tensor) -> torch.Tensor:
     """log(1 − Σ_j exp(log_values[..., j])), −inf where the sum reaches 1."""
     return torch.log(-torch.expm1(torch.logsumexp(log_values, dim=-1).clamp(max=0.0)))
 
@@ -225,7 +226,7 @@ def sparse_teacher_logprobs(
     if tail != "uniform" or k == vocab_size:
         return scaled - torch.logsumexp(scaled, dim=-1, keepdim=True), None
     if tail_logprob is None:  # 1 − Σ p_i cancels: in float64 (k entries a row), exact for float32 log-probabilities
-        tail_lp = _log_remainder(logprobs.double()).to(dtype)
+        tail_lp = log_remaining_mass(logprobs.double()).to(dtype)
     else:
         tail_lp = tail_logprob.to(dtype)
     log_others = math.log(vocab_size - k)
@@ -319,7 +320,7 @@ def sparse_forward(
         loss = torch.where(tail_loss == float("inf"), tail_loss, tail_loss - f_c.sum(-1) + loss)
         shift = sums[:, 1] - qg_c.sum(-1) + shift
     elif reverse and k < vocab:  # off the support r = αq: f = −q log α, g = −log α (+ 1 detached)
-        tail_q = _log_remainder(log_q).exp()
+        tail_q = log_remaining_mass(log_q).exp()
         log_alpha = alpha.squeeze(-1).log()
         no_mass = tail_q == 0
         loss = loss + torch.where(no_mass, 0.0, -log_alpha * tail_q)

@@ -44,6 +44,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..sparse_teacher import log_remaining_mass
 from .data import read_pairs, tokenize_pairs
 from .jsonl import file_sha256
 from .teacher_cache import (
@@ -189,8 +190,7 @@ class _VLLMScorer:
         width = self.top_k + 1
         ids = torch.tensor(ids, dtype=torch.long).reshape(-1, width)
         logprobs = torch.tensor(logprobs, dtype=torch.float32).reshape(-1, width)
-        mass = logprobs.double().exp().sum(-1)
-        tails = torch.where(mass < 1, torch.log1p(-mass.clamp(max=1.0)), torch.tensor(float("-inf"), dtype=torch.float64))
+        tails = log_remaining_mass(logprobs.double())  # vLLM gives no log-sum-exp: the tail is 1 − Σ p
         return _split(spans, ids, logprobs, tails.float())
 
 
