@@ -84,6 +84,8 @@ def launch_config(vocab_size: int) -> tuple[int, int]:
 if TRITON_AVAILABLE:
     LOG2E = tl.constexpr(1.4426950408889634)
     LN2 = tl.constexpr(0.6931471805599453)
+    MIN_NORMAL = tl.constexpr(1.1754943508222875e-38)  # 2^-126, float32's smallest normal
+    TWO_TO_64 = tl.constexpr(18446744073709551616.0)  # 2^64
     # Compiled kernels take ex2 / lg2 / rcp straight from the special-function unit (PTX `.approx.ftz`); the
     # interpreter cannot run inline PTX, so it evaluates the same base-2 algebra with tl.exp2 / tl.log2 / a
     # division. Chosen once, at import, like the interpreter itself.
@@ -253,6 +255,9 @@ if TRITON_AVAILABLE:
         one_minus_alpha = 1.0 - alpha
         # A zero probability gets a zero gradient, unless the row holds NaN or +inf (then C is NaN): NaN.
         zero_probability_grad = tl.where(c == c, 0.0, float("nan"))
+        # SKL: ā where even the rescaled mixture is below MIN_NORMAL (see below): 1, 0 at α = 1 (the exact zero)
+        tiny_mixture_share = tl.where(one_minus_alpha == 0.0, 0.0, 1.0)
+        zero_student_share = tl.where(alpha == 0.0, 1.0, 0.0)  # the same where q = 0 too
         for start in range(0, V, BLOCK_V):
             cols = start + offsets
             in_row = cols < V
@@ -263,12 +268,20 @@ if TRITON_AVAILABLE:
                 g = q * (d2 * LN2 + e - c)
                 g = tl.where(q == 0, zero_probability_grad, g)
             else:
-                # linear mixture: every term is bounded (ā ∈ [0, 1]); m < 2^-125 only where p, q < 2^-125
+                # The linear mixture: every term is bounded, ā = (1−α) q / m ∈ [0, 1]. A mixture below 2^-126
+                # is formed again from q and p scaled by 2^64 (exact), so that the one reciprocal sees a normal
+                # float unless m < 2^-190 (or q and p were flushed to 0 by the compiled ex2.ftz). Below that,
+                # where α > 0, p·ā ≤ p < 2^-190/α ≤ 2^-64: any ā in [0, 1] is exact enough; at α = 0, m = q and
+                # ā = 1. So there ā = 1, 0 at α = 1 (the exact zero) and 0 where q = 0 and α > 0.
                 q = _exp2(log2_q)
                 p = _exp2(log2_p)
                 m = alpha * p + one_minus_alpha * q
-                a_bar = one_minus_alpha * q * _reciprocal(tl.maximum(m, 2.350988701644575e-38))
-                a_bar = tl.where(m == 0, 1.0, a_bar)
+                small = m < MIN_NORMAL
+                q_m = tl.where(small, q * TWO_TO_64, q)
+                m = tl.where(small, alpha * (p * TWO_TO_64) + one_minus_alpha * q_m, m)
+                a_bar = one_minus_alpha * q_m * _reciprocal(tl.maximum(m, MIN_NORMAL))
+                tiny_share = tl.where(q == 0, zero_student_share, tiny_mixture_share)
+                a_bar = tl.where(m < MIN_NORMAL, tiny_share, a_bar)
                 g = q * c - p * a_bar
             tl.store(grad_row + cols, _to_output_dtype(g * grad_scale, grad_row.dtype.element_ty), mask=in_row)
 
