@@ -260,7 +260,21 @@ class _ReducedSkewFunction(torch.autograd.Function):
         ctx.grad_consumed = True
         (grad,) = ctx.saved_tensors
         # in place: the gradient is the only [N, V] tensor of the op, forward and backward together
-        return _REDUCED_GRADS(student_logits=grad.mul_(grad_loss).view(ctx.student_shape))
+        if not _is_one_on_host(grad_loss):
+            grad.mul_(grad_loss)
+        return _REDUCED_GRADS(student_logits=grad.view(ctx.student_shape))
+
+
+def _is_one_on_host(grad_loss: torch.Tensor) -> bool:
+    """Whether the incoming gradient is a CPU scalar equal to 1 (`loss.backward()` on the loss itself), so that
+    scaling the gradient by it (a pass over [N, V]) changes nothing and is skipped. Reading a CPU scalar waits
+    for nothing; a CUDA one would, and under torch.compile the value is not known while tracing: both multiply."""
+    return (
+        grad_loss.device.type == "cpu"
+        and grad_loss.numel() == 1
+        and not torch.compiler.is_compiling()
+        and bool(grad_loss.reshape(()) == 1)
+    )
 
 
 _REDUCED_GRADS = InputGrads(_ReducedSkewFunction.forward)

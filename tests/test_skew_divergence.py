@@ -619,3 +619,35 @@ def test_second_backward_of_a_forward_computed_gradient_is_refused(backend):
     else:
         (second,) = torch.autograd.grad(3.0 * loss, student)
         assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("upstream", [1.0, 0.5, -2.0, float("nan")])
+def test_forward_computed_gradient_takes_the_upstream_gradient_exactly(backend, upstream):
+    """The backward of a forward-computed gradient skips its scale where the upstream gradient is the CPU
+    scalar 1 (`loss.backward()`): every other value, NaN included, still scales it. Scaling bf16 by a power
+    of 2 is exact, so the gradients are compared bit for bit against the one for an upstream 1."""
+    student, teacher = make_logits((6, 50), torch.bfloat16, seed=5)
+    grads = {}
+    for value in (1.0, upstream):
+        leaf = student.clone().requires_grad_(True)
+        loss = run_fused("srkl", leaf, teacher, 0.2, backend)
+        (grads[value],) = torch.autograd.grad(loss, leaf, grad_outputs=torch.tensor(value, device=loss.device))
+    expected = grads[1.0].float() * upstream
+    assert torch.equal(grads[upstream].float(), expected) or (
+        math.isnan(upstream) and bool(grads[upstream].isnan().all())
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("alpha", [0.0, 1.1754944e-38, 1e-30, 0.1])
+def test_an_underflowing_student_probability_under_a_large_teacher_one(backend, alpha):
+    """An entry whose q is below float32's normal range (about e^-100: subnormal, or flushed to 0 by a GPU's
+    ex2.ftz) where p is about 0.98. At α = 0 the mixture there is q itself, ā = (1−α)q/m = 1 and the SKL
+    gradient is q − p ≈ −p; for a tiny α > 0 the mixture is below 2^-126 too. (A mixture whose reciprocal was
+    clamped at 2^-125 gave ā ≈ 0 there, a gradient of ≈ 0 in the place of −0.98.)"""
+    student = torch.zeros(3, 64)
+    teacher = torch.zeros(3, 64)
+    student[:, 1] = torch.tensor([-95.0, -100.0, -120.0])
+    teacher[:, 1] = 8.0
+    check_against_oracle("skl", student.to(DEVICE), teacher.to(DEVICE), alpha, backend, what=f"alpha={alpha}")
