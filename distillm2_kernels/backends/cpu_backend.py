@@ -30,7 +30,6 @@ import torch
 from .._inputs import SkewRows
 from ..statistics import STATS
 from . import cpu_build, cpu_jit
-from .huge_pages import empty_rows
 
 ROW_TEMPORARIES = 0  # [rows, V] temporaries the kernels allocate besides their output (see torch_backend)
 
@@ -167,7 +166,7 @@ def skew_backward(
     """Gradient w.r.t. the student logits, `[N, V]` contiguous in the student's dtype."""
     extension = _extension(rows)
     args = _extension_args(rows)
-    grad = empty_rows((rows.num_rows, rows.vocab_size), rows.student.dtype)
+    grad = torch.empty((rows.num_rows, rows.vocab_size), dtype=rows.student.dtype)
     extension.skew_backward(*args, reverse, detach, stats.contiguous(), grad_loss.to(torch.float32), grad)
     return grad
 
@@ -183,7 +182,7 @@ def skew_forward_and_grad(
     extension = _extension(rows)
     loss = torch.empty(rows.num_rows, dtype=torch.float32)
     stats = torch.empty((rows.num_rows, STATS), dtype=torch.float32)
-    grad = empty_rows((rows.num_rows, rows.vocab_size), rows.student.dtype)
+    grad = torch.empty((rows.num_rows, rows.vocab_size), dtype=rows.student.dtype)
     grad_scale = row_grad_scale.to(torch.float32).contiguous()
     extension.skew_forward_and_grad(*_extension_args(rows), reverse, detach, grad_scale, loss, stats, grad)
     return loss, stats, grad

@@ -26,7 +26,6 @@ from typing import Optional
 import torch
 
 from .cpu_backend import loaded_extension, unavailable_reason
-from .huge_pages import empty_rows
 
 __all__ = ["student_logsumexp", "tail_sums", "student_grad", "unavailable_reason"]
 
@@ -87,7 +86,7 @@ def student_grad(
 ) -> torch.Tensor:
     """grad [N, V] = row_scale · q · (g − row_shift), contiguous in the student's dtype; g = 0 when `log_tail`
     is None (no tail), else the tail's g. Ignored rows are exact zeros."""
-    grad = empty_rows((_num_rows(student), student.shape[-1]), student.dtype)
+    grad = torch.empty(_num_rows(student), student.shape[-1], dtype=student.dtype)
     loaded_extension().sparse_student_grad(
         student, _labels(labels), int(ignore_index), float(inv_temperature), _per_row(lse), _per_row(row_scale),
         _per_row(row_shift), None if log_tail is None else _per_row(log_tail), _per_row(alpha_rows),

@@ -30,7 +30,6 @@ import torch
 
 from .._inputs import SkewRows, compute_dtype
 from ..statistics import STATS, RowStat
-from .huge_pages import empty_rows
 
 CHUNK_BYTES = 1024 * 1024  # bytes of one float32 [rows, V] temporary per chunk
 # [rows, V] float32 temporaries alive at once while a block of rows is processed (measured peak, forward
@@ -259,7 +258,7 @@ def skew_backward(
 ) -> torch.Tensor:
     """Gradient w.r.t. the student logits, `[N, V]` contiguous in the student's dtype."""
     dtype = compute_dtype(rows.student, rows.teacher)
-    grad = empty_rows((rows.num_rows, rows.vocab_size), rows.student.dtype, rows.student.device)
+    grad = torch.empty((rows.num_rows, rows.vocab_size), dtype=rows.student.dtype, device=rows.student.device)
     for start, end, s, t in _chunks(rows):
         chunk_stats = stats[start:end].to(dtype)
         block = _Block(rows, start, end, s, t, dtype, stats=chunk_stats, teacher_exp=False)
@@ -324,7 +323,7 @@ def skew_forward_and_grad(
     device = rows.student.device
     stats = torch.empty((rows.num_rows, STATS), dtype=dtype, device=device)
     loss = torch.empty(rows.num_rows, dtype=dtype, device=device)
-    grad = empty_rows((rows.num_rows, rows.vocab_size), rows.student.dtype, device)
+    grad = torch.empty((rows.num_rows, rows.vocab_size), dtype=rows.student.dtype, device=device)
     for start, end, s, t in _chunks(rows):
         block = _Block(rows, start, end, s, t, dtype)
         chunk_stats = block.statistics(rows, start, end)

@@ -25,7 +25,6 @@ from typing import Iterator, Optional
 import torch
 
 from .._inputs import compute_dtype
-from .huge_pages import empty_rows
 
 CHUNK_BYTES = 1024 * 1024  # bytes of one float32 [rows, V] temporary per chunk
 
@@ -138,7 +137,7 @@ def student_grad(
     `log_tail` is None (no tail), else the tail's g. Ignored rows are exact zeros."""
     dtype = lse.dtype
     v = student.shape[-1]
-    grad = empty_rows((lse.shape[0], v), student.dtype, student.device)
+    grad = torch.empty(lse.shape[0], v, dtype=student.dtype, device=student.device)
     for start, end, block in _row_blocks(student):
         log_q = _log_q(block, lse[start:end], inv_temperature, dtype)
         q = log_q.exp()
