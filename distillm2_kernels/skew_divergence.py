@@ -268,10 +268,12 @@ class _ReducedSkewFunction(torch.autograd.Function):
 def _is_one_on_host(grad_loss: torch.Tensor) -> bool:
     """Whether the incoming gradient is a CPU scalar equal to 1 (`loss.backward()` on the loss itself), so that
     scaling the gradient by it (a pass over [N, V]) changes nothing and is skipped. Reading a CPU scalar waits
-    for nothing; a CUDA one would, and under torch.compile the value is not known while tracing: both multiply."""
+    for nothing; a CUDA one would, and under torch.compile the value is not known while tracing: both multiply,
+    as does an upstream gradient that itself requires grad (a double backward differentiates through the scale)."""
     return (
         grad_loss.device.type == "cpu"
         and grad_loss.numel() == 1
+        and not grad_loss.requires_grad
         and not torch.compiler.is_compiling()
         and bool(grad_loss.reshape(()) == 1)
     )
