@@ -86,6 +86,7 @@ if TRITON_AVAILABLE:
     LN2 = tl.constexpr(0.6931471805599453)
     MIN_NORMAL = tl.constexpr(1.1754943508222875e-38)  # 2^-126, float32's smallest normal
     TWO_TO_64 = tl.constexpr(18446744073709551616.0)  # 2^64
+    TWO_TO_MINUS_64 = tl.constexpr(5.421010862427522e-20)  # 2^-64
     # Compiled kernels take ex2 / lg2 / rcp straight from the special-function unit (PTX `.approx.ftz`); the
     # interpreter cannot run inline PTX, so it evaluates the same base-2 algebra with tl.exp2 / tl.log2 / a
     # division. Chosen once, at import, like the interpreter itself.
@@ -268,21 +269,18 @@ if TRITON_AVAILABLE:
                 g = q * (d2 * LN2 + e - c)
                 g = tl.where(q == 0, zero_probability_grad, g)
             else:
-                # The linear mixture: every term is bounded, ā = (1−α) q / m ∈ [0, 1]. A mixture below 2^-126
-                # is formed again from q and p scaled by 2^64 (exact), so that the one reciprocal sees a normal
-                # float unless m < 2^-190 (or q and p were flushed to 0 by the compiled ex2.ftz). Below that,
-                # where α > 0, p·ā ≤ p < 2^-190/α ≤ 2^-64: any ā in [0, 1] is exact enough; at α = 0, m = q and
-                # ā = 1. So there ā = 1, 0 at α = 1 (the exact zero) and 0 where q = 0 and α > 0.
-                q = _exp2(log2_q)
-                p = _exp2(log2_p)
-                m = alpha * p + one_minus_alpha * q
-                small = m < MIN_NORMAL
-                q_m = tl.where(small, q * TWO_TO_64, q)
-                m = tl.where(small, alpha * (p * TWO_TO_64) + one_minus_alpha * q_m, m)
-                a_bar = one_minus_alpha * q_m * _reciprocal(tl.maximum(m, MIN_NORMAL))
-                tiny_share = tl.where(q == 0, zero_student_share, tiny_mixture_share)
-                a_bar = tl.where(m < MIN_NORMAL, tiny_share, a_bar)
-                g = q * c - p * a_bar
+                # The linear mixture: every term is bounded, ā = (1−α) q / m ∈ [0, 1]. It is formed from q and p
+                # scaled by 2^64 (exact: the same ā and gradient, bit for bit, wherever they are normal floats), so
+                # that the reciprocal sees a normal float unless m < 2^-190 (or the compiled ex2.ftz flushed q and p
+                # to 0). Below that, where α > 0, p·ā ≤ p < 2^-190/α ≤ 2^-64: any ā in [0, 1] is exact enough; at
+                # α = 0, m = q and ā = 1. So there ā = 1, 0 at α = 1 (the exact zero) and 0 where q = 0 and α > 0.
+                q_scaled = _exp2(log2_q) * TWO_TO_64
+                p_scaled = _exp2(log2_p) * TWO_TO_64
+                m_scaled = alpha * p_scaled + one_minus_alpha * q_scaled
+                a_bar = one_minus_alpha * q_scaled * _reciprocal(tl.maximum(m_scaled, MIN_NORMAL))
+                tiny_share = tl.where(q_scaled == 0, zero_student_share, tiny_mixture_share)
+                a_bar = tl.where(m_scaled < MIN_NORMAL, tiny_share, a_bar)
+                g = (q_scaled * c - p_scaled * a_bar) * TWO_TO_MINUS_64
             tl.store(grad_row + cols, _to_output_dtype(g * grad_scale, grad_row.dtype.element_ty), mask=in_row)
 
     @triton.jit
