@@ -622,21 +622,27 @@ def test_second_backward_of_a_forward_computed_gradient_is_refused(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("upstream", [1.0, 0.5, -2.0, float("nan")])
+@pytest.mark.parametrize("upstream", [0.5, -2.0, float("nan")])
 def test_forward_computed_gradient_takes_the_upstream_gradient_exactly(backend, upstream):
     """The backward of a forward-computed gradient skips its scale where the upstream gradient is the CPU
-    scalar 1 (`loss.backward()`): every other value, NaN included, still scales it. Scaling bf16 by a power
-    of 2 is exact, so the gradients are compared bit for bit against the one for an upstream 1."""
+    scalar 1 (`loss.backward()`): that gradient is the multiplied one's bit for bit (an upstream 1 that requires
+    grad takes the multiply), and every other value, NaN included, still scales it. Scaling bf16 by a power of 2
+    is exact, so the scaled gradients are compared bit for bit too."""
     student, teacher = make_logits((6, 50), torch.bfloat16, seed=5)
-    grads = {}
-    for value in (1.0, upstream):
+
+    def gradient(upstream_value, requires_grad=False):
         leaf = student.clone().requires_grad_(True)
         loss = run_fused("srkl", leaf, teacher, 0.2, backend)
-        (grads[value],) = torch.autograd.grad(loss, leaf, grad_outputs=torch.tensor(value, device=loss.device))
-    expected = grads[1.0].float() * upstream
-    assert torch.equal(grads[upstream].float(), expected) or (
-        math.isnan(upstream) and bool(grads[upstream].isnan().all())
-    )
+        incoming = torch.tensor(upstream_value, device=loss.device, requires_grad=requires_grad)
+        return torch.autograd.grad(loss, leaf, grad_outputs=incoming)[0]
+
+    unit = gradient(1.0)
+    assert torch.equal(unit, gradient(1.0, requires_grad=True))
+    scaled = gradient(upstream)
+    if math.isnan(upstream):
+        assert bool(scaled.isnan().all())
+    else:
+        assert torch.equal(scaled.float(), unit.float() * upstream)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
